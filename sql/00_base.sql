@@ -1,0 +1,153 @@
+-- cairn: the clock and the argument checks every entry point shares.
+--
+-- Every function here and in the other sql/ files pins its search_path and
+-- names every object with its schema, so a caller's temp tables or schemas
+-- cannot capture a reference. Checks run before anything is written and raise
+-- with a SQLSTATE a client can branch on:
+--   22004 null_value_not_allowed   a required argument is NULL
+--   22023 invalid_parameter_value  a name, delay, size or count out of range
+--   42704 undefined_object         an unknown queue
+--   54000 program_limit_exceeded   a payload above the size cap
+
+-- The one clock. Leases, delays and retries all read it, never a client's.
+create or replace function cairn.now()
+returns timestamptz
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$ select pg_catalog.now() $$;
+
+-- Queue names become part of no SQL text, but they are shown to operators and
+-- used as NOTIFY payloads: keep them plain lowercase identifiers.
+create or replace function cairn.check_queue_name(queue text)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if queue is null then
+        raise exception 'cairn: queue name must not be NULL'
+            using errcode = 'null_value_not_allowed';
+    end if;
+    if queue !~ '^[a-z_][a-z0-9_]{0,62}$' then
+        raise exception 'cairn: invalid queue name "%"', queue
+            using errcode = 'invalid_parameter_value',
+                  hint = 'a queue name is 1 to 63 characters of a-z, 0-9 and _, not starting with a digit';
+    end if;
+end $$;
+
+-- Validates the name and checks that the queue exists.
+create or replace function cairn.require_queue(queue text)
+returns void
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform cairn.check_queue_name(queue);
+    perform 1 from cairn.queues q where q.name = queue;
+    if not found then
+        raise exception 'cairn: unknown queue "%"', queue
+            using errcode = 'undefined_object',
+                  hint = format('create it first: select cairn.create_queue(%L)', queue);
+    end if;
+end $$;
+
+create or replace function cairn.check_task_name(task text)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if task is not null and task !~ '^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$' then
+        raise exception 'cairn: invalid task name "%"', task
+            using errcode = 'invalid_parameter_value',
+                  hint = 'a task name is 1 to 128 characters of A-Z, a-z, 0-9 and _ . : -, not starting with a digit';
+    end if;
+end $$;
+
+-- Payloads are JSON values, at most 1 MiB as stored. `'null'::jsonb` is a
+-- value; SQL NULL is not.
+create or replace function cairn.check_payload(payload jsonb, what text default 'payload')
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if payload is null then
+        raise exception 'cairn: % must not be NULL (use ''null''::jsonb for a JSON null)', what
+            using errcode = 'null_value_not_allowed';
+    end if;
+    if pg_catalog.pg_column_size(payload) > 1048576 then
+        raise exception 'cairn: % is % bytes, above the 1 MiB limit',
+            what, pg_catalog.pg_column_size(payload)
+            using errcode = 'program_limit_exceeded';
+    end if;
+end $$;
+
+-- Delays and visibility timeouts are seconds (fractions allowed), measured on
+-- the database clock. A delay may be 0; a lease must be positive.
+create or replace function cairn.check_seconds(
+    seconds double precision,
+    what text,
+    min_seconds double precision,
+    max_seconds double precision)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if seconds is null then
+        raise exception 'cairn: % must not be NULL', what
+            using errcode = 'null_value_not_allowed';
+    end if;
+    if seconds <> seconds                      -- NaN
+       or seconds < min_seconds
+       or seconds > max_seconds then
+        raise exception 'cairn: % must be between % and % seconds, got %',
+            what, min_seconds, max_seconds, seconds
+            using errcode = 'invalid_parameter_value';
+    end if;
+end $$;
+
+create or replace function cairn.check_priority(priority integer)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if priority is null or priority < -32768 or priority > 32767 then
+        raise exception 'cairn: priority must be between -32768 and 32767, got %',
+            coalesce(priority::text, 'NULL')
+            using errcode = 'invalid_parameter_value';
+    end if;
+end $$;
+
+create or replace function cairn.check_batch(n integer, what text, max_n integer)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if n is null or n < 1 or n > max_n then
+        raise exception 'cairn: % must be between 1 and %, got %',
+            what, max_n, coalesce(n::text, 'NULL')
+            using errcode = 'invalid_parameter_value';
+    end if;
+end $$;
+
+-- Fenced calls name (id, lease) pairs as two parallel arrays.
+create or replace function cairn.check_pairs(ids bigint[], leases bigint[])
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if ids is null or leases is null then
+        raise exception 'cairn: ids and leases must not be NULL'
+            using errcode = 'null_value_not_allowed';
+    end if;
+    if pg_catalog.cardinality(ids) <> pg_catalog.cardinality(leases) then
+        raise exception 'cairn: % ids but % leases; they must pair up',
+            pg_catalog.cardinality(ids), pg_catalog.cardinality(leases)
+            using errcode = 'invalid_parameter_value';
+    end if;
+end $$;

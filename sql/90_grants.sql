@@ -1,0 +1,82 @@
+-- cairn: who may call what.
+--
+-- Postgres lets PUBLIC execute every new function; cairn takes that away and
+-- grants its functions to three NOLOGIN group roles. Give an application's
+-- login role membership of the one it needs:
+--   cairn_producer  send, send_batch, metrics           (enqueue only)
+--   cairn_worker    producer + claim/read/pop, the fenced ack/archive/retry/
+--                   fail/extend/set_vt/release, create_queue
+--   cairn_admin     worker + drop_queue, purge_queue, delete, requeue, and
+--                   SELECT on the tables
+-- None of them can read or write cairn's tables directly (admin can read):
+-- the functions are SECURITY DEFINER, owned by the role that ran initialize().
+-- Roles are cluster-wide; they are created when the initializing role may
+-- create roles, and the grants are skipped with a notice otherwise.
+
+revoke all on all functions in schema cairn from public;
+revoke all on all tables in schema cairn from public;
+revoke all on all sequences in schema cairn from public;
+alter default privileges in schema cairn revoke execute on functions from public;
+
+do $$
+declare
+    v_role text;
+begin
+    foreach v_role in array array['cairn_producer', 'cairn_worker', 'cairn_admin'] loop
+        if not exists (select from pg_catalog.pg_roles r where r.rolname = v_role) then
+            begin
+                execute format('create role %I nologin', v_role);
+            exception
+                -- Another database of this cluster created it at the same moment.
+                when duplicate_object or unique_violation then null;
+                when insufficient_privilege then
+                    raise notice 'cairn: cannot create role %; create it and re-run initialize() to grant it', v_role;
+            end;
+        end if;
+    end loop;
+end $$;
+
+do $$
+declare
+    v_producer constant text[] := array[
+        'cairn.now()',
+        'cairn.send(text, jsonb, double precision, integer, text)',
+        'cairn.send_batch(text, jsonb[], double precision, integer, text)',
+        'cairn.metrics(text)',
+        'cairn.metrics_all()'];
+    v_worker constant text[] := v_producer || array[
+        'cairn.create_queue(text)',
+        'cairn.claim(text, double precision, integer, text[])',
+        'cairn.read(text, integer, integer)',
+        'cairn.pop(text, integer)',
+        'cairn.ack(bigint[], bigint[])',
+        'cairn.ack(bigint, bigint)',
+        'cairn.archive(bigint[], bigint[], jsonb[])',
+        'cairn.archive(bigint, bigint, jsonb)',
+        'cairn.retry(bigint, bigint, double precision, text)',
+        'cairn.fail(bigint, bigint, text)',
+        'cairn.extend(bigint[], bigint[], double precision)',
+        'cairn.set_vt(bigint, bigint, double precision)',
+        'cairn.release(bigint[], bigint[])'];
+    v_admin constant text[] := v_worker || array[
+        'cairn.drop_queue(text)',
+        'cairn.purge_queue(text)',
+        'cairn.delete(text, bigint)',
+        'cairn.requeue(text, bigint)'];
+    v_grant record;
+begin
+    for v_grant in
+        select g.role, g.fns
+          from (values ('cairn_producer', v_producer),
+                       ('cairn_worker', v_worker),
+                       ('cairn_admin', v_admin)) as g(role, fns)
+         where exists (select from pg_catalog.pg_roles r where r.rolname = g.role)
+    loop
+        execute format('grant usage on schema cairn to %I', v_grant.role);
+        execute format('grant execute on function %s to %I',
+                       array_to_string(v_grant.fns, ', '), v_grant.role);
+    end loop;
+    if exists (select from pg_catalog.pg_roles r where r.rolname = 'cairn_admin') then
+        grant select on all tables in schema cairn to cairn_admin;
+    end if;
+end $$;

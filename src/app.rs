@@ -1,0 +1,342 @@
+//! [`App`]: the handle to a cairn database, and its builder.
+
+use std::future::{Future, IntoFuture};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgExecutor, PgPool};
+
+use crate::db::{self, QueueMetrics};
+use crate::error::{DbContext, Error, HandlerError, Result};
+use crate::migrate::{self, MigrationReport};
+use crate::task::{BoxFuture, JobContext, Registry, Task, validate_queue_name};
+use crate::worker::WorkerBuilder;
+
+/// The handle to a cairn database: migrates it, enqueues jobs, registers
+/// handlers and starts workers. Cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    registry: RwLock<Registry>,
+}
+
+/// Builds an [`App`]: give it a database URL or an existing pool.
+#[derive(Debug, Default)]
+pub struct AppBuilder {
+    url: Option<String>,
+    pool: Option<PgPool>,
+    max_connections: Option<u32>,
+}
+
+impl AppBuilder {
+    /// The Postgres URL to connect to (`postgres://user@host:port/db`).
+    pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Use an existing pool instead of a URL.
+    pub fn pool(mut self, pool: PgPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// The pool size when connecting from a URL (default 10). A worker uses
+    /// about three connections plus one outside the pool for LISTEN.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
+    /// Connects (lazily checks nothing else): call [`App::initialize`] next.
+    pub async fn build(self) -> Result<App> {
+        let pool = match (self.pool, self.url) {
+            (Some(pool), _) => pool,
+            (None, Some(url)) => {
+                let options: PgConnectOptions = url.parse().map_err(|e| {
+                    Error::InvalidArgument(format!("invalid database URL: {e}"))
+                })?;
+                PgPoolOptions::new()
+                    .max_connections(self.max_connections.unwrap_or(10))
+                    .connect_with(options.application_name("cairn"))
+                    .await
+                    .db("connecting to the database")?
+            }
+            (None, None) => {
+                return Err(Error::InvalidArgument(
+                    "App::builder() needs database_url(..) or pool(..)".into(),
+                ));
+            }
+        };
+        Ok(App {
+            inner: Arc::new(Inner {
+                pool,
+                registry: RwLock::new(Registry::default()),
+            }),
+        })
+    }
+}
+
+impl App {
+    /// Starts building an `App`.
+    pub fn builder() -> AppBuilder {
+        AppBuilder::default()
+    }
+
+    /// The connection pool, for the caller's own queries and transactions.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Creates or upgrades schema `cairn`. Safe to call from many processes
+    /// at once (they serialize on an advisory lock), a no-op when current.
+    /// Fails with [`Error::SchemaTooNew`] when the database was migrated by a
+    /// newer cairn, and with [`Error::MigrationEdited`] when a released
+    /// migration was changed.
+    pub async fn initialize(&self) -> Result<MigrationReport> {
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .db("connecting for migration")?;
+        migrate::run(&mut conn).await
+    }
+
+    /// Creates a queue; a no-op if it exists.
+    pub async fn create_queue(&self, queue: &str) -> Result<()> {
+        validate_queue_name(queue)?;
+        db::create_queue(self.pool(), queue).await
+    }
+
+    /// Drops a queue with its jobs, archive and dead letters. False if it
+    /// did not exist.
+    pub async fn drop_queue(&self, queue: &str) -> Result<bool> {
+        validate_queue_name(queue)?;
+        db::drop_queue(self.pool(), queue).await
+    }
+
+    /// Deletes every live job of a queue; returns how many.
+    pub async fn purge_queue(&self, queue: &str) -> Result<i64> {
+        validate_queue_name(queue)?;
+        db::purge_queue(self.pool(), queue).await
+    }
+
+    /// One queue's counters.
+    pub async fn metrics(&self, queue: &str) -> Result<QueueMetrics> {
+        validate_queue_name(queue)?;
+        db::metrics(self.pool(), queue).await
+    }
+
+    /// Every queue's counters.
+    pub async fn metrics_all(&self) -> Result<Vec<QueueMetrics>> {
+        db::metrics_all(self.pool()).await
+    }
+
+    /// Puts a dead-lettered job back on its queue with a fresh attempt count.
+    /// False if there is no such dead letter.
+    pub async fn requeue(&self, queue: &str, id: i64) -> Result<bool> {
+        validate_queue_name(queue)?;
+        db::requeue(self.pool(), queue, id).await
+    }
+
+    /// Registers the handler of task `T`, whose type the closure's first
+    /// argument names. Fails if `T`'s names are invalid or `T` already has a
+    /// handler.
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)] struct SendEmail { to: String }
+    /// # impl cairn::Task for SendEmail { const QUEUE: &'static str = "emails"; type Output = (); }
+    /// # async fn demo(app: cairn::App) -> cairn::Result<()> {
+    /// app.task(|email: SendEmail, _ctx| async move {
+    ///     println!("sending to {}", email.to);
+    ///     Ok(())
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    pub fn task<T, F, Fut>(&self, handler: F) -> Result<()>
+    where
+        T: Task,
+        F: Fn(T, JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T::Output, HandlerError>> + Send + 'static,
+    {
+        self.inner
+            .registry
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .register(handler)
+    }
+
+    pub(crate) fn registrations_for(
+        &self,
+        queue: &str,
+    ) -> Vec<Arc<crate::task::Registration>> {
+        self.inner
+            .registry
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .for_queue(queue)
+    }
+
+    /// Enqueues one job of task `T`. Await it to enqueue on the pool, or
+    /// call [`execute`](Enqueue::execute) with your own transaction so the job
+    /// exists if and only if your transaction commits.
+    pub fn enqueue<'a, T: Task>(&'a self, task: &'a T) -> Enqueue<'a, T> {
+        Enqueue {
+            app: self,
+            tasks: std::slice::from_ref(task),
+            delay: Duration::ZERO,
+            priority: 0,
+        }
+    }
+
+    /// Enqueues many jobs of task `T` in one round trip per 10,000 jobs;
+    /// resolves to their ids in order. Same options as [`enqueue`](Self::enqueue).
+    pub fn enqueue_batch<'a, T: Task>(&'a self, tasks: &'a [T]) -> EnqueueBatch<'a, T> {
+        EnqueueBatch(Enqueue {
+            app: self,
+            tasks,
+            delay: Duration::ZERO,
+            priority: 0,
+        })
+    }
+
+    /// A worker over this app's registered tasks; see [`WorkerBuilder`].
+    pub fn worker(&self) -> WorkerBuilder {
+        WorkerBuilder::new(self.clone())
+    }
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+/// A pending enqueue of one job; see [`App::enqueue`].
+#[must_use = "an enqueue does nothing until awaited or executed"]
+pub struct Enqueue<'a, T> {
+    app: &'a App,
+    tasks: &'a [T],
+    delay: Duration,
+    priority: i16,
+}
+
+impl<'a, T: Task> Enqueue<'a, T> {
+    /// Make the job visible only after `delay` (default none; at most 10 years).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Lower runs first (default 0).
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Enqueues on the given executor: a pool, a connection, or `&mut *tx`.
+    pub async fn execute(self, executor: impl PgExecutor<'_>) -> Result<i64> {
+        let payload = serde_json::to_string(&self.tasks[0]).map_err(|source| Error::Serialize {
+            what: "the job's arguments",
+            source,
+        })?;
+        db::send(
+            executor,
+            T::QUEUE,
+            T::NAME,
+            &payload,
+            self.delay,
+            self.priority,
+        )
+        .await
+    }
+
+    fn payloads(&self) -> Result<Vec<String>> {
+        self.tasks
+            .iter()
+            .map(|t| {
+                serde_json::to_string(t).map_err(|source| Error::Serialize {
+                    what: "the job's arguments",
+                    source,
+                })
+            })
+            .collect()
+    }
+}
+
+impl<'a, T: Task + Sync> IntoFuture for Enqueue<'a, T> {
+    type Output = Result<i64>;
+    type IntoFuture = BoxFuture<'a, Result<i64>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let pool = self.app.pool().clone();
+            self.execute(&pool).await
+        })
+    }
+}
+
+/// A pending enqueue of many jobs; see [`App::enqueue_batch`].
+#[must_use = "an enqueue does nothing until awaited or executed"]
+pub struct EnqueueBatch<'a, T>(Enqueue<'a, T>);
+
+/// The largest batch sent in one call.
+const BATCH_CHUNK: usize = 10_000;
+
+impl<'a, T: Task> EnqueueBatch<'a, T> {
+    /// Make the jobs visible only after `delay`.
+    pub fn delay(self, delay: Duration) -> Self {
+        Self(self.0.delay(delay))
+    }
+
+    /// Lower runs first (default 0).
+    pub fn priority(self, priority: i16) -> Self {
+        Self(self.0.priority(priority))
+    }
+
+    /// Enqueues on the given connection or transaction (`&mut *tx`). Batches
+    /// above 10,000 jobs take one call per 10,000; pass a transaction to make
+    /// them all-or-nothing.
+    pub async fn execute(self, conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
+        let payloads = self.0.payloads()?;
+        let mut ids = Vec::with_capacity(payloads.len());
+        for chunk in payloads.chunks(BATCH_CHUNK) {
+            ids.extend(
+                db::send_batch(
+                    &mut *conn,
+                    T::QUEUE,
+                    T::NAME,
+                    chunk,
+                    self.0.delay,
+                    self.0.priority,
+                )
+                .await?,
+            );
+        }
+        Ok(ids)
+    }
+}
+
+impl<'a, T: Task + Sync> IntoFuture for EnqueueBatch<'a, T> {
+    type Output = Result<Vec<i64>>;
+    type IntoFuture = BoxFuture<'a, Result<Vec<i64>>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            if self.0.tasks.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut tx = self.0.app.pool().begin().await.db("starting a transaction")?;
+            let ids = self.execute(&mut tx).await?;
+            tx.commit().await.db("committing a batch enqueue")?;
+            Ok(ids)
+        })
+    }
+}

@@ -1,0 +1,211 @@
+//! Errors: [`Error`] for cairn's own API, [`HandlerError`] for handlers.
+
+use std::fmt;
+use std::time::Duration;
+
+/// An error from cairn's API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An argument was rejected before anything was written, in Rust or by a
+    /// SQL function (SQLSTATE 22004, 22023 or 54000).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The queue does not exist (SQLSTATE 42704). Create it with
+    /// [`App::create_queue`](crate::App::create_queue).
+    #[error("{0}")]
+    UnknownQueue(String),
+
+    /// The database holds a cairn schema newer than this binary knows.
+    #[error(
+        "the database has cairn migration {version} applied, but this binary knows migrations only up to {known}; upgrade cairn"
+    )]
+    SchemaTooNew {
+        /// The newest migration recorded in the database.
+        version: i32,
+        /// The newest migration this binary carries.
+        known: i32,
+    },
+
+    /// A migration was edited after it had been applied to this database.
+    #[error(
+        "cairn migration {version} ({name}) differs from the one applied to this database; released migrations must never be edited"
+    )]
+    MigrationEdited {
+        /// The migration's number.
+        version: i32,
+        /// The migration's file name.
+        name: String,
+    },
+
+    /// A payload or output could not be serialized to JSON.
+    #[error("cannot serialize {what} to JSON: {source}")]
+    Serialize {
+        /// What was being serialized.
+        what: &'static str,
+        /// The serde error.
+        source: serde_json::Error,
+    },
+
+    /// The database could not be reached or a statement failed.
+    #[error("database error while {context}: {source}")]
+    Database {
+        /// What cairn was doing.
+        context: &'static str,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+}
+
+/// `Result` with cairn's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Classifies a driver error: cairn's SQL functions raise argument errors
+    /// with standard SQLSTATEs, which become typed variants here.
+    pub(crate) fn from_sqlx(context: &'static str, source: sqlx::Error) -> Self {
+        if let Some(db) = source.as_database_error() {
+            let message = db.message().trim_start_matches("cairn: ").to_owned();
+            match db.code().as_deref() {
+                Some("42704") => return Error::UnknownQueue(message),
+                Some("22004" | "22023" | "54000" | "22P02" | "22P05") => {
+                    return Error::InvalidArgument(message);
+                }
+                _ => {}
+            }
+        }
+        Error::Database { context, source }
+    }
+}
+
+/// Attaches a context to driver errors: `.db("claiming jobs")?`.
+pub(crate) trait DbContext<T> {
+    fn db(self, context: &'static str) -> Result<T>;
+}
+
+impl<T> DbContext<T> for std::result::Result<T, sqlx::Error> {
+    fn db(self, context: &'static str) -> Result<T> {
+        self.map_err(|e| Error::from_sqlx(context, e))
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The error a task handler returns.
+///
+/// Any error converts into a *retryable* `HandlerError` through `?`, so the
+/// job is retried with its [`RetryPolicy`](crate::RetryPolicy). Mark an
+/// error [`fatal`](HandlerError::fatal) to dead-letter the job at once, or
+/// [`retry_after`](HandlerError::retry_after) to choose the delay. The
+/// [`ResultExt`] methods do the same on a `Result`.
+pub struct HandlerError {
+    kind: HandlerErrorKind,
+    source: BoxError,
+}
+
+/// What a [`HandlerError`] asks the worker to do with the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandlerErrorKind {
+    /// Retry with the policy's backoff (dead-letter once attempts run out).
+    Retryable,
+    /// Retry after this delay instead of the policy's backoff.
+    RetryAfter(Duration),
+    /// Do not retry: dead-letter the job now.
+    Fatal,
+}
+
+impl HandlerError {
+    /// A retryable error.
+    pub fn retryable(error: impl Into<BoxError>) -> Self {
+        Self::new(HandlerErrorKind::Retryable, error)
+    }
+
+    /// A retryable error that asks for the next attempt after `delay`.
+    pub fn retry_after(delay: Duration, error: impl Into<BoxError>) -> Self {
+        Self::new(HandlerErrorKind::RetryAfter(delay), error)
+    }
+
+    /// A fatal error: the job is dead-lettered without further attempts.
+    pub fn fatal(error: impl Into<BoxError>) -> Self {
+        Self::new(HandlerErrorKind::Fatal, error)
+    }
+
+    fn new(kind: HandlerErrorKind, error: impl Into<BoxError>) -> Self {
+        Self {
+            kind,
+            source: error.into(),
+        }
+    }
+
+    /// What the worker will do with the job.
+    pub fn kind(&self) -> HandlerErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("kind", &self.kind)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl<E: Into<BoxError>> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        Self::retryable(error)
+    }
+}
+
+/// `.fatal()`, `.retryable()` and `.retry_after(d)` on any `Result`.
+pub trait ResultExt<T> {
+    /// Turns the error into a fatal [`HandlerError`].
+    fn fatal(self) -> Result<T, HandlerError>;
+    /// Turns the error into a retryable [`HandlerError`].
+    fn retryable(self) -> Result<T, HandlerError>;
+    /// Turns the error into a [`HandlerError`] that retries after `delay`.
+    fn retry_after(self, delay: Duration) -> Result<T, HandlerError>;
+}
+
+impl<T, E: Into<BoxError>> ResultExt<T> for std::result::Result<T, E> {
+    fn fatal(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::fatal)
+    }
+    fn retryable(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::retryable)
+    }
+    fn retry_after(self, delay: Duration) -> Result<T, HandlerError> {
+        self.map_err(|e| HandlerError::retry_after(delay, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn question_mark_is_retryable_and_ext_methods_classify() {
+        fn parse(s: &str) -> Result<i32, HandlerError> {
+            Ok(s.parse::<i32>()?)
+        }
+        assert_eq!(parse("x").unwrap_err().kind(), HandlerErrorKind::Retryable);
+        let fatal: Result<(), _> = Err::<(), _>("bad input").fatal();
+        assert_eq!(fatal.unwrap_err().kind(), HandlerErrorKind::Fatal);
+        let later = Err::<(), _>("busy").retry_after(Duration::from_secs(3));
+        let err = later.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            HandlerErrorKind::RetryAfter(Duration::from_secs(3))
+        );
+        assert_eq!(err.to_string(), "busy");
+    }
+}

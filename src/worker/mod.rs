@@ -1,0 +1,518 @@
+//! The pull worker.
+//!
+//! One claim loop leases jobs with `cairn.claim` up to the free capacity and
+//! spawns a task per job; a [listener](listener) wakes it on `NOTIFY`, with a
+//! jittered poll as the fallback; a [completer](completer) settles finished
+//! jobs in batches; a [heartbeat](heartbeat) extends the leases of jobs that
+//! run long and aborts those whose lease was lost. Every settlement is fenced
+//! by the job's lease, so racing with a redelivery can never double-complete.
+
+mod completer;
+mod heartbeat;
+mod listener;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::db::{self, ClaimedJob};
+use crate::error::{Error, HandlerError, HandlerErrorKind, Result};
+use crate::task::{JobContext, Registration, validate_queue_name};
+
+use completer::Settle;
+
+/// Configures and runs a worker; from [`App::worker`].
+///
+/// ```no_run
+/// # async fn demo(app: cairn::App) -> cairn::Result<()> {
+/// let stats = app.worker().queues(["emails"]).concurrency(32).run().await?;
+/// println!("{} jobs completed", stats.completed);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct WorkerBuilder {
+    app: App,
+    queues: Vec<String>,
+    concurrency: usize,
+    lease: Duration,
+    poll_interval: Duration,
+    shutdown_timeout: Duration,
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Jobs whose handler succeeded and whose completion was recorded.
+    pub completed: u64,
+    /// Failed attempts scheduled for another try.
+    pub retried: u64,
+    /// Jobs dead-lettered (fatal error, attempts exhausted, bad payload).
+    pub dead: u64,
+    /// Settlements refused because the lease had passed to another worker.
+    pub refused: u64,
+    /// Jobs given back unfinished at shutdown.
+    pub released: u64,
+    /// Times the LISTEN connection was re-established.
+    pub listener_reconnects: u64,
+}
+
+impl WorkerBuilder {
+    pub(crate) fn new(app: App) -> Self {
+        Self {
+            app,
+            queues: Vec::new(),
+            concurrency: 16,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The queues to serve (required). Each must have a registered task; the
+    /// worker creates missing queues when it starts.
+    pub fn queues<I, S>(mut self, queues: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.queues = queues.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Jobs run at once (default 16, at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// How long a claim holds a job before another worker may take it
+    /// (default 30 s). Running jobs are extended every third of it.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// The fallback poll period when no notification arrives (default 1 s,
+    /// jittered by ±20 %).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// On shutdown, how long to let running jobs finish before aborting and
+    /// releasing them (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run(self) -> Result<WorkerStats> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Runs until `shutdown` completes, then shuts down gracefully: stops
+    /// claiming, lets running jobs finish within the shutdown timeout, and
+    /// releases the rest for other workers.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerStats> {
+        let plan = self.plan()?;
+        for q in &plan {
+            db::create_queue(self.app.pool(), &q.name).await?;
+        }
+        Worker::new(self, plan).run(shutdown).await
+    }
+
+    fn plan(&self) -> Result<Vec<QueuePlan>> {
+        if self.queues.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the worker serves no queue: call .queues([..])".into(),
+            ));
+        }
+        if self.lease < Duration::from_millis(100) || self.lease > Duration::from_secs(86_400) {
+            return Err(Error::InvalidArgument(format!(
+                "lease must be between 100 ms and 24 h, got {:?}",
+                self.lease
+            )));
+        }
+        let mut plans = Vec::new();
+        for name in &self.queues {
+            validate_queue_name(name)?;
+            let handlers: HashMap<String, Arc<Registration>> = self
+                .app
+                .registrations_for(name)
+                .into_iter()
+                .map(|r| (r.name.to_owned(), r))
+                .collect();
+            if handlers.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "no task is registered for queue {name:?}; register one with App::task"
+                )));
+            }
+            let tasks = handlers.keys().cloned().collect();
+            plans.push(QueuePlan {
+                name: name.clone(),
+                tasks,
+                handlers,
+            });
+        }
+        Ok(plans)
+    }
+}
+
+/// One served queue: its name and the handlers this worker has for it.
+struct QueuePlan {
+    name: String,
+    /// Task names this worker can run; the claim takes only those.
+    tasks: Vec<String>,
+    handlers: HashMap<String, Arc<Registration>>,
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A job being run: what the heartbeat extends and shutdown releases.
+struct Running {
+    lease: i64,
+    started: Instant,
+    cancel: CancellationToken,
+    abort: Option<AbortHandle>,
+}
+
+/// Jobs leased by this worker and not yet settled in the database.
+#[derive(Default)]
+struct InFlight(Mutex<HashMap<i64, Running>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Running>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops the handler of a job this worker no longer owns.
+    fn abandon(&self, id: i64, lease: i64) -> bool {
+        let mut map = self.lock();
+        match map.get(&id) {
+            Some(r) if r.lease == lease => {
+                if let Some(r) = map.remove(&id) {
+                    r.cancel.cancel();
+                    if let Some(a) = r.abort {
+                        a.abort();
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    completed: AtomicU64,
+    retried: AtomicU64,
+    dead: AtomicU64,
+    refused: AtomicU64,
+    released: AtomicU64,
+    listener_reconnects: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> WorkerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WorkerStats {
+            completed: get(&self.completed),
+            retried: get(&self.retried),
+            dead: get(&self.dead),
+            refused: get(&self.refused),
+            released: get(&self.released),
+            listener_reconnects: get(&self.listener_reconnects),
+        }
+    }
+}
+
+struct Worker {
+    app: App,
+    queues: Vec<QueuePlan>,
+    concurrency: usize,
+    lease: Duration,
+    poll_interval: Duration,
+    shutdown_timeout: Duration,
+    in_flight: Arc<InFlight>,
+    counters: Arc<Counters>,
+}
+
+impl Worker {
+    fn new(b: WorkerBuilder, queues: Vec<QueuePlan>) -> Self {
+        Self {
+            app: b.app,
+            queues,
+            concurrency: b.concurrency,
+            lease: b.lease,
+            poll_interval: b.poll_interval,
+            shutdown_timeout: b.shutdown_timeout,
+            in_flight: Arc::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerStats> {
+        let pool = self.app.pool().clone();
+        let stop = CancellationToken::new();
+        let wake = Arc::new(Notify::new());
+        let names = self.queues.iter().map(|q| q.name.clone()).collect();
+
+        let listener = tokio::spawn(listener::run(
+            pool.clone(),
+            names,
+            Arc::clone(&wake),
+            stop.clone(),
+            Arc::clone(&self.counters),
+        ));
+        let heartbeat = tokio::spawn(heartbeat::run(
+            pool.clone(),
+            self.lease,
+            Arc::clone(&self.in_flight),
+            stop.clone(),
+        ));
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let completer = tokio::spawn(completer::run(
+            pool.clone(),
+            settle_rx,
+            Arc::clone(&self.in_flight),
+            Arc::clone(&self.counters),
+        ));
+
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        tokio::pin!(shutdown);
+        let mut next_queue = 0;
+        'claiming: loop {
+            let first = tokio::select! {
+                biased;
+                _ = &mut shutdown => break 'claiming,
+                permit = Arc::clone(&slots).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break 'claiming,
+                },
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = Arc::clone(&slots).try_acquire_owned() {
+                permits.push(p);
+            }
+
+            let wanted = permits.len();
+            let mut claimed = 0;
+            let mut failed = false;
+            for i in 0..self.queues.len() {
+                if permits.is_empty() {
+                    break;
+                }
+                let plan = &self.queues[(next_queue + i) % self.queues.len()];
+                match db::claim(&pool, &plan.name, self.lease, permits.len(), &plan.tasks).await {
+                    Ok(jobs) => {
+                        claimed += jobs.len();
+                        for job in jobs {
+                            let Some(permit) = permits.pop() else { break };
+                            self.start(plan, job, permit, settle_tx.clone());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %plan.name, error = %e, "claim failed; retrying after the poll interval");
+                        failed = true;
+                    }
+                }
+            }
+            next_queue = (next_queue + 1) % self.queues.len();
+            drop(permits);
+
+            if claimed < wanted || failed {
+                // The queues are drained (or the database is unreachable):
+                // sleep until a notification, the poll timer or shutdown.
+                let pause = jittered(self.poll_interval);
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break 'claiming,
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+
+        // Graceful shutdown: no more claims; give running jobs the deadline.
+        let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(self.shutdown_timeout, slots.acquire_many(all)).await;
+        if drained.is_err() {
+            self.release_running(&pool).await;
+        }
+        drop(settle_tx);
+        // The completer ends once every job task has dropped its sender.
+        let _ = completer.await;
+        stop.cancel();
+        let _ = heartbeat.await;
+        let _ = listener.await;
+        Ok(self.counters.snapshot())
+    }
+
+    /// Aborts the jobs still running at the deadline and gives them back.
+    async fn release_running(&self, pool: &sqlx::PgPool) {
+        let mut running = Vec::new();
+        self.in_flight.lock().retain(|&id, r| match r.abort.take() {
+            // Finished and waiting for the completer: let it settle.
+            None => true,
+            Some(abort) => {
+                r.cancel.cancel();
+                abort.abort();
+                running.push((id, r.lease));
+                false
+            }
+        });
+        if running.is_empty() {
+            return;
+        }
+        let (ids, leases): (Vec<i64>, Vec<i64>) = running.into_iter().unzip();
+        match db::release(pool, &ids, &leases).await {
+            Ok(released) => {
+                self.counters
+                    .released
+                    .fetch_add(released.len() as u64, Ordering::Relaxed);
+                tracing::info!(count = released.len(), "released unfinished jobs at shutdown");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release jobs at shutdown; their leases will expire")
+            }
+        }
+    }
+
+    /// Spawns the job's handler and the task that reports its outcome.
+    fn start(
+        &self,
+        plan: &QueuePlan,
+        job: ClaimedJob,
+        permit: OwnedSemaphorePermit,
+        settle: mpsc::UnboundedSender<Settle>,
+    ) {
+        let attempt = u32::try_from(job.attempts).unwrap_or(u32::MAX);
+        let Some(reg) = plan.handlers.get(&job.task).cloned() else {
+            // The claim filters by task name, so this cannot happen; settle
+            // it loudly rather than leave it leased.
+            let _ = settle.send(Settle::fail(&job, format!("no handler for task {:?}", job.task)));
+            return;
+        };
+        if attempt > reg.policy.attempts() {
+            // Delivered more often than the policy allows without a result:
+            // the workers running it were lost (a crash loop). Stop here.
+            let error = format!(
+                "gave up after {} deliveries without a result (max attempts {}); the worker running it was lost each time",
+                attempt - 1,
+                reg.policy.attempts()
+            );
+            let _ = settle.send(Settle::fail(&job, error));
+            return;
+        }
+
+        let cancel = CancellationToken::new();
+        let ctx = JobContext {
+            id: job.id,
+            queue: reg.queue,
+            task: reg.name,
+            attempt,
+            cancel: cancel.clone(),
+        };
+        let handler = tokio::spawn((reg.handler)(job.payload, ctx));
+        self.in_flight.lock().insert(
+            job.id,
+            Running {
+                lease: job.lease,
+                started: Instant::now(),
+                cancel,
+                abort: Some(handler.abort_handle()),
+            },
+        );
+        let (id, lease) = (job.id, job.lease);
+        let in_flight = Arc::clone(&self.in_flight);
+        tokio::spawn(async move {
+            let joined = handler.await;
+            if let Some(r) = in_flight.lock().get_mut(&id) {
+                r.abort = None; // settling now: shutdown must not release it
+            }
+            let result = match joined {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => Err(HandlerError::retryable(format!(
+                    "handler panicked: {}",
+                    panic_message(e.into_panic())
+                ))),
+                // Aborted: the lease was lost or shutdown released it.
+                Err(_) => return,
+            };
+            let outcome = match result {
+                Ok(output) => Settle::Done { id, lease, output },
+                Err(err) => decide(id, lease, attempt, &reg, err),
+            };
+            let _ = settle.send(outcome);
+            drop(permit);
+        });
+    }
+}
+
+/// Turns a handler error into a retry or a dead letter, by the task's policy.
+fn decide(id: i64, lease: i64, attempt: u32, reg: &Registration, err: HandlerError) -> Settle {
+    let error = err.to_string();
+    match err.kind() {
+        HandlerErrorKind::Fatal => Settle::Fail { id, lease, error },
+        _ if !reg.policy.should_retry(attempt) => Settle::Fail {
+            id,
+            lease,
+            error: format!("{error} (attempt {attempt} of {}, giving up)", reg.policy.attempts()),
+        },
+        HandlerErrorKind::RetryAfter(delay) => Settle::Retry {
+            id,
+            lease,
+            delay,
+            error,
+        },
+        _ => Settle::Retry {
+            id,
+            lease,
+            delay: reg.policy.jittered_delay_after(attempt),
+            error,
+        },
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
+/// `d` ± 20 %, so idle workers do not poll in lockstep.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.8..=1.2))
+}

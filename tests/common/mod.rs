@@ -1,0 +1,71 @@
+//! Shared test helpers: an initialized App on the test's own database, and
+//! child worker processes (the test binary re-executed in a child mode).
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn::App;
+use sqlx::PgPool;
+
+/// The URL of the database `#[sqlx::test]` created for this test.
+pub fn url_of(pool: &PgPool) -> String {
+    let o = pool.connect_options();
+    format!(
+        "postgres://{}@{}:{}/{}",
+        o.get_username(),
+        o.get_host(),
+        o.get_port(),
+        o.get_database().unwrap_or("postgres")
+    )
+}
+
+/// An App with its own pool on the test database, schema initialized.
+pub async fn app(pool: &PgPool) -> App {
+    let app = App::builder()
+        .database_url(url_of(pool))
+        .max_connections(12)
+        .build()
+        .await
+        .expect("connect");
+    app.initialize().await.expect("initialize");
+    app
+}
+
+/// Starts this test binary again as a child process running the `#[ignore]`d
+/// test `entry`, with `CAIRN_CHILD=<mode>` and `CAIRN_URL=<url>`.
+pub fn spawn_child(entry: &str, mode: &str, url: &str, env: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+    cmd.args(["--ignored", "--exact", entry, "--nocapture", "--test-threads=1"])
+        .env("CAIRN_CHILD", mode)
+        .env("CAIRN_URL", url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn child")
+}
+
+/// The child mode this process was started in, if any.
+pub fn child_mode() -> Option<(String, String)> {
+    Some((std::env::var("CAIRN_CHILD").ok()?, std::env::var("CAIRN_URL").ok()?))
+}
+
+/// Polls `probe` until it returns true, panicking after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !probe().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn scalar_i64(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
+}
