@@ -10,11 +10,13 @@
 --   54000 program_limit_exceeded   a payload above the size cap
 
 -- The one clock. Leases, delays and retries all read it, never a client's.
+-- PL/pgSQL rather than SQL: a SQL function with a SET clause is re-parsed on
+-- every call, a PL/pgSQL one keeps its plan.
 create or replace function cairn.now()
 returns timestamptz
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
-as $$ select pg_catalog.now() $$;
+as $$ begin return pg_catalog.now(); end $$;
 
 -- Queue names become part of no SQL text, but they are shown to operators and
 -- used as NOTIFY payloads: keep them plain lowercase identifiers.
@@ -35,20 +37,23 @@ begin
     end if;
 end $$;
 
--- Validates the name and checks that the queue exists.
-create or replace function cairn.require_queue(queue text)
-returns void
+-- The queue's id; raises if the name is invalid or the queue unknown.
+create or replace function cairn.queue_id(queue text)
+returns integer
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_id integer;
 begin
-    perform cairn.check_queue_name(queue);
-    perform 1 from cairn.queues q where q.name = queue;
+    select q.id into v_id from cairn.queues q where q.name = queue;
     if not found then
+        perform cairn.check_queue_name(queue);
         raise exception 'cairn: unknown queue "%"', queue
             using errcode = 'undefined_object',
                   hint = format('create it first: select cairn.create_queue(%L)', queue);
     end if;
+    return v_id;
 end $$;
 
 create or replace function cairn.check_task_name(task text)

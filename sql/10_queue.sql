@@ -36,16 +36,18 @@ returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_qid integer;
 begin
     perform cairn.check_queue_name(queue);
     -- Lock the queue row first so a concurrent drop serializes on it.
-    perform 1 from cairn.queues q where q.name = drop_queue.queue for update;
+    select q.id into v_qid from cairn.queues q where q.name = drop_queue.queue for update;
     if not found then
         return false;
     end if;
-    delete from cairn.jobs j where j.queue = drop_queue.queue;
+    delete from cairn.jobs j where j.queue_id = v_qid;
     delete from cairn.archive a where a.queue = drop_queue.queue;
-    delete from cairn.queues q where q.name = drop_queue.queue;
+    delete from cairn.queues q where q.id = v_qid;
     return true;
 end $$;
 comment on function cairn.drop_queue(text) is
@@ -57,10 +59,10 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
+    v_qid   integer := cairn.queue_id(queue);
     v_count bigint;
 begin
-    perform cairn.require_queue(queue);
-    delete from cairn.jobs j where j.queue = purge_queue.queue;
+    delete from cairn.jobs j where j.queue_id = v_qid;
     get diagnostics v_count = row_count;
     return v_count;
 end $$;
@@ -79,16 +81,30 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_now timestamptz := cairn.now();
+    v_qid integer;
     v_id  bigint;
 begin
-    perform cairn.require_queue(queue);
-    perform cairn.check_payload(payload);
-    perform cairn.check_seconds(delay, 'delay', 0, 315360000);
-    perform cairn.check_priority(priority);
-    perform cairn.check_task_name(task);
+    -- The hot path tests inline and calls the checks (which raise) only when
+    -- a value is wrong: each call of a function with a SET clause costs.
+    select q.id into v_qid from cairn.queues q where q.name = send.queue;
+    if not found then
+        perform cairn.queue_id(queue);
+    end if;
+    if payload is null or pg_column_size(payload) > 1048576 then
+        perform cairn.check_payload(payload);
+    end if;
+    if delay is null or not (delay >= 0 and delay <= 315360000) then
+        perform cairn.check_seconds(delay, 'delay', 0, 315360000);
+    end if;
+    if priority is null or priority not between -32768 and 32767 then
+        perform cairn.check_priority(priority);
+    end if;
+    if task is not null then
+        perform cairn.check_task_name(task);
+    end if;
 
-    insert into cairn.jobs (queue, task, payload, priority, visible_at, enqueued_at)
-    values (send.queue, coalesce(send.task, send.queue), send.payload, send.priority,
+    insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at)
+    values (v_qid, coalesce(send.task, send.queue), send.payload, send.priority,
             v_now + make_interval(secs => send.delay), v_now)
     returning id into v_id;
 
@@ -112,9 +128,9 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_now timestamptz := cairn.now();
+    v_qid integer := cairn.queue_id(queue);
     v_bad integer;
 begin
-    perform cairn.require_queue(queue);
     if payloads is null then
         raise exception 'cairn: payloads must not be NULL'
             using errcode = 'null_value_not_allowed';
@@ -132,8 +148,8 @@ begin
     perform cairn.check_task_name(task);
 
     return query
-    insert into cairn.jobs (queue, task, payload, priority, visible_at, enqueued_at)
-    select send_batch.queue, coalesce(send_batch.task, send_batch.queue), u.p,
+    insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at)
+    select v_qid, coalesce(send_batch.task, send_batch.queue), u.p,
            send_batch.priority, v_now + make_interval(secs => send_batch.delay), v_now
       from unnest(payloads) with ordinality as u(p, n)
      order by u.n
@@ -160,18 +176,30 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_now   timestamptz := cairn.now();
+    v_qid   integer;
     v_lease bigint;
 begin
-    perform cairn.require_queue(queue);
-    perform cairn.check_seconds(vt, 'visibility timeout', 0.001, 86400);
-    perform cairn.check_batch(qty, 'qty', 10000);
-    v_lease := nextval('cairn.lease_seq');
+    -- The hot path: checks are inline expressions, not calls.
+    select q.id into v_qid from cairn.queues q where q.name = claim.queue;
+    if not found then
+        perform cairn.queue_id(queue);
+    end if;
+    if vt is null or vt <> vt or vt < 0.001 or vt > 86400 then
+        perform cairn.check_seconds(vt, 'visibility timeout', 0.001, 86400);
+    end if;
+    if qty is null or qty < 1 or qty > 10000 then
+        perform cairn.check_batch(qty, 'qty', 10000);
+    end if;
+    v_lease := pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint;
+    -- A claim need not survive a crash (the job would simply be claimable
+    -- again), so its commit does not wait for the WAL flush.
+    perform pg_catalog.set_config('synchronous_commit', 'off', true);
 
     return query
     with c as materialized (
         select j.id
           from cairn.jobs j
-         where j.queue = claim.queue
+         where j.queue_id = v_qid
            and j.visible_at <= v_now
            and (claim.tasks is null or j.task = any (claim.tasks))
          order by j.priority, j.visible_at, j.id
@@ -207,14 +235,14 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_now timestamptz := cairn.now();
+    v_qid integer := cairn.queue_id(queue);
 begin
-    perform cairn.require_queue(queue);
     perform cairn.check_batch(qty, 'qty', 10000);
     return query
     with c as materialized (
         select j.id
           from cairn.jobs j
-         where j.queue = pop.queue
+         where j.queue_id = v_qid
            and j.visible_at <= v_now
          order by j.priority, j.visible_at, j.id
          limit pop.qty
@@ -234,7 +262,9 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    perform cairn.check_pairs(ids, leases);
+    if ids is null or leases is null or cardinality(ids) <> cardinality(leases) then
+        perform cairn.check_pairs(ids, leases);
+    end if;
     return query
     delete from cairn.jobs j
      using unnest(ids, leases) as u(id, lease)
@@ -276,9 +306,9 @@ begin
     )
     insert into cairn.archive as a (id, queue, task, payload, priority, attempts, enqueued_at,
                                     archived_at, outcome, output, last_error)
-    select d.id, d.queue, d.task, d.payload, d.priority, d.attempts, d.enqueued_at,
+    select d.id, q.name, d.task, d.payload, d.priority, d.attempts, d.enqueued_at,
            v_now, 'completed', d.output, d.last_error
-      from d
+      from d join cairn.queues q on q.id = d.queue_id
     returning a.id;
 end $$;
 comment on function cairn.archive(bigint[], bigint[], jsonb[]) is
@@ -322,9 +352,9 @@ begin
     )
     insert into cairn.archive (id, queue, task, payload, priority, attempts, enqueued_at,
                                archived_at, outcome, last_error)
-    select d.id, d.queue, d.task, d.payload, d.priority, d.attempts, d.enqueued_at,
+    select d.id, q.name, d.task, d.payload, d.priority, d.attempts, d.enqueued_at,
            cairn.now(), 'dead', left(fail.error, 4096)
-      from d;
+      from d join cairn.queues q on q.id = d.queue_id;
     return found;
 end $$;
 comment on function cairn.fail(bigint, bigint, text) is
@@ -338,6 +368,8 @@ as $$
 begin
     perform cairn.check_pairs(ids, leases);
     perform cairn.check_seconds(vt, 'visibility timeout', 0.001, 86400);
+    -- Losing an extension in a crash is harmless: the crash ended the lease.
+    perform pg_catalog.set_config('synchronous_commit', 'off', true);
     return query
     update cairn.jobs j
        set visible_at = cairn.now() + make_interval(secs => extend.vt)
@@ -385,9 +417,10 @@ begin
                attempts   = greatest(j.attempts - 1, 0)
           from unnest(ids, leases) as u(id, lease)
          where j.id = u.id and j.lease = u.lease
-        returning j.id, j.queue
+        returning j.id, j.queue_id
     )
-    select array_agg(r.id), array_agg(distinct r.queue) into v_ids, v_queues from r;
+    select array_agg(r.id), array_agg(distinct q.name) into v_ids, v_queues
+      from r join cairn.queues q on q.id = r.queue_id;
     foreach v_queue in array coalesce(v_queues, '{}') loop
         perform pg_notify('cairn', v_queue);
     end loop;
@@ -402,11 +435,10 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_queue text := queue;
-    v_id    bigint := id;
+    v_qid integer := cairn.queue_id(queue);
+    v_id  bigint := id;
 begin
-    perform cairn.require_queue(v_queue);
-    delete from cairn.jobs j where j.queue = v_queue and j.id = v_id;
+    delete from cairn.jobs j where j.queue_id = v_qid and j.id = v_id;
     return found;
 end $$;
 comment on function cairn.delete(text, bigint) is
@@ -419,17 +451,17 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_now timestamptz := cairn.now();
+    v_qid integer := cairn.queue_id(queue);
 begin
-    perform cairn.require_queue(queue);
     with d as (
         delete from cairn.archive a
          where a.queue = requeue.queue and a.id = requeue.id and a.outcome = 'dead'
         returning a.*
     )
-    insert into cairn.jobs (id, queue, task, payload, priority, visible_at, attempts,
+    insert into cairn.jobs (id, queue_id, task, payload, priority, visible_at, attempts,
                             enqueued_at, last_error)
     overriding system value
-    select d.id, d.queue, d.task, d.payload, d.priority, v_now, 0, d.enqueued_at, d.last_error
+    select d.id, v_qid, d.task, d.payload, d.priority, v_now, 0, d.enqueued_at, d.last_error
       from d;
     if found then
         perform pg_notify('cairn', requeue.queue);
@@ -461,7 +493,7 @@ begin
                  count(*) filter (where j.visible_at > v_now and j.lease is not null) as in_flight,
                  min(j.visible_at) filter (where j.visible_at <= v_now) as oldest_ready
             from cairn.jobs j
-           where j.queue = q.name
+           where j.queue_id = q.id
       ) l on true
       left join lateral (
           select count(*) filter (where x.outcome = 'dead') as dead,
@@ -481,7 +513,7 @@ language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    perform cairn.require_queue(metrics.queue);
+    perform cairn.queue_id(metrics.queue);
     return query select m.* from cairn.metrics_all() m where m.queue_name = metrics.queue;
 end $$;
 comment on function cairn.metrics(text) is

@@ -58,11 +58,14 @@ impl AppBuilder {
         let pool = match (self.pool, self.url) {
             (Some(pool), _) => pool,
             (None, Some(url)) => {
-                let options: PgConnectOptions = url.parse().map_err(|e| {
-                    Error::InvalidArgument(format!("invalid database URL: {e}"))
-                })?;
+                let options: PgConnectOptions = url
+                    .parse()
+                    .map_err(|e| Error::InvalidArgument(format!("invalid database URL: {e}")))?;
                 PgPoolOptions::new()
                     .max_connections(self.max_connections.unwrap_or(10))
+                    // No ping before every use: it doubles the round trips,
+                    // and cairn retries a call that meets a dead connection.
+                    .test_before_acquire(false)
                     .connect_with(options.application_name("cairn"))
                     .await
                     .db("connecting to the database")?
@@ -173,10 +176,7 @@ impl App {
             .register(handler)
     }
 
-    pub(crate) fn registrations_for(
-        &self,
-        queue: &str,
-    ) -> Vec<Arc<crate::task::Registration>> {
+    pub(crate) fn registrations_for(&self, queue: &str) -> Vec<Arc<crate::task::Registration>> {
         self.inner
             .registry
             .read()
@@ -333,7 +333,13 @@ impl<'a, T: Task + Sync> IntoFuture for EnqueueBatch<'a, T> {
             if self.0.tasks.is_empty() {
                 return Ok(Vec::new());
             }
-            let mut tx = self.0.app.pool().begin().await.db("starting a transaction")?;
+            let mut tx = self
+                .0
+                .app
+                .pool()
+                .begin()
+                .await
+                .db("starting a transaction")?;
             let ids = self.execute(&mut tx).await?;
             tx.commit().await.db("committing a batch enqueue")?;
             Ok(ids)

@@ -72,7 +72,10 @@ pub fn latest_version() -> i32 {
 }
 
 pub(crate) async fn run(conn: &mut PgConnection) -> Result<MigrationReport> {
-    let mut tx = conn.begin().await.db("starting the migration transaction")?;
+    let mut tx = conn
+        .begin()
+        .await
+        .db("starting the migration transaction")?;
     sqlx::query("select pg_advisory_xact_lock($1)")
         .bind(LOCK_KEY)
         .execute(&mut *tx)
@@ -92,12 +95,13 @@ pub(crate) async fn run(conn: &mut PgConnection) -> Result<MigrationReport> {
     let mut texts: Vec<&str> = MIGRATIONS.iter().map(|m| m.sql).collect();
     let bundle = FUNCTIONS.concat();
     texts.push(&bundle);
-    let mut sums: Vec<String> =
-        sqlx::query_scalar("select md5(t) from unnest($1::text[]) with ordinality u(t, n) order by n")
-            .bind(&texts)
-            .fetch_all(&mut *tx)
-            .await
-            .db("checksumming migrations")?;
+    let mut sums: Vec<String> = sqlx::query_scalar(
+        "select md5(t) from unnest($1::text[]) with ordinality u(t, n) order by n",
+    )
+    .bind(&texts)
+    .fetch_all(&mut *tx)
+    .await
+    .db("checksumming migrations")?;
     let bundle_sum = sums.pop().unwrap_or_default();
 
     let known = latest_version();
@@ -135,15 +139,18 @@ pub(crate) async fn run(conn: &mut PgConnection) -> Result<MigrationReport> {
             .execute(&mut *tx)
             .await
             .db("recording a migration")?;
-        tracing::info!(version = m.version, name = m.name, "cairn migration applied");
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "cairn migration applied"
+        );
         report.applied.push(m.version);
     }
 
-    let current: Option<String> =
-        sqlx::query_scalar("select checksum from cairn.function_bundle")
-            .fetch_optional(&mut *tx)
-            .await
-            .db("reading the function checksum")?;
+    let current: Option<String> = sqlx::query_scalar("select checksum from cairn.function_bundle")
+        .fetch_optional(&mut *tx)
+        .await
+        .db("reading the function checksum")?;
     if current.as_deref() != Some(bundle_sum.as_str()) {
         for sql in FUNCTIONS {
             sqlx::raw_sql(*sql)

@@ -53,7 +53,12 @@ fn child_worker() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let app = App::builder().database_url(url).max_connections(8).build().await.unwrap();
+        let app = App::builder()
+            .database_url(url)
+            .max_connections(8)
+            .build()
+            .await
+            .unwrap();
         register(&app, mode == "hang");
         let stats = app
             .worker()
@@ -81,7 +86,11 @@ async fn setup(pool: &PgPool) -> App {
 }
 
 fn signal(child: &std::process::Child, sig: &str) {
-    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "kill {sig}");
 }
 
@@ -91,7 +100,9 @@ async fn two_processes_drain_20000_jobs_each_exactly_once(pool: PgPool) {
     let jobs: Vec<Work> = (0..20_000).map(|n| Work { n }).collect();
     app.enqueue_batch(&jobs).await.unwrap();
     let url = common::url_of(&pool);
-    let mut children: Vec<_> = (0..2).map(|_| common::spawn_child("child_worker", "drain", &url, &[])).collect();
+    let mut children: Vec<_> = (0..2)
+        .map(|_| common::spawn_child("child_worker", "drain", &url, &[]))
+        .collect();
     common::wait_for("20,000 effects", Duration::from_secs(240), || async {
         common::scalar_i64(&pool, "select count(*) from effects").await >= 20_000
     })
@@ -104,7 +115,10 @@ async fn two_processes_drain_20000_jobs_each_exactly_once(pool: PgPool) {
         signal(child, "-TERM");
     }
     for child in &mut children {
-        assert!(child.wait().unwrap().success(), "worker exits cleanly on SIGTERM");
+        assert!(
+            child.wait().unwrap().success(),
+            "worker exits cleanly on SIGTERM"
+        );
     }
     let (total, distinct, redelivered, processes): (i64, i64, i64, i64) = sqlx::query_as(
         "select count(*), count(distinct job_id), count(*) filter (where attempt > 1), count(distinct pid)
@@ -122,9 +136,11 @@ async fn a_sigkilled_workers_job_is_redelivered_and_its_late_completion_refused(
     let app = setup(&pool).await;
     let id = app.enqueue(&Work { n: 1 }).await.unwrap();
     let mut child = common::spawn_child("child_worker", "hang", &common::url_of(&pool), &[]);
-    common::wait_for("the child to start the job", Duration::from_secs(30), || async {
-        common::scalar_i64(&pool, "select count(*) from effects").await == 1
-    })
+    common::wait_for(
+        "the child to start the job",
+        Duration::from_secs(30),
+        || async { common::scalar_i64(&pool, "select count(*) from effects").await == 1 },
+    )
     .await;
     let stale: i64 = sqlx::query_scalar("select lease from cairn.jobs where id = $1")
         .bind(id)
@@ -142,9 +158,11 @@ async fn a_sigkilled_workers_job_is_redelivered_and_its_late_completion_refused(
             .poll_interval(Duration::from_millis(100))
             .run_until(stop.clone().cancelled_owned()),
     );
-    common::wait_for("the redelivered job to complete", Duration::from_secs(30), || async {
-        common::scalar_i64(&pool, "select count(*) from cairn.jobs").await == 0
-    })
+    common::wait_for(
+        "the redelivered job to complete",
+        Duration::from_secs(30),
+        || async { common::scalar_i64(&pool, "select count(*) from cairn.jobs").await == 0 },
+    )
     .await;
     stop.cancel();
     let stats = worker.await.unwrap().unwrap();
@@ -158,7 +176,11 @@ async fn a_sigkilled_workers_job_is_redelivered_and_its_late_completion_refused(
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(attempts, [(1, false), (2, true)], "redelivered once, after the 1 s lease ran out");
+    assert_eq!(
+        attempts,
+        [(1, false), (2, true)],
+        "redelivered once, after the 1 s lease ran out"
+    );
     let late: bool = sqlx::query_scalar("select cairn.ack($1, $2)")
         .bind(id)
         .bind(stale)

@@ -16,9 +16,17 @@ fn child_initialize() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let app = App::builder().database_url(url).max_connections(1).build().await.unwrap();
+        let app = App::builder()
+            .database_url(url)
+            .max_connections(1)
+            .build()
+            .await
+            .unwrap();
         let report = app.initialize().await.unwrap();
-        println!("applied={:?} functions={}", report.applied, report.functions_updated);
+        println!(
+            "applied={:?} functions={}",
+            report.applied, report.functions_updated
+        );
     });
 }
 
@@ -50,7 +58,12 @@ async fn eight_processes_initialize_at_once(pool: PgPool) {
     let mut applied_by = 0;
     for mut child in children {
         let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
         assert!(child.wait().unwrap().success(), "a child failed: {out}");
         if out.contains("applied=[1") {
             applied_by += 1;
@@ -71,7 +84,10 @@ async fn a_newer_schema_is_refused(pool: PgPool) {
         .await
         .unwrap();
     let err = app.initialize().await.unwrap_err();
-    assert!(matches!(err, Error::SchemaTooNew { version: 9999, .. }), "{err}");
+    assert!(
+        matches!(err, Error::SchemaTooNew { version: 9999, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("upgrade cairn"), "{err}");
 }
 
@@ -87,7 +103,10 @@ async fn an_edited_migration_is_refused_and_nothing_changes(pool: PgPool) {
         .await
         .unwrap();
     let err = app.initialize().await.unwrap_err();
-    assert!(matches!(err, Error::MigrationEdited { version: 1, .. }), "{err}");
+    assert!(
+        matches!(err, Error::MigrationEdited { version: 1, .. }),
+        "{err}"
+    );
     // The failed call rolled back: the function checksum was not rewritten.
     let sum: String = sqlx::query_scalar("select checksum from cairn.function_bundle")
         .fetch_one(&pool)

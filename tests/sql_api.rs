@@ -18,45 +18,153 @@ async fn setup(pool: &PgPool) -> cairn::App {
 #[sqlx::test(migrations = false)]
 async fn bad_arguments_are_rejected_before_anything_is_written(pool: PgPool) {
     setup(&pool).await;
-    let big = format!("select cairn.send('q', jsonb_build_object('x', repeat('a', {})))", 1_100_000);
+    let big = format!(
+        "select cairn.send('q', jsonb_build_object('x', repeat('a', {})))",
+        1_100_000
+    );
     let cases: &[(&str, &str, &str)] = &[
-        ("select cairn.send('nope', '{}')", "42704", "unknown queue \"nope\""),
-        ("select cairn.send(null, '{}')", "22004", "queue name must not be NULL"),
-        ("select cairn.send('q', null)", "22004", "payload must not be NULL"),
-        ("select cairn.send('q', '{\"a\":')", "22P02", "invalid input syntax for type json"),
-        ("select cairn.send('q', '\"\\ud800\"')", "22P02", "invalid input syntax for type json"),
-        ("select cairn.send('q', '{}', delay => -1)", "22023", "delay must be between"),
-        ("select cairn.send('q', '{}', delay => 'NaN')", "22023", "delay must be between"),
-        ("select cairn.send('q', '{}', delay => 'infinity')", "22023", "delay must be between"),
-        ("select cairn.send('q', '{}', delay => 1e10)", "22023", "delay must be between"),
-        ("select cairn.send('q', '{}', delay => null)", "22004", "delay must not be NULL"),
-        ("select cairn.send('q', '{}', priority => 40000)", "22023", "priority must be between"),
-        ("select cairn.send('q', '{}', task => '9 lives')", "22023", "invalid task name"),
+        (
+            "select cairn.send('nope', '{}')",
+            "42704",
+            "unknown queue \"nope\"",
+        ),
+        (
+            "select cairn.send(null, '{}')",
+            "22004",
+            "queue name must not be NULL",
+        ),
+        (
+            "select cairn.send('q', null)",
+            "22004",
+            "payload must not be NULL",
+        ),
+        (
+            "select cairn.send('q', '{\"a\":')",
+            "22P02",
+            "invalid input syntax for type json",
+        ),
+        (
+            "select cairn.send('q', '\"\\ud800\"')",
+            "22P02",
+            "invalid input syntax for type json",
+        ),
+        (
+            "select cairn.send('q', '{}', delay => -1)",
+            "22023",
+            "delay must be between",
+        ),
+        (
+            "select cairn.send('q', '{}', delay => 'NaN')",
+            "22023",
+            "delay must be between",
+        ),
+        (
+            "select cairn.send('q', '{}', delay => 'infinity')",
+            "22023",
+            "delay must be between",
+        ),
+        (
+            "select cairn.send('q', '{}', delay => 1e10)",
+            "22023",
+            "delay must be between",
+        ),
+        (
+            "select cairn.send('q', '{}', delay => null)",
+            "22004",
+            "delay must not be NULL",
+        ),
+        (
+            "select cairn.send('q', '{}', priority => 40000)",
+            "22023",
+            "priority must be between",
+        ),
+        (
+            "select cairn.send('q', '{}', task => '9 lives')",
+            "22023",
+            "invalid task name",
+        ),
         (&big, "54000", "above the 1 MiB limit"),
-        ("select cairn.create_queue('')", "22023", "invalid queue name \"\""),
-        ("select cairn.create_queue('a;drop table x')", "22023", "invalid queue name"),
-        ("select cairn.create_queue('Emails')", "22023", "invalid queue name"),
-        ("select cairn.create_queue(repeat('a', 64))", "22023", "invalid queue name"),
-        ("select cairn.send_batch('q', array['1', null]::jsonb[])", "22004", "payloads[2] must not be NULL"),
-        ("select cairn.send_batch('q', '{}'::jsonb[])", "22023", "batch size must be between"),
-        ("select cairn.send_batch('q', null)", "22004", "payloads must not be NULL"),
-        ("select * from cairn.read('q', 0, 1)", "22023", "visibility timeout must be between"),
-        ("select * from cairn.read('q', 30, 0)", "22023", "qty must be between"),
-        ("select * from cairn.read('q', 30, 1000000)", "22023", "qty must be between"),
+        (
+            "select cairn.create_queue('')",
+            "22023",
+            "invalid queue name \"\"",
+        ),
+        (
+            "select cairn.create_queue('a;drop table x')",
+            "22023",
+            "invalid queue name",
+        ),
+        (
+            "select cairn.create_queue('Emails')",
+            "22023",
+            "invalid queue name",
+        ),
+        (
+            "select cairn.create_queue(repeat('a', 64))",
+            "22023",
+            "invalid queue name",
+        ),
+        (
+            "select cairn.send_batch('q', array['1', null]::jsonb[])",
+            "22004",
+            "payloads[2] must not be NULL",
+        ),
+        (
+            "select cairn.send_batch('q', '{}'::jsonb[])",
+            "22023",
+            "batch size must be between",
+        ),
+        (
+            "select cairn.send_batch('q', null)",
+            "22004",
+            "payloads must not be NULL",
+        ),
+        (
+            "select * from cairn.read('q', 0, 1)",
+            "22023",
+            "visibility timeout must be between",
+        ),
+        (
+            "select * from cairn.read('q', 30, 0)",
+            "22023",
+            "qty must be between",
+        ),
+        (
+            "select * from cairn.read('q', 30, 1000000)",
+            "22023",
+            "qty must be between",
+        ),
         ("select * from cairn.pop('nope')", "42704", "unknown queue"),
-        ("select cairn.ack(array[1,2]::bigint[], array[1]::bigint[])", "22023", "must pair up"),
-        ("select cairn.ack(null::bigint[], null::bigint[])", "22004", "must not be NULL"),
-        ("select cairn.retry(1, 1, -5)", "22023", "delay must be between"),
+        (
+            "select cairn.ack(array[1,2]::bigint[], array[1]::bigint[])",
+            "22023",
+            "must pair up",
+        ),
+        (
+            "select cairn.ack(null::bigint[], null::bigint[])",
+            "22004",
+            "must not be NULL",
+        ),
+        (
+            "select cairn.retry(1, 1, -5)",
+            "22023",
+            "delay must be between",
+        ),
         ("select cairn.purge_queue('nope')", "42704", "unknown queue"),
         ("select cairn.requeue('nope', 1)", "42704", "unknown queue"),
     ];
-    sqlx::query("select cairn.send('q', '{\"kept\": true}')").execute(&pool).await.unwrap();
+    sqlx::query("select cairn.send('q', '{\"kept\": true}')")
+        .execute(&pool)
+        .await
+        .unwrap();
     for (sql, code, fragment) in cases {
         let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
             .execute(&pool)
             .await
             .expect_err(sql);
-        let db = err.as_database_error().unwrap_or_else(|| panic!("{sql}: {err}"));
+        let db = err
+            .as_database_error()
+            .unwrap_or_else(|| panic!("{sql}: {err}"));
         assert_eq!(db.code().as_deref(), Some(*code), "{sql}: {}", db.message());
         assert!(db.message().contains(fragment), "{sql}: {}", db.message());
     }
@@ -76,7 +184,10 @@ async fn rust_boundary_gives_typed_errors(pool: PgPool) {
     let err = app.create_queue("Not A Name").await.unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     let err = app.metrics("missing").await.unwrap_err();
-    assert!(matches!(err, Error::UnknownQueue(ref m) if m.contains("missing")), "{err}");
+    assert!(
+        matches!(err, Error::UnknownQueue(ref m) if m.contains("missing")),
+        "{err}"
+    );
 
     #[derive(serde::Serialize, serde::Deserialize)]
     struct Orphan;
@@ -86,9 +197,19 @@ async fn rust_boundary_gives_typed_errors(pool: PgPool) {
     }
     let err = app.enqueue(&Orphan).await.unwrap_err();
     assert!(matches!(err, Error::UnknownQueue(_)), "{err}");
-    let err = app.enqueue(&Orphan).delay(Duration::from_secs(400_000_000)).await.unwrap_err();
-    assert!(matches!(err, Error::UnknownQueue(_) | Error::InvalidArgument(_)), "{err}");
-    assert!(app.worker().run_until(async {}).await.is_err(), "a worker without queues is refused");
+    let err = app
+        .enqueue(&Orphan)
+        .delay(Duration::from_secs(400_000_000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::UnknownQueue(_) | Error::InvalidArgument(_)),
+        "{err}"
+    );
+    assert!(
+        app.worker().run_until(async {}).await.is_err(),
+        "a worker without queues is refused"
+    );
 }
 
 #[derive(sqlx::FromRow, Debug)]
@@ -108,19 +229,34 @@ async fn claim(pool: &PgPool, vt: f64, qty: i32) -> Vec<Claimed> {
 }
 
 async fn call_bool(pool: &PgPool, sql: &'static str, id: i64, lease: i64) -> bool {
-    sqlx::query_scalar(sql).bind(id).bind(lease).fetch_one(pool).await.unwrap()
+    sqlx::query_scalar(sql)
+        .bind(id)
+        .bind(lease)
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 #[sqlx::test(migrations = false)]
 async fn a_stale_lease_can_neither_settle_nor_extend(pool: PgPool) {
     setup(&pool).await;
-    sqlx::query("select cairn.send('q', '{}')").execute(&pool).await.unwrap();
+    sqlx::query("select cairn.send('q', '{}')")
+        .execute(&pool)
+        .await
+        .unwrap();
     let first = claim(&pool, 0.05, 1).await.remove(0);
     assert_eq!(first.attempts, 1);
-    assert!(claim(&pool, 30.0, 1).await.is_empty(), "leased jobs are invisible");
+    assert!(
+        claim(&pool, 30.0, 1).await.is_empty(),
+        "leased jobs are invisible"
+    );
     tokio::time::sleep(Duration::from_millis(80)).await; // the lease runs out
     let second = claim(&pool, 30.0, 1).await.remove(0);
-    assert_eq!((second.id, second.attempts), (first.id, 2), "redelivered, attempt counted");
+    assert_eq!(
+        (second.id, second.attempts),
+        (first.id, 2),
+        "redelivered, attempt counted"
+    );
     assert_ne!(second.lease, first.lease);
 
     let (id, stale) = (first.id, first.lease);
@@ -145,16 +281,21 @@ async fn a_stale_lease_can_neither_settle_nor_extend(pool: PgPool) {
     assert!(extended.is_empty());
     // The current holder is unaffected and completes.
     assert!(call_bool(&pool, "select cairn.ack($1, $2)", id, second.lease).await);
-    assert_eq!(common::scalar_i64(&pool, "select count(*) from cairn.jobs").await, 0);
+    assert_eq!(
+        common::scalar_i64(&pool, "select count(*) from cairn.jobs").await,
+        0
+    );
 }
 
 #[sqlx::test(migrations = false)]
 async fn concurrent_claimers_never_share_a_job_or_exceed_qty(pool: PgPool) {
     setup(&pool).await;
-    sqlx::query("select cairn.send_batch('q', array_agg(to_jsonb(g))) from generate_series(1, 2000) g")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "select cairn.send_batch('q', array_agg(to_jsonb(g))) from generate_series(1, 2000) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let mut claimers = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let pool = pool.clone();
@@ -162,7 +303,11 @@ async fn concurrent_claimers_never_share_a_job_or_exceed_qty(pool: PgPool) {
             let mut mine = Vec::new();
             loop {
                 let got = claim(&pool, 300.0, 7).await;
-                assert!(got.len() <= 7, "a claim returned {} rows for qty 7", got.len());
+                assert!(
+                    got.len() <= 7,
+                    "a claim returned {} rows for qty 7",
+                    got.len()
+                );
                 if got.is_empty() {
                     return mine;
                 }
@@ -190,7 +335,14 @@ async fn dead_letters_are_kept_and_requeued(pool: PgPool) {
         .unwrap();
     let c = claim(&pool, 30.0, 1).await.remove(0);
     assert!(call_bool(&pool, "select cairn.fail($1, $2, 'boom')", c.id, c.lease).await);
-    let m = cairn::App::builder().pool(pool.clone()).build().await.unwrap().metrics("q").await.unwrap();
+    let m = cairn::App::builder()
+        .pool(pool.clone())
+        .build()
+        .await
+        .unwrap()
+        .metrics("q")
+        .await
+        .unwrap();
     assert_eq!((m.ready, m.in_flight, m.dead), (0, 0, 1));
     let (outcome, error): (String, String) =
         sqlx::query_as("select outcome, last_error from cairn.archive where id = $1")
@@ -207,7 +359,11 @@ async fn dead_letters_are_kept_and_requeued(pool: PgPool) {
         .unwrap();
     assert!(requeued);
     let again = claim(&pool, 30.0, 1).await.remove(0);
-    assert_eq!((again.id, again.attempts), (id, 1), "same job, fresh attempt count");
+    assert_eq!(
+        (again.id, again.attempts),
+        (id, 1),
+        "same job, fresh attempt count"
+    );
     // Archive keeps the output of a completed job.
     let archived: bool = sqlx::query_scalar("select cairn.archive($1, $2, '{\"sent\": true}')")
         .bind(again.id)
@@ -216,41 +372,65 @@ async fn dead_letters_are_kept_and_requeued(pool: PgPool) {
         .await
         .unwrap();
     assert!(archived);
-    let output: String = sqlx::query_scalar("select output::text from cairn.archive where id = $1 and outcome = 'completed'")
-        .bind(id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let output: String = sqlx::query_scalar(
+        "select output::text from cairn.archive where id = $1 and outcome = 'completed'",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(output, r#"{"sent": true}"#);
 }
 
 #[sqlx::test(migrations = false)]
 async fn delays_priorities_pop_and_purge(pool: PgPool) {
     setup(&pool).await;
-    sqlx::query("select cairn.send('q', '\"later\"', delay => 3600)").execute(&pool).await.unwrap();
-    sqlx::query("select cairn.send('q', '\"low\"', priority => 5)").execute(&pool).await.unwrap();
-    sqlx::query("select cairn.send('q', '\"high\"', priority => -5)").execute(&pool).await.unwrap();
+    sqlx::query("select cairn.send('q', '\"later\"', delay => 3600)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("select cairn.send('q', '\"low\"', priority => 5)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("select cairn.send('q', '\"high\"', priority => -5)")
+        .execute(&pool)
+        .await
+        .unwrap();
     let popped: Vec<String> = sqlx::query_scalar("select payload::text from cairn.pop('q', 10)")
         .fetch_all(&pool)
         .await
         .unwrap();
     assert_eq!(popped.len(), 2, "the delayed job is not visible yet");
     assert!(popped.contains(&r#""high""#.to_string()) && popped.contains(&r#""low""#.to_string()));
-    sqlx::query("select cairn.send('q', '\"a\"', priority => 1)").execute(&pool).await.unwrap();
-    sqlx::query("select cairn.send('q', '\"b\"', priority => -1)").execute(&pool).await.unwrap();
+    sqlx::query("select cairn.send('q', '\"a\"', priority => 1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("select cairn.send('q', '\"b\"', priority => -1)")
+        .execute(&pool)
+        .await
+        .unwrap();
     let first: String = sqlx::query_scalar("select payload::text from cairn.read('q', 30, 1)")
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!(first, r#""b""#, "lower priority value runs first");
-    let m: (i64, i64, i64) = sqlx::query_as("select ready, delayed, in_flight from cairn.metrics('q')")
+    let m: (i64, i64, i64) =
+        sqlx::query_as("select ready, delayed, in_flight from cairn.metrics('q')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(m, (1, 1, 1));
+    let purged: i64 = sqlx::query_scalar("select cairn.purge_queue('q')")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(m, (1, 1, 1));
-    let purged: i64 = sqlx::query_scalar("select cairn.purge_queue('q')").fetch_one(&pool).await.unwrap();
     assert_eq!(purged, 3);
-    let dropped: bool = sqlx::query_scalar("select cairn.drop_queue('q')").fetch_one(&pool).await.unwrap();
+    let dropped: bool = sqlx::query_scalar("select cairn.drop_queue('q')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert!(dropped);
 }
 
@@ -262,11 +442,17 @@ async fn producer_role_can_send_but_not_claim_or_read_tables(pool: PgPool) {
         format!("drop role if exists {login}"),
         format!("create role {login} login in role cairn_producer"),
     ] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
     }
-    let url = common::url_of(&pool).replacen("postgres://postgres@", &format!("postgres://{login}@"), 1);
+    let url =
+        common::url_of(&pool).replacen("postgres://postgres@", &format!("postgres://{login}@"), 1);
     let producer = PgPool::connect(&url).await.unwrap();
-    let sent: Result<i64, _> = sqlx::query_scalar("select cairn.send('q', '{}')").fetch_one(&producer).await;
+    let sent: Result<i64, _> = sqlx::query_scalar("select cairn.send('q', '{}')")
+        .fetch_one(&producer)
+        .await;
     let denied = [
         "select * from cairn.read('q', 30, 1)",
         "select * from cairn.jobs",
@@ -276,10 +462,17 @@ async fn producer_role_can_send_but_not_claim_or_read_tables(pool: PgPool) {
     let mut codes = Vec::new();
     for sql in denied {
         let err = sqlx::query(sql).execute(&producer).await.unwrap_err();
-        codes.push(err.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned()));
+        codes.push(
+            err.as_database_error()
+                .and_then(|e| e.code())
+                .map(|c| c.into_owned()),
+        );
     }
     producer.close().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("drop role {login}"))).execute(&pool).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("drop role {login}")))
+        .execute(&pool)
+        .await
+        .unwrap();
     assert!(sent.is_ok(), "{sent:?}");
     assert_eq!(codes, vec![Some("42501".to_string()); denied.len()]);
 }

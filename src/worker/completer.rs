@@ -119,7 +119,9 @@ async fn flush(pool: &PgPool, batch: &[Settle], counters: &Counters) -> Result<(
         refused += ack_ids.len() - acked;
     }
     if !arc_ids.is_empty() {
-        let archived = db::archive(pool, &arc_ids, &arc_leases, &outputs).await?.len();
+        let archived = db::archive(pool, &arc_ids, &arc_leases, &outputs)
+            .await?
+            .len();
         done += archived;
         refused += arc_ids.len() - archived;
     }
@@ -154,7 +156,9 @@ async fn flush(pool: &PgPool, batch: &[Settle], counters: &Counters) -> Result<(
             refused,
             "settlements refused: those jobs had been re-leased to another worker"
         );
-        counters.refused.fetch_add(refused as u64, Ordering::Relaxed);
+        counters
+            .refused
+            .fetch_add(refused as u64, Ordering::Relaxed);
     }
     Ok(())
 }

@@ -13,10 +13,12 @@ mod listener;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +64,8 @@ pub struct WorkerStats {
     pub released: u64,
     /// Times the LISTEN connection was re-established.
     pub listener_reconnects: u64,
+    /// Claim round trips made (including those that found nothing).
+    pub claims: u64,
 }
 
 impl WorkerBuilder {
@@ -240,6 +244,7 @@ struct Counters {
     refused: AtomicU64,
     released: AtomicU64,
     listener_reconnects: AtomicU64,
+    claims: AtomicU64,
 }
 
 impl Counters {
@@ -252,9 +257,13 @@ impl Counters {
             refused: get(&self.refused),
             released: get(&self.released),
             listener_reconnects: get(&self.listener_reconnects),
+            claims: get(&self.claims),
         }
     }
 }
+
+/// Claim loops per worker (fewer when the concurrency is lower).
+const CLAIMERS: usize = 2;
 
 struct Worker {
     app: App,
@@ -308,16 +317,61 @@ impl Worker {
             Arc::clone(&self.counters),
         ));
 
-        let slots = Arc::new(Semaphore::new(self.concurrency));
-        tokio::pin!(shutdown);
-        let mut next_queue = 0;
-        'claiming: loop {
+        // Several claim loops share the slots, so one claim is in flight
+        // while another's jobs are being started: round trips overlap.
+        let this = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(this.concurrency));
+        let closing = CancellationToken::new();
+        let claimers: Vec<_> = (0..this.concurrency.min(CLAIMERS))
+            .map(|i| {
+                tokio::spawn(Arc::clone(&this).claim_loop(
+                    i,
+                    Arc::clone(&slots),
+                    Arc::clone(&wake),
+                    closing.clone(),
+                    settle_tx.clone(),
+                ))
+            })
+            .collect();
+        shutdown.await;
+        closing.cancel();
+        for claimer in claimers {
+            let _ = claimer.await;
+        }
+
+        // Graceful shutdown: no more claims; give running jobs the deadline.
+        let all = u32::try_from(this.concurrency).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(this.shutdown_timeout, slots.acquire_many(all)).await;
+        if drained.is_err() {
+            this.release_running(&pool).await;
+        }
+        drop(settle_tx);
+        // The completer ends once every job task has dropped its sender.
+        let _ = completer.await;
+        stop.cancel();
+        let _ = heartbeat.await;
+        let _ = listener.await;
+        Ok(this.counters.snapshot())
+    }
+
+    /// Claims up to the free capacity, starts the jobs, and when the queues
+    /// run dry sleeps until a notification or the poll timer.
+    async fn claim_loop(
+        self: Arc<Self>,
+        first_queue: usize,
+        slots: Arc<Semaphore>,
+        wake: Arc<Notify>,
+        closing: CancellationToken,
+        settle_tx: mpsc::UnboundedSender<Settle>,
+    ) {
+        let mut next_queue = first_queue;
+        loop {
             let first = tokio::select! {
                 biased;
-                _ = &mut shutdown => break 'claiming,
+                _ = closing.cancelled() => return,
                 permit = Arc::clone(&slots).acquire_owned() => match permit {
                     Ok(p) => p,
-                    Err(_) => break 'claiming,
+                    Err(_) => return,
                 },
             };
             let mut permits = vec![first];
@@ -333,7 +387,16 @@ impl Worker {
                     break;
                 }
                 let plan = &self.queues[(next_queue + i) % self.queues.len()];
-                match db::claim(&pool, &plan.name, self.lease, permits.len(), &plan.tasks).await {
+                self.counters.claims.fetch_add(1, Ordering::Relaxed);
+                match db::claim(
+                    self.app.pool(),
+                    &plan.name,
+                    self.lease,
+                    permits.len(),
+                    &plan.tasks,
+                )
+                .await
+                {
                     Ok(jobs) => {
                         claimed += jobs.len();
                         for job in jobs {
@@ -356,26 +419,12 @@ impl Worker {
                 let pause = jittered(self.poll_interval);
                 tokio::select! {
                     biased;
-                    _ = &mut shutdown => break 'claiming,
+                    _ = closing.cancelled() => return,
                     _ = wake.notified() => {}
                     _ = tokio::time::sleep(pause) => {}
                 }
             }
         }
-
-        // Graceful shutdown: no more claims; give running jobs the deadline.
-        let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
-        let drained = tokio::time::timeout(self.shutdown_timeout, slots.acquire_many(all)).await;
-        if drained.is_err() {
-            self.release_running(&pool).await;
-        }
-        drop(settle_tx);
-        // The completer ends once every job task has dropped its sender.
-        let _ = completer.await;
-        stop.cancel();
-        let _ = heartbeat.await;
-        let _ = listener.await;
-        Ok(self.counters.snapshot())
     }
 
     /// Aborts the jobs still running at the deadline and gives them back.
@@ -400,7 +449,10 @@ impl Worker {
                 self.counters
                     .released
                     .fetch_add(released.len() as u64, Ordering::Relaxed);
-                tracing::info!(count = released.len(), "released unfinished jobs at shutdown");
+                tracing::info!(
+                    count = released.len(),
+                    "released unfinished jobs at shutdown"
+                );
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not release jobs at shutdown; their leases will expire")
@@ -420,7 +472,10 @@ impl Worker {
         let Some(reg) = plan.handlers.get(&job.task).cloned() else {
             // The claim filters by task name, so this cannot happen; settle
             // it loudly rather than leave it leased.
-            let _ = settle.send(Settle::fail(&job, format!("no handler for task {:?}", job.task)));
+            let _ = settle.send(Settle::fail(
+                &job,
+                format!("no handler for task {:?}", job.task),
+            ));
             return;
         };
         if attempt > reg.policy.attempts() {
@@ -443,32 +498,23 @@ impl Worker {
             attempt,
             cancel: cancel.clone(),
         };
-        let handler = tokio::spawn((reg.handler)(job.payload, ctx));
-        self.in_flight.lock().insert(
-            job.id,
-            Running {
-                lease: job.lease,
-                started: Instant::now(),
-                cancel,
-                abort: Some(handler.abort_handle()),
-            },
-        );
         let (id, lease) = (job.id, job.lease);
+        let run = AssertUnwindSafe((reg.handler)(job.payload, ctx)).catch_unwind();
         let in_flight = Arc::clone(&self.in_flight);
-        tokio::spawn(async move {
-            let joined = handler.await;
+        // Registered before the task can finish: the entry is in place when
+        // the task marks it settled, and the completer removes it.
+        let mut running = self.in_flight.lock();
+        let task = tokio::spawn(async move {
+            let result = match run.await {
+                Ok(result) => result,
+                Err(panic) => Err(HandlerError::retryable(format!(
+                    "handler panicked: {}",
+                    panic_message(panic)
+                ))),
+            };
             if let Some(r) = in_flight.lock().get_mut(&id) {
                 r.abort = None; // settling now: shutdown must not release it
             }
-            let result = match joined {
-                Ok(result) => result,
-                Err(e) if e.is_panic() => Err(HandlerError::retryable(format!(
-                    "handler panicked: {}",
-                    panic_message(e.into_panic())
-                ))),
-                // Aborted: the lease was lost or shutdown released it.
-                Err(_) => return,
-            };
             let outcome = match result {
                 Ok(output) => Settle::Done { id, lease, output },
                 Err(err) => decide(id, lease, attempt, &reg, err),
@@ -476,6 +522,16 @@ impl Worker {
             let _ = settle.send(outcome);
             drop(permit);
         });
+        // An aborted task (lease lost, or released at shutdown) sends nothing.
+        running.insert(
+            id,
+            Running {
+                lease,
+                started: Instant::now(),
+                cancel,
+                abort: Some(task.abort_handle()),
+            },
+        );
     }
 }
 
@@ -487,7 +543,10 @@ fn decide(id: i64, lease: i64, attempt: u32, reg: &Registration, err: HandlerErr
         _ if !reg.policy.should_retry(attempt) => Settle::Fail {
             id,
             lease,
-            error: format!("{error} (attempt {attempt} of {}, giving up)", reg.policy.attempts()),
+            error: format!(
+                "{error} (attempt {attempt} of {}, giving up)",
+                reg.policy.attempts()
+            ),
         },
         HandlerErrorKind::RetryAfter(delay) => Settle::Retry {
             id,

@@ -36,12 +36,18 @@ pub async fn app(pool: &PgPool) -> App {
 /// test `entry`, with `CAIRN_CHILD=<mode>` and `CAIRN_URL=<url>`.
 pub fn spawn_child(entry: &str, mode: &str, url: &str, env: &[(&str, String)]) -> Child {
     let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
-    cmd.args(["--ignored", "--exact", entry, "--nocapture", "--test-threads=1"])
-        .env("CAIRN_CHILD", mode)
-        .env("CAIRN_URL", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "--ignored",
+        "--exact",
+        entry,
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("CAIRN_CHILD", mode)
+    .env("CAIRN_URL", url)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -50,7 +56,10 @@ pub fn spawn_child(entry: &str, mode: &str, url: &str, env: &[(&str, String)]) -
 
 /// The child mode this process was started in, if any.
 pub fn child_mode() -> Option<(String, String)> {
-    Some((std::env::var("CAIRN_CHILD").ok()?, std::env::var("CAIRN_URL").ok()?))
+    Some((
+        std::env::var("CAIRN_CHILD").ok()?,
+        std::env::var("CAIRN_URL").ok()?,
+    ))
 }
 
 /// Polls `probe` until it returns true, panicking after `limit`.

@@ -1,0 +1,254 @@
+//! Benchmarks, printed as figures and as ratios to a reference measured in
+//! the same run on the same database (this machine is shared and noisy).
+//!
+//! ```text
+//! cargo run --release --example bench -- queue
+//! ```
+//!
+//! Uses a scratch database `cairn_bench` on the server of DATABASE_URL
+//! (default the local Postgres), created fresh and dropped at the end.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cairn::prelude::*;
+use serde::{Deserialize, Serialize};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokio::sync::{Notify, mpsc};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Serialize, Deserialize)]
+struct Noop {
+    n: u32,
+}
+impl Task for Noop {
+    const QUEUE: &'static str = "bench";
+    type Output = ();
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "queue".into());
+    let server = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut admin = PgConnection::connect(&server).await?;
+    admin
+        .execute("drop database if exists cairn_bench with (force)")
+        .await?;
+    admin.execute("create database cairn_bench").await?;
+    let url = match server.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/cairn_bench"),
+        None => return Err("DATABASE_URL must name a database".into()),
+    };
+    let result = match what.as_str() {
+        "queue" => queue(&url).await,
+        other => Err(format!("unknown benchmark {other:?}; try: queue").into()),
+    };
+    admin
+        .execute("drop database if exists cairn_bench with (force)")
+        .await?;
+    result
+}
+
+/// The reference: bare single-row UPDATE transactions, one after another,
+/// from one connection. Returns (transactions/s, p50 round trip).
+async fn reference(pool: &PgPool, n: usize) -> Result<(f64, Duration), BoxError> {
+    sqlx::query("create table if not exists bench_ref (id int primary key, n bigint)")
+        .execute(pool)
+        .await?;
+    sqlx::query("insert into bench_ref values (1, 0) on conflict do nothing")
+        .execute(pool)
+        .await?;
+    let mut conn = pool.acquire().await?;
+    let mut times = Vec::with_capacity(n);
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        sqlx::query("update bench_ref set n = n + 1 where id = 1")
+            .execute(&mut *conn)
+            .await?;
+        times.push(t.elapsed());
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    times.sort();
+    Ok((rate, times[n / 2]))
+}
+
+fn line(label: &str, rate: f64, reference: f64) {
+    println!(
+        "{label:<44} {rate:>10.0} /s   {:>6.2} x reference",
+        rate / reference
+    );
+}
+
+async fn queue(url: &str) -> Result<(), BoxError> {
+    let app = App::builder()
+        .database_url(url)
+        .max_connections(16)
+        .build()
+        .await?;
+    app.initialize().await?;
+    app.create_queue("bench").await?;
+    let pool = app.pool().clone();
+    let done = Arc::new(AtomicUsize::new(0));
+    let all_done = Arc::new(Notify::new());
+    let target = Arc::new(AtomicUsize::new(usize::MAX));
+    let (picked_tx, mut picked_rx) = mpsc::unbounded_channel::<Instant>();
+    {
+        let (done, all_done, target) = (done.clone(), all_done.clone(), target.clone());
+        app.task(move |_job: Noop, _ctx| {
+            let (done, all_done, target, picked) = (
+                done.clone(),
+                all_done.clone(),
+                target.clone(),
+                picked_tx.clone(),
+            );
+            async move {
+                let _ = picked.send(Instant::now());
+                if done.fetch_add(1, Ordering::Relaxed) + 1 == target.load(Ordering::Relaxed) {
+                    all_done.notify_one();
+                }
+                Ok(())
+            }
+        })?;
+    }
+
+    println!("cairn queue benchmark (PostgreSQL at {})", redact(url));
+    let (ref_rate, ref_p50) = reference(&pool, 5_000).await?;
+    println!(
+        "{:<44} {ref_rate:>10.0} /s   (p50 round trip {:.3} ms)",
+        "reference: single-row UPDATE transactions",
+        ms(ref_p50)
+    );
+
+    // Enqueue, one by one.
+    let n = 5_000;
+    let start = Instant::now();
+    for i in 0..n {
+        app.enqueue(&Noop { n: i }).await?;
+    }
+    line(
+        "enqueue one by one (5,000)",
+        f64::from(n) / secs(start),
+        ref_rate,
+    );
+    let mut conn = pool.acquire().await?;
+    let start = Instant::now();
+    for i in 0..n {
+        app.enqueue(&Noop { n: i }).execute(&mut *conn).await?;
+    }
+    drop(conn);
+    line(
+        "enqueue one by one, one connection (5,000)",
+        f64::from(n) / secs(start),
+        ref_rate,
+    );
+    app.purge_queue("bench").await?;
+
+    // Enqueue, batched: 1,000 per call, 200,000 in all.
+    let batch: Vec<Noop> = (0..1_000).map(|n| Noop { n }).collect();
+    let start = Instant::now();
+    for _ in 0..200 {
+        app.enqueue_batch(&batch).await?;
+    }
+    line(
+        "enqueue batched, 1,000 per call (200,000)",
+        200_000.0 / secs(start),
+        ref_rate,
+    );
+    app.purge_queue("bench").await?;
+    vacuum(&pool).await?;
+
+    // Drain 50,000 no-op jobs at several concurrencies.
+    let jobs: Vec<Noop> = (0..50_000).map(|n| Noop { n }).collect();
+    for concurrency in [1, 16, 64] {
+        app.enqueue_batch(&jobs).await?;
+        vacuum(&pool).await?;
+        done.store(0, Ordering::Relaxed);
+        target.store(jobs.len(), Ordering::Relaxed);
+        let stop = Arc::new(Notify::new());
+        let worker = {
+            let stop = stop.clone();
+            let w = app.worker().queues(["bench"]).concurrency(concurrency);
+            tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
+        };
+        let start = Instant::now();
+        all_done.notified().await;
+        // Handlers are done; wait for the last acknowledgements to land.
+        while sqlx::query_scalar::<_, bool>("select exists (select from cairn.jobs)")
+            .fetch_one(&pool)
+            .await?
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let elapsed = secs(start);
+        stop.notify_one();
+        let stats = worker.await??;
+        while picked_rx.try_recv().is_ok() {}
+        line(
+            &format!("drain 50,000 no-op jobs, concurrency {concurrency}"),
+            50_000.0 / elapsed,
+            ref_rate,
+        );
+        println!(
+            "{:<44} {:>10.1} jobs per claim ({} claims)",
+            "",
+            50_000.0 / stats.claims as f64,
+            stats.claims
+        );
+    }
+    vacuum(&pool).await?;
+
+    // Pickup latency: one job at a time to an idle worker (NOTIFY path).
+    target.store(usize::MAX, Ordering::Relaxed);
+    let stop = Arc::new(Notify::new());
+    let worker = {
+        let stop = stop.clone();
+        let w = app.worker().queues(["bench"]).concurrency(16);
+        tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut lat = Vec::with_capacity(500);
+    for i in 0..500 {
+        tokio::time::sleep(Duration::from_millis(3)).await; // let it go idle
+        let sent = Instant::now();
+        app.enqueue(&Noop { n: i }).await?;
+        let started = picked_rx.recv().await.ok_or("worker stopped")?;
+        lat.push(started - sent);
+    }
+    stop.notify_one();
+    worker.await??;
+    lat.sort();
+    println!(
+        "{:<44} p50 {:.3} ms, p99 {:.3} ms   ({:.1} x / {:.1} x reference round trip)",
+        "pickup latency, idle worker (500 jobs)",
+        ms(lat[lat.len() / 2]),
+        ms(lat[lat.len() * 99 / 100]),
+        ms(lat[lat.len() / 2]) / ms(ref_p50),
+        ms(lat[lat.len() * 99 / 100]) / ms(ref_p50),
+    );
+    println!("(latency is from before the enqueue call to the handler's start)");
+    app.pool().close().await;
+    Ok(())
+}
+
+async fn vacuum(pool: &PgPool) -> Result<(), BoxError> {
+    sqlx::query("vacuum analyze cairn.jobs")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+fn secs(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn redact(url: &str) -> &str {
+    url.rsplit_once('@').map_or(url, |(_, host)| host)
+}
