@@ -3,10 +3,13 @@
 -- Postgres lets PUBLIC execute every new function; cairn takes that away and
 -- grants its functions to three NOLOGIN group roles. Give an application's
 -- login role membership of the one it needs:
---   cairn_producer  send, send_batch, metrics           (enqueue only)
+--   cairn_producer  send, send_batch, metrics, start_workflow, send_signal,
+--                   run_status, list_runs, run_steps
 --   cairn_worker    producer + claim/read/pop, the fenced ack/archive/retry/
---                   fail/extend/set_vt/release, create_queue
---   cairn_admin     worker + drop_queue, purge_queue, delete, requeue, and
+--                   fail/extend/set_vt/release, create_queue, and the
+--                   workflow engine's worker calls
+--   cairn_admin     worker + drop_queue, purge_queue, delete, requeue,
+--                   cancel_run, retry_run, and
 --                   SELECT on the tables
 -- None of them can read or write cairn's tables directly (admin can read):
 -- the functions are SECURITY DEFINER, owned by the role that ran initialize().
@@ -43,7 +46,12 @@ declare
         'cairn.send(text, jsonb, double precision, integer, text)',
         'cairn.send_batch(text, jsonb[], double precision, integer, text)',
         'cairn.metrics(text)',
-        'cairn.metrics_all()'];
+        'cairn.metrics_all()',
+        'cairn.start_workflow(text, jsonb, text, text, integer, double precision)',
+        'cairn.send_signal(uuid, text, jsonb)',
+        'cairn.run_status(uuid)',
+        'cairn.list_runs(text, text, integer)',
+        'cairn.run_steps(uuid)'];
     v_worker constant text[] := v_producer || array[
         'cairn.create_queue(text)',
         'cairn.claim(text, double precision, integer, text[])',
@@ -57,12 +65,22 @@ declare
         'cairn.fail(bigint, bigint, text)',
         'cairn.extend(bigint[], bigint[], double precision)',
         'cairn.set_vt(bigint, bigint, double precision)',
-        'cairn.release(bigint[], bigint[])'];
+        'cairn.release(bigint[], bigint[])',
+        'cairn.register_workflow(text, text)',
+        'cairn.load_run(uuid, bigint, bigint)',
+        'cairn.checkpoint(uuid, bigint, bigint, text, integer, text, text, jsonb, jsonb, text, integer)',
+        'cairn.sleep_step(uuid, bigint, bigint, text, integer, double precision)',
+        'cairn.await_signal(uuid, bigint, bigint, text, integer, text, double precision)',
+        'cairn.suspend_run(uuid, bigint, bigint, timestamptz, text)',
+        'cairn.complete_run(uuid, bigint, bigint, jsonb)',
+        'cairn.fail_run(uuid, bigint, bigint, text)'];
     v_admin constant text[] := v_worker || array[
         'cairn.drop_queue(text)',
         'cairn.purge_queue(text)',
         'cairn.delete(text, bigint)',
-        'cairn.requeue(text, bigint)'];
+        'cairn.requeue(text, bigint)',
+        'cairn.cancel_run(uuid)',
+        'cairn.retry_run(uuid)'];
     v_grant record;
 begin
     for v_grant in

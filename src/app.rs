@@ -4,14 +4,18 @@ use std::future::{Future, IntoFuture};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgExecutor, PgPool};
+use uuid::Uuid;
 
-use crate::db::{self, QueueMetrics};
+use crate::db::{self, QueueMetrics, RunStatus};
 use crate::error::{DbContext, Error, HandlerError, Result};
 use crate::migrate::{self, MigrationReport};
 use crate::task::{BoxFuture, JobContext, Registry, Task, validate_queue_name};
 use crate::worker::WorkerBuilder;
+use crate::workflow::{self, WorkflowContext};
 
 /// The handle to a cairn database: migrates it, enqueues jobs, registers
 /// handlers and starts workers. Cheap to clone.
@@ -184,6 +188,128 @@ impl App {
             .for_queue(queue)
     }
 
+    /// Registers workflow `name`: an async function of a [`WorkflowContext`]
+    /// and a serde-typed input, returning a serde-typed output. Its runs go to
+    /// the queue `workflows` unless a start names another; serve it with
+    /// `app.worker().queues(["workflows"])`.
+    ///
+    /// ```no_run
+    /// # async fn demo(app: cairn::App) -> cairn::Result<()> {
+    /// app.workflow("greet", |ctx: cairn::WorkflowContext, name: String| async move {
+    ///     let greeting: String = ctx
+    ///         .step("compose", name, |n| async move { Ok(format!("hello {n}")) })
+    ///         .await?;
+    ///     ctx.sleep(std::time::Duration::from_secs(3600)).await; // durable
+    ///     Ok(greeting)
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    pub fn workflow<I, O, F, Fut>(&self, name: &str, f: F) -> Result<()>
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
+    {
+        let erased = workflow::erase(name, f);
+        self.inner
+            .registry
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .register_workflow(name, erased)
+    }
+
+    pub(crate) fn workflows(&self) -> Vec<Arc<crate::task::Registration>> {
+        self.inner
+            .registry
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .workflows()
+    }
+
+    /// Starts a run of `workflow` with `input`; resolves to its id. Options:
+    /// [`idempotency_key`](Start::idempotency_key), [`queue`](Start::queue),
+    /// [`priority`](Start::priority), [`delay`](Start::delay),
+    /// [`run_at`](Start::run_at); [`execute`](Start::execute) starts it
+    /// inside your own transaction.
+    pub fn start<'a, I: Serialize + Sync>(
+        &'a self,
+        workflow: &'a str,
+        input: &'a I,
+    ) -> Start<'a, I> {
+        Start {
+            app: self,
+            workflow,
+            input,
+            key: None,
+            queue: None,
+            priority: 0,
+            delay: Duration::ZERO,
+            run_at: None,
+        }
+    }
+
+    /// Waits until the run ends; its output, or [`Error::RunFailed`] /
+    /// [`Error::RunCancelled`].
+    pub async fn result<T: DeserializeOwned>(&self, run: Uuid) -> Result<T> {
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let status = db::run_status(self.pool(), run).await?;
+            match status.status.as_str() {
+                "completed" => {
+                    let output = status.output.unwrap_or_else(|| "null".into());
+                    return serde_json::from_str(&output).map_err(|source| Error::Deserialize {
+                        what: "the run's output",
+                        source,
+                    });
+                }
+                "failed" => {
+                    return Err(Error::RunFailed {
+                        run,
+                        error: status.error.unwrap_or_default(),
+                    });
+                }
+                "cancelled" => return Err(Error::RunCancelled(run)),
+                _ => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                }
+            }
+        }
+    }
+
+    /// A run's status, output or error, and timings.
+    pub async fn run_status(&self, run: Uuid) -> Result<RunStatus> {
+        db::run_status(self.pool(), run).await
+    }
+
+    /// Delivers signal `name` with `payload` to a run. Fails with
+    /// [`Error::NotFound`] for an unknown run and [`Error::InvalidState`] for
+    /// a finished one.
+    pub async fn send_signal<P: Serialize>(
+        &self,
+        run: Uuid,
+        name: &str,
+        payload: &P,
+    ) -> Result<i64> {
+        let payload = serde_json::to_string(payload).map_err(|source| Error::Serialize {
+            what: "the signal's payload",
+            source,
+        })?;
+        db::send_signal(self.pool(), run, name, &payload).await
+    }
+
+    /// Cancels a run and its child runs; returns how many were still active.
+    pub async fn cancel_run(&self, run: Uuid) -> Result<i32> {
+        db::cancel_run(self.pool(), run).await
+    }
+
+    /// Runs a failed run again from its failed step (completed steps are
+    /// kept). False if the run is not failed.
+    pub async fn retry_run(&self, run: Uuid) -> Result<bool> {
+        db::retry_run(self.pool(), run).await
+    }
+
     /// Enqueues one job of task `T`. Await it to enqueue on the pool, or
     /// call [`execute`](Enqueue::execute) with your own transaction so the job
     /// exists if and only if your transaction commits.
@@ -343,6 +469,89 @@ impl<'a, T: Task + Sync> IntoFuture for EnqueueBatch<'a, T> {
             let ids = self.execute(&mut tx).await?;
             tx.commit().await.db("committing a batch enqueue")?;
             Ok(ids)
+        })
+    }
+}
+
+/// A pending start of a workflow run; see [`App::start`].
+#[must_use = "a start does nothing until awaited or executed"]
+pub struct Start<'a, I> {
+    app: &'a App,
+    workflow: &'a str,
+    input: &'a I,
+    key: Option<&'a str>,
+    queue: Option<&'a str>,
+    priority: i16,
+    delay: Duration,
+    run_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl<'a, I: Serialize + Sync> Start<'a, I> {
+    /// Starting again with the same key returns the same run and starts no
+    /// second one (per workflow; 1 to 512 characters).
+    pub fn idempotency_key(mut self, key: &'a str) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// The queue for this run's job (default: the workflow's, `workflows`).
+    pub fn queue(mut self, queue: &'a str) -> Self {
+        self.queue = Some(queue);
+        self
+    }
+
+    /// Lower runs first (default 0).
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Start only after `delay`.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Start at `time` (measured against this machine's clock when the call
+    /// is made; the database clock decides from then on). A past time starts
+    /// at once.
+    pub fn run_at(mut self, time: chrono::DateTime<chrono::Utc>) -> Self {
+        self.run_at = Some(time);
+        self
+    }
+
+    /// Starts the run on the given executor: a pool, a connection, or
+    /// `&mut *tx` — the run exists if and only if your transaction commits.
+    pub async fn execute(self, executor: impl PgExecutor<'_>) -> Result<Uuid> {
+        let input = serde_json::to_string(self.input).map_err(|source| Error::Serialize {
+            what: "the workflow's input",
+            source,
+        })?;
+        let delay = match self.run_at {
+            Some(t) => (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO),
+            None => self.delay,
+        };
+        db::start_workflow(
+            executor,
+            self.workflow,
+            &input,
+            self.key,
+            self.queue,
+            self.priority,
+            delay,
+        )
+        .await
+    }
+}
+
+impl<'a, I: Serialize + Sync> IntoFuture for Start<'a, I> {
+    type Output = Result<Uuid>;
+    type IntoFuture = BoxFuture<'a, Result<Uuid>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let pool = self.app.pool().clone();
+            self.execute(&pool).await
         })
     }
 }

@@ -227,3 +227,252 @@ pub(crate) async fn metrics_all(db: impl PgExecutor<'_>) -> Result<Vec<QueueMetr
         .await
         .db("reading queue metrics")
 }
+
+// ---- workflows -------------------------------------------------------------
+
+/// A run's state for a replay, from `cairn.load_run`.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct LoadedRun {
+    pub status: String,
+    pub input: String,
+    pub db_now: DateTime<Utc>,
+    pub steps: String,
+}
+
+/// A run's status, from `cairn.run_status`.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct RunStatus {
+    /// The run's id.
+    pub id: uuid::Uuid,
+    /// The workflow's name.
+    pub workflow: String,
+    /// pending, running, sleeping, waiting, completed, failed or cancelled.
+    pub status: String,
+    /// The output as JSON text, once completed.
+    pub output: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When it was started.
+    pub created_at: DateTime<Utc>,
+    /// When a worker first ran it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// When a sleeping run wakes (or a waiting one times out).
+    pub wake_at: Option<DateTime<Utc>>,
+}
+
+/// Where a run is: its id, job and lease.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RunLease {
+    pub run: uuid::Uuid,
+    pub job: i64,
+    pub lease: i64,
+}
+
+pub(crate) async fn register_workflow(db: &PgPool, workflow: &str, queue: &str) -> Result<()> {
+    sqlx::query("select cairn.register_workflow($1, $2)")
+        .bind(workflow)
+        .bind(queue)
+        .execute(db)
+        .await
+        .db("registering a workflow")?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn start_workflow(
+    db: impl PgExecutor<'_>,
+    workflow: &str,
+    input: &str,
+    idempotency_key: Option<&str>,
+    queue: Option<&str>,
+    priority: i16,
+    delay: Duration,
+) -> Result<uuid::Uuid> {
+    sqlx::query_scalar("select cairn.start_workflow($1, $2::jsonb, $3, $4, $5, $6)")
+        .bind(workflow)
+        .bind(input)
+        .bind(idempotency_key)
+        .bind(queue)
+        .bind(i32::from(priority))
+        .bind(secs(delay))
+        .fetch_one(db)
+        .await
+        .db("starting a workflow")
+}
+
+pub(crate) async fn load_run(db: &PgPool, at: RunLease) -> Result<Option<LoadedRun>> {
+    sqlx::query_as(
+        "select status, input::text as input, db_now, steps::text as steps \
+         from cairn.load_run($1, $2, $3)",
+    )
+    .bind(at.run)
+    .bind(at.job)
+    .bind(at.lease)
+    .fetch_optional(db)
+    .await
+    .db("loading a run")
+}
+
+/// A checkpoint to write.
+pub(crate) struct Checkpoint<'a> {
+    pub key: &'a str,
+    pub seq: i32,
+    pub kind: &'static str,
+    pub status: &'static str,
+    pub input: Option<&'a str>,
+    pub output: Option<&'a str>,
+    pub error: Option<&'a str>,
+    pub attempts: i32,
+}
+
+/// Returns the database time, or `None` when the lease was lost.
+pub(crate) async fn checkpoint(
+    db: &PgPool,
+    at: RunLease,
+    c: Checkpoint<'_>,
+) -> Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        "select cairn.checkpoint($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11)",
+    )
+    .bind(at.run)
+    .bind(at.job)
+    .bind(at.lease)
+    .bind(c.key)
+    .bind(c.seq)
+    .bind(c.kind)
+    .bind(c.status)
+    .bind(c.input)
+    .bind(c.output)
+    .bind(c.error)
+    .bind(c.attempts)
+    .fetch_one(db)
+    .await
+    .db("writing a checkpoint")
+}
+
+/// `(wake_at, done)`, or `None` when the lease was lost.
+pub(crate) async fn sleep_step(
+    db: &PgPool,
+    at: RunLease,
+    key: &str,
+    seq: i32,
+    duration: Duration,
+) -> Result<Option<(DateTime<Utc>, bool)>> {
+    sqlx::query_as("select wake_at, done from cairn.sleep_step($1, $2, $3, $4, $5, $6)")
+        .bind(at.run)
+        .bind(at.job)
+        .bind(at.lease)
+        .bind(key)
+        .bind(seq)
+        .bind(secs(duration))
+        .fetch_optional(db)
+        .await
+        .db("recording a sleep")
+}
+
+/// `(done, output, wake_at)`, or `None` when the lease was lost.
+pub(crate) async fn await_signal(
+    db: &PgPool,
+    at: RunLease,
+    key: &str,
+    seq: i32,
+    name: &str,
+    timeout: Option<Duration>,
+) -> Result<Option<(bool, Option<String>, Option<DateTime<Utc>>)>> {
+    sqlx::query_as(
+        "select done, output::text, wake_at from cairn.await_signal($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(at.run)
+    .bind(at.job)
+    .bind(at.lease)
+    .bind(key)
+    .bind(seq)
+    .bind(name)
+    .bind(timeout.map(secs))
+    .fetch_optional(db)
+    .await
+    .db("waiting for a signal")
+}
+
+pub(crate) async fn suspend_run(
+    db: &PgPool,
+    at: RunLease,
+    wake_at: Option<DateTime<Utc>>,
+    status: &str,
+) -> Result<bool> {
+    sqlx::query_scalar("select cairn.suspend_run($1, $2, $3, $4, $5)")
+        .bind(at.run)
+        .bind(at.job)
+        .bind(at.lease)
+        .bind(wake_at)
+        .bind(status)
+        .fetch_one(db)
+        .await
+        .db("suspending a run")
+}
+
+pub(crate) async fn complete_run(db: &PgPool, at: RunLease, output: &str) -> Result<bool> {
+    sqlx::query_scalar("select cairn.complete_run($1, $2, $3, $4::jsonb)")
+        .bind(at.run)
+        .bind(at.job)
+        .bind(at.lease)
+        .bind(output)
+        .fetch_one(db)
+        .await
+        .db("completing a run")
+}
+
+pub(crate) async fn fail_run(db: &PgPool, at: RunLease, error: &str) -> Result<bool> {
+    sqlx::query_scalar("select cairn.fail_run($1, $2, $3, $4)")
+        .bind(at.run)
+        .bind(at.job)
+        .bind(at.lease)
+        .bind(error)
+        .fetch_one(db)
+        .await
+        .db("failing a run")
+}
+
+pub(crate) async fn send_signal(
+    db: impl PgExecutor<'_>,
+    run: uuid::Uuid,
+    name: &str,
+    payload: &str,
+) -> Result<i64> {
+    sqlx::query_scalar("select cairn.send_signal($1, $2, $3::jsonb)")
+        .bind(run)
+        .bind(name)
+        .bind(payload)
+        .fetch_one(db)
+        .await
+        .db("sending a signal")
+}
+
+pub(crate) async fn cancel_run(db: &PgPool, run: uuid::Uuid) -> Result<i32> {
+    sqlx::query_scalar("select cairn.cancel_run($1)")
+        .bind(run)
+        .fetch_one(db)
+        .await
+        .db("cancelling a run")
+}
+
+pub(crate) async fn retry_run(db: &PgPool, run: uuid::Uuid) -> Result<bool> {
+    sqlx::query_scalar("select cairn.retry_run($1)")
+        .bind(run)
+        .fetch_one(db)
+        .await
+        .db("retrying a run")
+}
+
+pub(crate) async fn run_status(db: &PgPool, run: uuid::Uuid) -> Result<RunStatus> {
+    sqlx::query_as(
+        "select id, workflow, status, output::text as output, error, created_at, started_at, \
+         finished_at, wake_at from cairn.run_status($1)",
+    )
+    .bind(run)
+    .fetch_one(db)
+    .await
+    .db("reading a run's status")
+}

@@ -12,10 +12,36 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// The queue does not exist (SQLSTATE 42704). Create it with
-    /// [`App::create_queue`](crate::App::create_queue).
+    /// The queue, workflow or run does not exist (SQLSTATE 42704).
     #[error("{0}")]
-    UnknownQueue(String),
+    NotFound(String),
+
+    /// The object is not in a state that allows this, e.g. a signal to a
+    /// finished run (SQLSTATE 55000).
+    #[error("{0}")]
+    InvalidState(String),
+
+    /// The awaited run failed.
+    #[error("run {run} failed: {error}")]
+    RunFailed {
+        /// The run's id.
+        run: uuid::Uuid,
+        /// Its error.
+        error: String,
+    },
+
+    /// The awaited run was cancelled.
+    #[error("run {0} was cancelled")]
+    RunCancelled(uuid::Uuid),
+
+    /// A stored output does not fit the type asked for.
+    #[error("cannot decode {what}: {source}")]
+    Deserialize {
+        /// What was being decoded.
+        what: &'static str,
+        /// The serde error.
+        source: serde_json::Error,
+    },
 
     /// The database holds a cairn schema newer than this binary knows.
     #[error(
@@ -68,7 +94,8 @@ impl Error {
         if let Some(db) = source.as_database_error() {
             let message = db.message().trim_start_matches("cairn: ").to_owned();
             match db.code().as_deref() {
-                Some("42704") => return Error::UnknownQueue(message),
+                Some("42704") => return Error::NotFound(message),
+                Some("55000") => return Error::InvalidState(message),
                 Some("22004" | "22023" | "54000" | "22P02" | "22P05") => {
                     return Error::InvalidArgument(message);
                 }

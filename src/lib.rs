@@ -47,16 +47,21 @@ mod migrate;
 mod retry;
 mod task;
 mod worker;
+mod workflow;
 
-pub use app::{App, AppBuilder, Enqueue, EnqueueBatch};
-pub use db::QueueMetrics;
+pub use app::{App, AppBuilder, Enqueue, EnqueueBatch, Start};
+pub use db::{QueueMetrics, RunStatus};
 pub use error::{Error, HandlerError, HandlerErrorKind, Result, ResultExt};
 pub use migrate::{MigrationReport, latest_version};
 pub use retry::{Backoff, RetryPolicy};
 pub use task::{JobContext, Task};
+pub use uuid::Uuid;
 pub use worker::{WorkerBuilder, WorkerStats};
+pub use workflow::{Step, StepError, WORKFLOW_QUEUE, WorkflowContext};
 
 /// The names most programs need: `use cairn::prelude::*;`.
 pub mod prelude {
-    pub use crate::{App, HandlerError, JobContext, ResultExt, RetryPolicy, Task};
+    pub use crate::{
+        App, HandlerError, JobContext, ResultExt, RetryPolicy, StepError, Task, WorkflowContext,
+    };
 }

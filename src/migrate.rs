@@ -19,15 +19,23 @@ struct Script {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Script] = &[Script {
-    version: 1,
-    name: "0001_queue.sql",
-    sql: include_str!("../migrations/0001_queue.sql"),
-}];
+const MIGRATIONS: &[Script] = &[
+    Script {
+        version: 1,
+        name: "0001_queue.sql",
+        sql: include_str!("../migrations/0001_queue.sql"),
+    },
+    Script {
+        version: 2,
+        name: "0002_workflow.sql",
+        sql: include_str!("../migrations/0002_workflow.sql"),
+    },
+];
 
 const FUNCTIONS: &[&str] = &[
     include_str!("../sql/00_base.sql"),
     include_str!("../sql/10_queue.sql"),
+    include_str!("../sql/20_workflow.sql"),
     include_str!("../sql/90_grants.sql"),
 ];
 

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, HandlerError, Result};
 use crate::retry::RetryPolicy;
+use crate::workflow::{ErasedWorkflow, WORKFLOW_QUEUE};
 
 /// A kind of job: its arguments (the type implementing `Task`), its queue and
 /// name, and how it is retried. Implement it on a serde type and register a
@@ -53,8 +54,8 @@ pub trait Task: Serialize + DeserializeOwned + Send + 'static {
 #[derive(Clone, Debug)]
 pub struct JobContext {
     pub(crate) id: i64,
-    pub(crate) queue: &'static str,
-    pub(crate) task: &'static str,
+    pub(crate) queue: String,
+    pub(crate) task: String,
     pub(crate) attempt: u32,
     pub(crate) cancel: CancellationToken,
 }
@@ -67,12 +68,12 @@ impl JobContext {
 
     /// The queue the job came from.
     pub fn queue(&self) -> &str {
-        self.queue
+        &self.queue
     }
 
     /// The task name.
     pub fn task(&self) -> &str {
-        self.task
+        &self.task
     }
 
     /// This delivery's number, from 1.
@@ -106,18 +107,25 @@ type ErasedHandler = dyn Fn(String, JobContext) -> BoxFuture<'static, Result<Opt
     + Send
     + Sync;
 
-/// One registered task.
-pub(crate) struct Registration {
-    pub name: &'static str,
-    pub queue: &'static str,
-    pub policy: RetryPolicy,
-    pub handler: Arc<ErasedHandler>,
+/// What runs a job of a registered name.
+pub(crate) enum Handler {
+    Task(Arc<ErasedHandler>),
+    Workflow(Arc<ErasedWorkflow>),
 }
 
-/// Task name → registration.
+/// One registered task or workflow.
+pub(crate) struct Registration {
+    pub name: String,
+    pub queue: String,
+    pub policy: RetryPolicy,
+    pub handler: Handler,
+}
+
+/// Task and workflow names → registrations (one name space: a job's task
+/// column names either).
 #[derive(Default)]
 pub(crate) struct Registry {
-    tasks: HashMap<&'static str, Arc<Registration>>,
+    tasks: HashMap<String, Arc<Registration>>,
 }
 
 impl Registry {
@@ -128,13 +136,7 @@ impl Registry {
         Fut: Future<Output = Result<T::Output, HandlerError>> + Send + 'static,
     {
         validate_queue_name(T::QUEUE)?;
-        validate_task_name(T::NAME)?;
-        if self.tasks.contains_key(T::NAME) {
-            return Err(Error::InvalidArgument(format!(
-                "task {:?} is registered twice",
-                T::NAME
-            )));
-        }
+        self.check_new(T::NAME)?;
         let handler = Arc::new(handler);
         let erased: Arc<ErasedHandler> = Arc::new(move |payload: String, ctx: JobContext| {
             let handler = Arc::clone(&handler);
@@ -155,22 +157,56 @@ impl Registry {
             }) as BoxFuture<'static, _>
         });
         self.tasks.insert(
-            T::NAME,
+            T::NAME.to_owned(),
             Arc::new(Registration {
-                name: T::NAME,
-                queue: T::QUEUE,
+                name: T::NAME.to_owned(),
+                queue: T::QUEUE.to_owned(),
                 policy: T::retry_policy(),
-                handler: erased,
+                handler: Handler::Task(erased),
             }),
         );
         Ok(())
     }
 
-    /// The registrations serving `queue`.
+    pub fn register_workflow(&mut self, name: &str, workflow: Arc<ErasedWorkflow>) -> Result<()> {
+        self.check_new(name)?;
+        self.tasks.insert(
+            name.to_owned(),
+            Arc::new(Registration {
+                name: name.to_owned(),
+                queue: WORKFLOW_QUEUE.to_owned(),
+                policy: RetryPolicy::default(),
+                handler: Handler::Workflow(workflow),
+            }),
+        );
+        Ok(())
+    }
+
+    fn check_new(&self, name: &str) -> Result<()> {
+        validate_task_name(name)?;
+        if self.tasks.contains_key(name) {
+            return Err(Error::InvalidArgument(format!(
+                "{name:?} is registered twice (tasks and workflows share one name space)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// What a worker serving `queue` can run: the tasks sent there, and every
+    /// workflow (a run may be started on any queue).
     pub fn for_queue(&self, queue: &str) -> Vec<Arc<Registration>> {
         self.tasks
             .values()
-            .filter(|r| r.queue == queue)
+            .filter(|r| r.queue == queue || matches!(r.handler, Handler::Workflow(_)))
+            .cloned()
+            .collect()
+    }
+
+    /// Every registered workflow.
+    pub fn workflows(&self) -> Vec<Arc<Registration>> {
+        self.tasks
+            .values()
+            .filter(|r| matches!(r.handler, Handler::Workflow(_)))
             .cloned()
             .collect()
     }
@@ -192,7 +228,7 @@ pub(crate) fn validate_queue_name(name: &str) -> Result<()> {
     }
 }
 
-fn validate_task_name(name: &str) -> Result<()> {
+pub(crate) fn validate_task_name(name: &str) -> Result<()> {
     let ok = (1..=128).contains(&name.len())
         && name
             .bytes()

@@ -185,7 +185,7 @@ async fn rust_boundary_gives_typed_errors(pool: PgPool) {
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     let err = app.metrics("missing").await.unwrap_err();
     assert!(
-        matches!(err, Error::UnknownQueue(ref m) if m.contains("missing")),
+        matches!(err, Error::NotFound(ref m) if m.contains("missing")),
         "{err}"
     );
 
@@ -196,14 +196,14 @@ async fn rust_boundary_gives_typed_errors(pool: PgPool) {
         type Output = ();
     }
     let err = app.enqueue(&Orphan).await.unwrap_err();
-    assert!(matches!(err, Error::UnknownQueue(_)), "{err}");
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
     let err = app
         .enqueue(&Orphan)
         .delay(Duration::from_secs(400_000_000))
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::UnknownQueue(_) | Error::InvalidArgument(_)),
+        matches!(err, Error::NotFound(_) | Error::InvalidArgument(_)),
         "{err}"
     );
     assert!(

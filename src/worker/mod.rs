@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::db::{self, ClaimedJob};
 use crate::error::{Error, HandlerError, HandlerErrorKind, Result};
-use crate::task::{JobContext, Registration, validate_queue_name};
+use crate::task::{Handler, JobContext, Registration, validate_queue_name};
+use crate::workflow::{self, ErasedWorkflow, Settled, WORKFLOW_QUEUE};
 
 use completer::Settle;
 
@@ -131,6 +132,13 @@ impl WorkerBuilder {
         for q in &plan {
             db::create_queue(self.app.pool(), &q.name).await?;
         }
+        let workflows = self.app.workflows();
+        if !workflows.is_empty() {
+            db::create_queue(self.app.pool(), WORKFLOW_QUEUE).await?;
+        }
+        for w in workflows {
+            db::register_workflow(self.app.pool(), &w.name, &w.queue).await?;
+        }
         Worker::new(self, plan).run(shutdown).await
     }
 
@@ -153,7 +161,7 @@ impl WorkerBuilder {
                 .app
                 .registrations_for(name)
                 .into_iter()
-                .map(|r| (r.name.to_owned(), r))
+                .map(|r| (r.name.clone(), r))
                 .collect();
             if handlers.is_empty() {
                 return Err(Error::InvalidArgument(format!(
@@ -490,16 +498,20 @@ impl Worker {
             return;
         }
 
+        let handler = match &reg.handler {
+            Handler::Task(h) => Arc::clone(h),
+            Handler::Workflow(w) => return self.start_run(&reg, Arc::clone(w), job, permit),
+        };
         let cancel = CancellationToken::new();
         let ctx = JobContext {
             id: job.id,
-            queue: reg.queue,
-            task: reg.name,
+            queue: plan.name.clone(),
+            task: reg.name.clone(),
             attempt,
             cancel: cancel.clone(),
         };
         let (id, lease) = (job.id, job.lease);
-        let run = AssertUnwindSafe((reg.handler)(job.payload, ctx)).catch_unwind();
+        let run = AssertUnwindSafe(handler(job.payload, ctx)).catch_unwind();
         let in_flight = Arc::clone(&self.in_flight);
         // Registered before the task can finish: the entry is in place when
         // the task marks it settled, and the completer removes it.
@@ -535,6 +547,46 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Spawns the replay of a workflow run; it writes its own outcome.
+    fn start_run(
+        &self,
+        reg: &Registration,
+        workflow: Arc<ErasedWorkflow>,
+        job: ClaimedJob,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let (id, lease) = (job.id, job.lease);
+        let pool = self.app.pool().clone();
+        let name = reg.name.clone();
+        let in_flight = Arc::clone(&self.in_flight);
+        let counters = Arc::clone(&self.counters);
+        let mut running = self.in_flight.lock();
+        let task = tokio::spawn(async move {
+            let settled = workflow::execute(pool, workflow, name, id, lease, &job.payload).await;
+            let counter = match settled {
+                Settled::Completed => Some(&counters.completed),
+                Settled::Failed => Some(&counters.dead),
+                Settled::Suspended | Settled::Abandoned => None,
+            };
+            if let Some(c) = counter {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            in_flight.lock().remove(&id);
+            drop(permit);
+        });
+        running.insert(
+            id,
+            Running {
+                lease,
+                started: Instant::now(),
+                cancel: CancellationToken::new(),
+                abort: Some(task.abort_handle()),
+            },
+        );
+    }
+}
+
 /// Turns a handler error into a retry or a dead letter, by the task's policy.
 fn decide(id: i64, lease: i64, attempt: u32, reg: &Registration, err: HandlerError) -> Settle {
     let error = err.to_string();
@@ -563,7 +615,7 @@ fn decide(id: i64, lease: i64, attempt: u32, reg: &Registration, err: HandlerErr
     }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

@@ -1,0 +1,533 @@
+//! Durable workflows against a real database: checkpoints and replay, durable
+//! sleep on the test clock, signals, idempotent starts, retries, dead letters
+//! and retry_run, cancellation, non-determinism, bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use cairn::{App, Backoff, Error, HandlerError, RetryPolicy, WorkflowContext};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Handlers record each real execution here, so tests count in the database.
+async fn effects_table(pool: &PgPool) {
+    sqlx::query(
+        "create table effects (run uuid, step text, at timestamptz default clock_timestamp())",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn effect(pool: &PgPool, run: cairn::Uuid, step: &str) {
+    sqlx::query("insert into effects (run, step) values ($1, $2)")
+        .bind(run)
+        .bind(step)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+async fn effects_of(pool: &PgPool, run: cairn::Uuid) -> Vec<String> {
+    sqlx::query_scalar("select step from effects where run = $1 order by at")
+        .bind(run)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+struct Worker {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<cairn::Result<cairn::WorkerStats>>,
+}
+
+impl Worker {
+    fn start(app: &App) -> Self {
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(
+            app.worker()
+                .queues(["workflows"])
+                .poll_interval(Duration::from_millis(50))
+                .run_until(stop.clone().cancelled_owned()),
+        );
+        Self { stop, handle }
+    }
+
+    async fn stop(self) -> cairn::WorkerStats {
+        self.stop.cancel();
+        self.handle.await.unwrap().unwrap()
+    }
+}
+
+async fn status(app: &App, run: cairn::Uuid) -> String {
+    app.run_status(run).await.unwrap().status
+}
+
+async fn wait_status(app: &App, run: cairn::Uuid, want: &str) {
+    common::wait_for(
+        &format!("run {run} to be {want}"),
+        Duration::from_secs(15),
+        || async { status(app, run).await == want },
+    )
+    .await;
+}
+
+async fn advance_clock(pool: &PgPool, seconds: f64) {
+    sqlx::query("select cairn.advance_test_clock($1)")
+        .bind(seconds)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Order {
+    id: i64,
+    cents: i64,
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+struct Shipped {
+    order: i64,
+    receipt: String,
+    approved_by: String,
+    tracking: String,
+}
+
+/// charge → reserve → sleep 1 day → wait for approval → ship.
+fn register_order(app: &App, pool: &PgPool) {
+    let db = pool.clone();
+    app.workflow(
+        "process_order",
+        move |ctx: WorkflowContext, order: Order| {
+            let db = db.clone();
+            async move {
+                let run = ctx.run_id();
+                let d = db.clone();
+                let receipt: String = ctx
+                    .step("charge", order.cents, move |cents| async move {
+                        effect(&d, run, "charge").await;
+                        Ok(format!("rcpt-{cents}"))
+                    })
+                    .await?;
+                let d = db.clone();
+                ctx.step("reserve", order.id, move |_id| async move {
+                    effect(&d, run, "reserve").await;
+                    Ok(())
+                })
+                .await?;
+                ctx.sleep(Duration::from_secs(86_400)).await;
+                let approval: Option<serde_json::Value> =
+                    ctx.wait_for_signal("approved", None).await?;
+                let approved_by = approval
+                    .and_then(|a| a["by"].as_str().map(String::from))
+                    .unwrap_or_default();
+                let d = db.clone();
+                let tracking: String = ctx
+                    .step("ship", order.id, move |id| async move {
+                        effect(&d, run, "ship").await;
+                        Ok(format!("TRK{id}"))
+                    })
+                    .await?;
+                Ok(Shipped {
+                    order: order.id,
+                    receipt,
+                    approved_by,
+                    tracking,
+                })
+            }
+        },
+    )
+    .unwrap();
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_run_sleeps_a_day_waits_for_a_signal_and_never_repeats_a_step(pool: PgPool) {
+    let app = common::app(&pool).await;
+    effects_table(&pool).await;
+    register_order(&app, &pool);
+    let worker = Worker::start(&app);
+    common::wait_for("workflow registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 1
+    })
+    .await;
+
+    let order = Order { id: 7, cents: 1250 };
+    let run = app
+        .start("process_order", &order)
+        .idempotency_key("order-7")
+        .await
+        .unwrap();
+    let again = app
+        .start("process_order", &order)
+        .idempotency_key("order-7")
+        .await
+        .unwrap();
+    assert_eq!(run, again, "the same key gives the same run");
+
+    wait_status(&app, run, "sleeping").await;
+    assert_eq!(effects_of(&pool, run).await, ["charge", "reserve"]);
+    // The day passes in an instant on the test clock; then the run waits.
+    advance_clock(&pool, 86_400.0).await;
+    wait_status(&app, run, "waiting").await;
+    app.send_signal(run, "approved", &serde_json::json!({"by": "ann"}))
+        .await
+        .unwrap();
+    let shipped: Shipped = app.result(run).await.unwrap();
+    worker.stop().await;
+
+    assert_eq!(
+        shipped,
+        Shipped {
+            order: 7,
+            receipt: "rcpt-1250".into(),
+            approved_by: "ann".into(),
+            tracking: "TRK7".into()
+        }
+    );
+    // Replayed three times (after the sleep, the signal wait and the signal),
+    // yet every step's handler ran exactly once.
+    assert_eq!(effects_of(&pool, run).await, ["charge", "reserve", "ship"]);
+    let trace: Vec<(i32, String, String, String)> =
+        sqlx::query_as("select seq, key, kind, status from cairn.run_steps($1)")
+            .bind(run)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let keys: Vec<_> = trace
+        .iter()
+        .map(|t| (t.1.as_str(), t.2.as_str(), t.3.as_str()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("charge#1", "step", "completed"),
+            ("reserve#1", "step", "completed"),
+            ("sleep#1", "sleep", "completed"),
+            ("signal:approved#1", "signal", "completed"),
+            ("ship#1", "step", "completed"),
+        ]
+    );
+    let runs = common::scalar_i64(&pool, "select count(*) from cairn.runs").await;
+    assert_eq!(runs, 1);
+}
+
+#[sqlx::test(migrations = false)]
+async fn started_from_sql_with_status_from_sql(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.workflow("double", |ctx: WorkflowContext, n: i64| async move {
+        let r: i64 = ctx.step("double", n, |n| async move { Ok(n * 2) }).await?;
+        Ok(r)
+    })
+    .unwrap();
+    let worker = Worker::start(&app);
+    common::wait_for("registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 1
+    })
+    .await;
+    let run: cairn::Uuid = sqlx::query_scalar("select cairn.start_workflow('double', '21'::jsonb)")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let out: i64 = app.result(run).await.unwrap();
+    assert_eq!(out, 42);
+    let (st, output): (String, String) =
+        sqlx::query_as("select status, output::text from cairn.run_status($1)")
+            .bind(run)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((st.as_str(), output.as_str()), ("completed", "42"));
+    worker.stop().await;
+}
+
+async fn register_noop(app: &App, pool: &PgPool) {
+    app.workflow(
+        "noop",
+        |_ctx: WorkflowContext, _: serde_json::Value| async move { Ok(()) },
+    )
+    .unwrap();
+    app.create_queue("workflows").await.unwrap();
+    sqlx::query("select cairn.register_workflow('noop', 'workflows')")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[sqlx::test(migrations = false)]
+async fn fifty_concurrent_starts_with_one_key_make_one_run(pool: PgPool) {
+    let app = common::app(&pool).await;
+    register_noop(&app, &pool).await;
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let app = app.clone();
+        starts.spawn(async move { app.start("noop", &1).idempotency_key("same").await.unwrap() });
+    }
+    let mut ids = std::collections::HashSet::new();
+    while let Some(id) = starts.join_next().await {
+        ids.insert(id.unwrap());
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(
+        common::scalar_i64(&pool, "select count(*) from cairn.runs").await,
+        1
+    );
+    assert_eq!(
+        common::scalar_i64(&pool, "select count(*) from cairn.jobs").await,
+        1
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn signals_sent_early_are_kept_and_waits_time_out(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.workflow("gate", |ctx: WorkflowContext, _: ()| async move {
+        let early: Option<String> = ctx.wait_for_signal("early", None).await?;
+        let late: Option<String> = ctx
+            .wait_for_signal("never", Some(Duration::from_secs(3600)))
+            .await?;
+        Ok((early, late))
+    })
+    .unwrap();
+    app.create_queue("workflows").await.unwrap();
+    sqlx::query("select cairn.register_workflow('gate', 'workflows')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The signal arrives before any worker has even started the run.
+    let run = app.start("gate", &()).await.unwrap();
+    app.send_signal(run, "early", &"first").await.unwrap();
+    let worker = Worker::start(&app);
+    wait_status(&app, run, "waiting").await;
+    advance_clock(&pool, 3601.0).await;
+    let out: (Option<String>, Option<String>) = app.result(run).await.unwrap();
+    worker.stop().await;
+    assert_eq!(out, (Some("first".into()), None), "kept, then timed out");
+}
+
+#[sqlx::test(migrations = false)]
+async fn bad_input_gets_clear_errors_and_loses_nothing(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.workflow("typed", |_ctx: WorkflowContext, o: Order| async move {
+        Ok(o.id)
+    })
+    .unwrap();
+    let worker = Worker::start(&app);
+    common::wait_for("registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 1
+    })
+    .await;
+
+    let err = app.start("no_such_workflow", &1).await.unwrap_err();
+    assert!(
+        matches!(err, Error::NotFound(ref m) if m.contains("unknown workflow \"no_such_workflow\"")),
+        "{err}"
+    );
+    for (sql, code) in [
+        (
+            "select cairn.start_workflow('no_such_workflow', '{}')",
+            "42704",
+        ),
+        ("select cairn.start_workflow('typed', null)", "22004"),
+        ("select cairn.start_workflow('typed', '{\"id\":')", "22P02"),
+        (
+            "select cairn.start_workflow('typed', '{}', delay => -1)",
+            "22023",
+        ),
+        ("select cairn.start_workflow(null, '{}')", "22004"),
+        ("select cairn.send_signal(gen_random_uuid(), 'x')", "42704"),
+        ("select cairn.send_signal(null, 'x')", "22004"),
+        ("select cairn.run_status(gen_random_uuid())", "42704"),
+    ] {
+        let err = sqlx::query(sql).execute(&pool).await.expect_err(sql);
+        assert_eq!(
+            err.as_database_error().and_then(|e| e.code()).as_deref(),
+            Some(code),
+            "{sql}: {err}"
+        );
+    }
+
+    // Input that does not fit the workflow's type: the run fails with serde's message.
+    let bad = app
+        .start("typed", &serde_json::json!({"id": "seven"}))
+        .await
+        .unwrap();
+    let err = app.result::<i64>(bad).await.unwrap_err();
+    assert!(
+        matches!(err, Error::RunFailed { ref error, .. } if error.contains("does not deserialize into") && error.contains("Order")),
+        "{err}"
+    );
+    // A signal to a finished run is refused, and a good run still completes.
+    let err = app.send_signal(bad, "x", &1).await.unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidState(ref m) if m.contains("is failed")),
+        "{err}"
+    );
+    let good = app
+        .start("typed", &Order { id: 3, cents: 1 })
+        .await
+        .unwrap();
+    assert_eq!(app.result::<i64>(good).await.unwrap(), 3);
+    worker.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn step_retries_back_off_durably_then_the_run_dead_letters_and_retry_run_resumes(
+    pool: PgPool,
+) {
+    let app = common::app(&pool).await;
+    effects_table(&pool).await;
+    sqlx::query("create table switch (healed boolean)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("insert into switch values (false)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let db = pool.clone();
+    app.workflow("flaky", move |ctx: WorkflowContext, _: ()| {
+        let db = db.clone();
+        async move {
+            let run = ctx.run_id();
+            let d = db.clone();
+            ctx.step("prepare", (), move |_| async move {
+                effect(&d, run, "prepare").await;
+                Ok(())
+            })
+            .await?;
+            let d = db.clone();
+            let n: i64 = ctx
+                .step("call", (), move |_| async move {
+                    effect(&d, run, "call").await;
+                    let healed: bool = sqlx::query_scalar("select healed from switch")
+                        .fetch_one(&d)
+                        .await?;
+                    if healed {
+                        Ok(1)
+                    } else {
+                        Err(HandlerError::retryable("service down"))
+                    }
+                })
+                .retry(
+                    RetryPolicy::default()
+                        .max_attempts(3)
+                        .backoff(Backoff::Fixed(Duration::from_millis(300)))
+                        .jitter(0.0),
+                )
+                .await?;
+            Ok(n)
+        }
+    })
+    .unwrap();
+    let worker = Worker::start(&app);
+    common::wait_for("registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 1
+    })
+    .await;
+    let run = app.start("flaky", &()).await.unwrap();
+    let err = app.result::<i64>(run).await.unwrap_err();
+    assert!(
+        matches!(err, Error::RunFailed { ref error, .. } if error.contains("service down (attempt 3 of 3, giving up)")),
+        "{err}"
+    );
+    assert_eq!(
+        effects_of(&pool, run).await,
+        ["prepare", "call", "call", "call"]
+    );
+    // Each retry waited for the backoff on the database clock.
+    let gaps: Vec<f64> = sqlx::query_scalar(
+        "select (extract(epoch from at - lag(at) over (order by at)) * 1000)::float8
+           from effects where run = $1 and step = 'call' order by at offset 1",
+    )
+    .bind(run)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(gaps.iter().all(|&g| g >= 300.0), "{gaps:?}");
+    // The run's job is dead-lettered, kept for a retry by hand.
+    let dead = common::scalar_i64(
+        &pool,
+        "select count(*) from cairn.archive where outcome = 'dead'",
+    )
+    .await;
+    assert_eq!(dead, 1);
+
+    sqlx::query("update switch set healed = true")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(app.retry_run(run).await.unwrap());
+    assert_eq!(app.result::<i64>(run).await.unwrap(), 1);
+    worker.stop().await;
+    // It resumed at the failed step: "prepare" did not run again.
+    assert_eq!(
+        effects_of(&pool, run).await,
+        ["prepare", "call", "call", "call", "call"]
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_replay_that_meets_a_different_step_fails_loudly(pool: PgPool) {
+    let v1 = common::app(&pool).await;
+    v1.workflow("evolving", |ctx: WorkflowContext, _: ()| async move {
+        ctx.step("charge", (), |_| async { Ok(()) }).await?;
+        ctx.sleep(Duration::from_secs(60)).await;
+        Ok(())
+    })
+    .unwrap();
+    let worker = Worker::start(&v1);
+    common::wait_for("registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 1
+    })
+    .await;
+    let run = v1.start("evolving", &()).await.unwrap();
+    wait_status(&v1, run, "sleeping").await;
+    worker.stop().await;
+
+    // A new deployment changed the order of steps.
+    let v2 = common::app(&pool).await;
+    v2.workflow("evolving", |ctx: WorkflowContext, _: ()| async move {
+        ctx.step("refund", (), |_| async { Ok(()) }).await?;
+        ctx.step("charge", (), |_| async { Ok(()) }).await?;
+        Ok(())
+    })
+    .unwrap();
+    let worker = Worker::start(&v2);
+    advance_clock(&pool, 61.0).await;
+    let err = v2.result::<()>(run).await.unwrap_err();
+    worker.stop().await;
+    assert!(
+        matches!(err, Error::RunFailed { ref error, .. }
+            if error.contains("non-determinism") && error.contains("refund#1") && error.contains("charge#1")),
+        "{err}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn cancelling_a_waiting_run_ends_it(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.workflow("patient", |ctx: WorkflowContext, _: ()| async move {
+        let _: Option<()> = ctx.wait_for_signal("go", None).await?;
+        Ok(())
+    })
+    .unwrap();
+    let worker = Worker::start(&app);
+    common::wait_for("registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 1
+    })
+    .await;
+    let run = app.start("patient", &()).await.unwrap();
+    wait_status(&app, run, "waiting").await;
+    assert_eq!(app.cancel_run(run).await.unwrap(), 1);
+    assert!(matches!(app.result::<()>(run).await, Err(Error::RunCancelled(r)) if r == run));
+    assert_eq!(
+        common::scalar_i64(&pool, "select count(*) from cairn.jobs").await,
+        0
+    );
+    let err = app.send_signal(run, "go", &()).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidState(_)), "{err}");
+    worker.stop().await;
+}
