@@ -29,6 +29,9 @@ create table cairn.runs (
     parent_step     text,
     job_id          bigint,
     wake_at         timestamptz,
+    -- Something the run waits for happened while it was running (a signal,
+    -- a child's or a step job's end): park it only briefly.
+    wake_pending    boolean not null default false,
     created_at      timestamptz not null,
     started_at      timestamptz,
     finished_at     timestamptz,
@@ -48,7 +51,7 @@ create table cairn.steps (
     run_id      uuid not null references cairn.runs (id) on delete cascade,
     key         text not null,
     seq    integer not null,
-    kind        text not null check (kind in ('step', 'sleep', 'signal', 'value')),
+    kind        text not null check (kind in ('step', 'sleep', 'signal', 'value', 'child', 'task')),
     status      text not null check (status in ('completed', 'failed', 'retrying', 'waiting')),
     input       jsonb,
     output      jsonb,
@@ -81,3 +84,9 @@ create table cairn.test_clock (
     singleton boolean primary key default true check (singleton),
     offset_s  double precision not null
 );
+
+-- A job run as a step of a workflow (a step routed to another queue) names
+-- the run and step waiting for its outcome.
+alter table cairn.jobs
+    add column parent_run  uuid,
+    add column parent_step text;

@@ -170,7 +170,7 @@ create or replace function cairn.claim(
     qty   integer,
     tasks text[] default null)
 returns table (id bigint, task text, payload jsonb, attempts integer, lease bigint,
-               enqueued_at timestamptz, visible_at timestamptz)
+               enqueued_at timestamptz, visible_at timestamptz, parent_run uuid)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -212,14 +212,15 @@ begin
            lease      = v_lease
       from c
      where j.id = c.id
-    returning j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at;
+    returning j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
+              j.parent_run;
 end $$;
 comment on function cairn.claim(text, double precision, integer, text[]) is
-    'Lease up to qty visible jobs for vt seconds (optionally only the given tasks). Each returned row carries the lease token that fenced calls must name.';
+    'Lease up to qty visible jobs for vt seconds (optionally only the given tasks). Each returned row carries the lease token that fenced calls must name, and the workflow run waiting for it, if any.';
 
 create or replace function cairn.read(queue text, vt integer, qty integer default 1)
 returns table (id bigint, task text, payload jsonb, attempts integer, lease bigint,
-               enqueued_at timestamptz, visible_at timestamptz)
+               enqueued_at timestamptz, visible_at timestamptz, parent_run uuid)
 language sql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$ select * from cairn.claim(queue, vt, qty) $$;
@@ -251,6 +252,8 @@ begin
     delete from cairn.jobs j
      using c
      where j.id = c.id
+       and (j.parent_run is null
+            or cairn.settle_parent(j.parent_run, j.parent_step, 'completed', null, null))
     returning j.id, j.task, j.payload, j.attempts + 1, j.enqueued_at;
 end $$;
 comment on function cairn.pop(text, integer) is
@@ -269,10 +272,36 @@ begin
     delete from cairn.jobs j
      using unnest(ids, leases) as u(id, lease)
      where j.id = u.id and j.lease = u.lease
+       and (j.parent_run is null
+            or cairn.settle_parent(j.parent_run, j.parent_step, 'completed', null, null))
     returning j.id;
 end $$;
 comment on function cairn.ack(bigint[], bigint[]) is
     'Complete (delete) leased jobs. Returns the ids whose lease still matched; the others were re-leased or settled and are left alone.';
+
+-- With outputs: a job run as a workflow step hands its output to the step.
+create or replace function cairn.ack(ids bigint[], leases bigint[], outputs jsonb[])
+returns setof bigint
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform cairn.check_pairs(ids, leases);
+    if outputs is null or cardinality(outputs) <> cardinality(ids) then
+        raise exception 'cairn: % ids but % outputs; they must pair up',
+            cardinality(ids), coalesce(cardinality(outputs), 0)
+            using errcode = 'invalid_parameter_value';
+    end if;
+    return query
+    delete from cairn.jobs j
+     using unnest(ids, leases, outputs) as u(id, lease, output)
+     where j.id = u.id and j.lease = u.lease
+       and (j.parent_run is null
+            or cairn.settle_parent(j.parent_run, j.parent_step, 'completed', u.output, null))
+    returning j.id;
+end $$;
+comment on function cairn.ack(bigint[], bigint[], jsonb[]) is
+    'Complete leased jobs with their outputs, which go to the workflow step a job was run for.';
 
 create or replace function cairn.ack(id bigint, lease bigint)
 returns boolean
@@ -302,6 +331,8 @@ begin
          using unnest(ids, leases, coalesce(outputs, array_fill(null::jsonb, array[cardinality(ids)])))
                as u(id, lease, output)
          where j.id = u.id and j.lease = u.lease
+           and (j.parent_run is null
+                or cairn.settle_parent(j.parent_run, j.parent_step, 'completed', u.output, null))
         returning j.*, u.output
     )
     insert into cairn.archive as a (id, queue, task, payload, priority, attempts, enqueued_at,
@@ -348,6 +379,8 @@ begin
     with d as (
         delete from cairn.jobs j
          where j.id = fail.id and j.lease = fail.lease
+           and (j.parent_run is null
+                or cairn.settle_parent(j.parent_run, j.parent_step, 'failed', null, fail.error))
         returning j.*
     )
     insert into cairn.archive (id, queue, task, payload, priority, attempts, enqueued_at,

@@ -26,6 +26,46 @@ begin
     return found;
 end $$;
 
+-- Internal: a child run or a step job ended; record the outcome in the
+-- parent's waiting step and wake the parent. Locks the parent's job row
+-- first, like send_signal, so a parent about to park sees wake_pending.
+-- Returns true (it is used inside WHERE clauses).
+create or replace function cairn.settle_parent(
+    parent_run  uuid,
+    parent_step text,
+    status      text,
+    output      jsonb,
+    error       text)
+returns boolean
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now timestamptz := cairn.now();
+    v_job bigint;
+    v_queue text;
+begin
+    select r.job_id, q.name into v_job, v_queue
+      from cairn.runs r join cairn.queues q on q.id = r.queue_id
+     where r.id = settle_parent.parent_run;
+    if not found then
+        return true;
+    end if;
+    perform 1 from cairn.jobs j where j.id = v_job for update;
+    update cairn.steps s
+       set status = settle_parent.status, output = settle_parent.output,
+           error = left(settle_parent.error, 4096), finished_at = v_now
+     where s.run_id = settle_parent.parent_run and s.key = settle_parent.parent_step
+       and s.status = 'waiting';
+    update cairn.runs r set wake_pending = true where r.id = settle_parent.parent_run;
+    update cairn.jobs j set visible_at = v_now
+     where j.id = v_job and j.lease is null and j.visible_at > v_now;
+    if found then
+        perform pg_notify('cairn', v_queue);
+    end if;
+    return true;
+end $$;
+
 create or replace function cairn.register_workflow(workflow text, queue text)
 returns void
 language plpgsql volatile security definer
@@ -126,7 +166,8 @@ begin
         return;
     end if;
     update cairn.runs r
-       set status = 'running', started_at = coalesce(r.started_at, v_now), updated_at = v_now
+       set status = 'running', started_at = coalesce(r.started_at, v_now), updated_at = v_now,
+           wake_pending = false
      where r.id = load_run.run_id and r.status in ('pending', 'running', 'sleeping', 'waiting');
     return query
     select r.workflow, r.status, r.input, v_now,
@@ -277,9 +318,107 @@ begin
     return query select false, null::jsonb, v_step.wake_at;
 end $$;
 
--- Park the run until wake_at (NULL: until a signal wakes it). A signal that
--- arrived meanwhile wakes it at once: both this and send_signal lock the job
--- row first, so one of them always sees the other.
+-- Start a child run for the parent's step `key` (once: a replay finds the
+-- step and reports it). Returns (done, output, error); done = false while the
+-- child runs. An unknown workflow fails the step, not the database call.
+create or replace function cairn.start_child(
+    run_id   uuid,
+    job_id   bigint,
+    lease    bigint,
+    key      text,
+    seq      integer,
+    workflow text,
+    input    jsonb)
+returns table (done boolean, output jsonb, error text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now   timestamptz := cairn.now();
+    v_step  record;
+    v_qid   integer;
+    v_child uuid;
+    v_job   bigint;
+begin
+    if not cairn.hold_run(run_id, job_id, lease) then
+        return;
+    end if;
+    select s.status, s.output, s.error into v_step from cairn.steps s
+     where s.run_id = start_child.run_id and s.key = start_child.key;
+    if found then
+        return query select v_step.status in ('completed', 'failed'), v_step.output, v_step.error;
+        return;
+    end if;
+    perform cairn.check_payload(input, 'child input');
+    select w.queue_id into v_qid from cairn.workflows w where w.name = start_child.workflow;
+    if not found then
+        insert into cairn.steps (run_id, key, seq, kind, status, input, error, started_at, finished_at)
+        values (start_child.run_id, start_child.key, start_child.seq, 'child', 'failed',
+                jsonb_build_object('workflow', start_child.workflow, 'input', start_child.input),
+                format('unknown workflow "%s"', start_child.workflow), v_now, v_now);
+        return query select true, null::jsonb, format('unknown workflow "%s"', start_child.workflow);
+        return;
+    end if;
+    insert into cairn.runs (workflow, queue_id, input, parent_run, parent_step, created_at, updated_at)
+    values (start_child.workflow, v_qid, start_child.input, start_child.run_id, start_child.key,
+            v_now, v_now)
+    returning id into v_child;
+    insert into cairn.jobs (queue_id, task, payload, visible_at, enqueued_at)
+    values (v_qid, start_child.workflow, jsonb_build_object('run_id', v_child), v_now, v_now)
+    returning id into v_job;
+    update cairn.runs r set job_id = v_job where r.id = v_child;
+    insert into cairn.steps (run_id, key, seq, kind, status, input, started_at)
+    values (start_child.run_id, start_child.key, start_child.seq, 'child', 'waiting',
+            jsonb_build_object('workflow', start_child.workflow, 'run', v_child,
+                               'input', start_child.input), v_now);
+    perform pg_notify('cairn', (select q.name from cairn.queues q where q.id = v_qid));
+    return query select false, null::jsonb, null::text;
+end $$;
+
+-- Run the parent's step `key` as a job of `task` on `queue`, on any worker
+-- serving it; its ack (with the output) or dead letter settles the step.
+create or replace function cairn.start_task_step(
+    run_id   uuid,
+    job_id   bigint,
+    lease    bigint,
+    key      text,
+    seq      integer,
+    queue    text,
+    task     text,
+    payload  jsonb)
+returns table (done boolean, output jsonb, error text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now  timestamptz := cairn.now();
+    v_step record;
+begin
+    if not cairn.hold_run(run_id, job_id, lease) then
+        return;
+    end if;
+    select s.status, s.output, s.error into v_step from cairn.steps s
+     where s.run_id = start_task_step.run_id and s.key = start_task_step.key;
+    if found then
+        return query select v_step.status in ('completed', 'failed'), v_step.output, v_step.error;
+        return;
+    end if;
+    perform cairn.check_payload(payload, 'step input');
+    perform cairn.check_task_name(task);
+    insert into cairn.jobs (queue_id, task, payload, visible_at, enqueued_at, parent_run, parent_step)
+    values (cairn.queue_id(queue), start_task_step.task, start_task_step.payload, v_now, v_now,
+            start_task_step.run_id, start_task_step.key);
+    insert into cairn.steps (run_id, key, seq, kind, status, input, started_at)
+    values (start_task_step.run_id, start_task_step.key, start_task_step.seq, 'task', 'waiting',
+            start_task_step.payload, v_now);
+    perform pg_notify('cairn', start_task_step.queue);
+    return query select false, null::jsonb, null::text;
+end $$;
+
+-- Park the run until wake_at (NULL: until something wakes it). If a signal,
+-- a child's end or a step job's end arrived while it ran (wake_pending), it
+-- is woken at once: this and the wakers all lock the job row first, so one
+-- of them always sees the other.
 create or replace function cairn.suspend_run(
     run_id  uuid,
     job_id  bigint,
@@ -301,8 +440,7 @@ begin
     if not cairn.hold_run(run_id, job_id, lease) then
         return false;
     end if;
-    if exists (select from cairn.signals g
-                where g.run_id = suspend_run.run_id and g.consumed_by is null) then
+    if (select r.wake_pending from cairn.runs r where r.id = suspend_run.run_id) then
         v_wake := least(v_wake, v_now);
     end if;
     update cairn.jobs j
@@ -320,7 +458,8 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_now timestamptz := cairn.now();
+    v_now    timestamptz := cairn.now();
+    v_parent record;
 begin
     if not cairn.hold_run(run_id, job_id, lease) then
         return false;
@@ -329,7 +468,12 @@ begin
     update cairn.runs r
        set status = 'completed', output = complete_run.output, error = null, wake_at = null,
            finished_at = v_now, updated_at = v_now, job_id = null
-     where r.id = complete_run.run_id;
+     where r.id = complete_run.run_id
+    returning r.parent_run, r.parent_step into v_parent;
+    if v_parent.parent_run is not null then
+        perform cairn.settle_parent(v_parent.parent_run, v_parent.parent_step, 'completed',
+                                    complete_run.output, null);
+    end if;
     return true;
 end $$;
 
@@ -340,7 +484,8 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_now timestamptz := cairn.now();
+    v_now    timestamptz := cairn.now();
+    v_parent record;
 begin
     if not cairn.fail(job_id, lease, error) then
         return false;
@@ -348,7 +493,12 @@ begin
     update cairn.runs r
        set status = 'failed', error = left(fail_run.error, 4096), wake_at = null,
            finished_at = v_now, updated_at = v_now
-     where r.id = fail_run.run_id;
+     where r.id = fail_run.run_id
+    returning r.parent_run, r.parent_step into v_parent;
+    if v_parent.parent_run is not null then
+        perform cairn.settle_parent(v_parent.parent_run, v_parent.parent_step, 'failed', null,
+                                    format('child run %s failed: %s', fail_run.run_id, fail_run.error));
+    end if;
     return true;
 end $$;
 
@@ -385,6 +535,7 @@ begin
     insert into cairn.signals (run_id, name, payload, sent_at)
     values (send_signal.run_id, send_signal.name, send_signal.payload, v_now)
     returning id into v_id;
+    update cairn.runs r set wake_pending = true where r.id = send_signal.run_id;
     update cairn.jobs j set visible_at = v_now
      where j.id = v_run.job_id and j.lease is null and j.visible_at > v_now;
     if found then
@@ -426,6 +577,11 @@ begin
         delete from cairn.jobs j using cancelled c where j.id = c.job_id
     )
     select count(*) into v_count from cancelled;
+    -- A child cancelled on its own fails the step its parent waits on.
+    perform cairn.settle_parent(r.parent_run, r.parent_step, 'failed', null,
+                                format('child run %s was cancelled', r.id))
+       from cairn.runs r
+      where r.id = cancel_run.run_id and r.parent_run is not null and v_count > 0;
     return v_count;
 end $$;
 comment on function cairn.cancel_run(uuid) is

@@ -73,7 +73,10 @@ declare
         'cairn.await_signal(uuid, bigint, bigint, text, integer, text, double precision)',
         'cairn.suspend_run(uuid, bigint, bigint, timestamptz, text)',
         'cairn.complete_run(uuid, bigint, bigint, jsonb)',
-        'cairn.fail_run(uuid, bigint, bigint, text)'];
+        'cairn.fail_run(uuid, bigint, bigint, text)',
+        'cairn.start_child(uuid, bigint, bigint, text, integer, text, jsonb)',
+        'cairn.start_task_step(uuid, bigint, bigint, text, integer, text, text, jsonb)',
+        'cairn.ack(bigint[], bigint[], jsonb[])'];
     v_admin constant text[] := v_worker || array[
         'cairn.drop_queue(text)',
         'cairn.purge_queue(text)',

@@ -18,6 +18,8 @@ pub(crate) struct ClaimedJob {
     pub payload: String,
     pub attempts: i32,
     pub lease: i64,
+    /// The workflow run waiting for this job's output, if any.
+    pub parent_run: Option<uuid::Uuid>,
 }
 
 /// One queue's counters, from `cairn.metrics`.
@@ -117,7 +119,7 @@ pub(crate) async fn claim(
     tasks: &[String],
 ) -> Result<Vec<ClaimedJob>> {
     sqlx::query_as(
-        "select id, task, payload::text as payload, attempts, lease \
+        "select id, task, payload::text as payload, attempts, lease, parent_run \
          from cairn.claim($1, $2, $3, $4)",
     )
     .bind(queue)
@@ -136,6 +138,22 @@ pub(crate) async fn ack(db: &PgPool, ids: &[i64], leases: &[i64]) -> Result<Vec<
         .fetch_all(db)
         .await
         .db("acknowledging jobs")
+}
+
+/// Acks jobs run as workflow steps, handing each output to its step.
+pub(crate) async fn ack_with_outputs(
+    db: &PgPool,
+    ids: &[i64],
+    leases: &[i64],
+    outputs: &[Option<String>],
+) -> Result<Vec<i64>> {
+    sqlx::query_scalar("select cairn.ack($1, $2, $3::jsonb[])")
+        .bind(ids)
+        .bind(leases)
+        .bind(outputs)
+        .fetch_all(db)
+        .await
+        .db("acknowledging step jobs")
 }
 
 pub(crate) async fn archive(
@@ -475,4 +493,58 @@ pub(crate) async fn run_status(db: &PgPool, run: uuid::Uuid) -> Result<RunStatus
     .fetch_one(db)
     .await
     .db("reading a run's status")
+}
+
+/// `(done, output, error)` of a child run or step job; `None` when the lease
+/// was lost.
+pub(crate) type Started = Option<(bool, Option<String>, Option<String>)>;
+
+pub(crate) async fn start_child(
+    db: &PgPool,
+    at: RunLease,
+    key: &str,
+    seq: i32,
+    workflow: &str,
+    input: &str,
+) -> Result<Started> {
+    sqlx::query_as(
+        "select done, output::text, error from cairn.start_child($1, $2, $3, $4, $5, $6, $7::jsonb)",
+    )
+    .bind(at.run)
+    .bind(at.job)
+    .bind(at.lease)
+    .bind(key)
+    .bind(seq)
+    .bind(workflow)
+    .bind(input)
+    .fetch_optional(db)
+    .await
+    .db("starting a child run")
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn start_task_step(
+    db: &PgPool,
+    at: RunLease,
+    key: &str,
+    seq: i32,
+    queue: &str,
+    task: &str,
+    payload: &str,
+) -> Result<Started> {
+    sqlx::query_as(
+        "select done, output::text, error \
+         from cairn.start_task_step($1, $2, $3, $4, $5, $6, $7, $8::jsonb)",
+    )
+    .bind(at.run)
+    .bind(at.job)
+    .bind(at.lease)
+    .bind(key)
+    .bind(seq)
+    .bind(queue)
+    .bind(task)
+    .bind(payload)
+    .fetch_optional(db)
+    .await
+    .db("starting a step job")
 }

@@ -57,6 +57,7 @@ pub struct JobContext {
     pub(crate) queue: String,
     pub(crate) task: String,
     pub(crate) attempt: u32,
+    pub(crate) parent_run: Option<uuid::Uuid>,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -87,6 +88,12 @@ impl JobContext {
         format!("cairn:job:{}", self.id)
     }
 
+    /// The workflow run this job is a step of, if it was started with
+    /// [`WorkflowContext::task`](crate::WorkflowContext::task).
+    pub fn parent_run(&self) -> Option<uuid::Uuid> {
+        self.parent_run
+    }
+
     /// Resolves when the worker gives up on this attempt (the lease was lost,
     /// or shutdown's deadline passed); the handler is then aborted at its next
     /// `.await`. Long computations can check [`is_cancelled`](Self::is_cancelled).
@@ -102,8 +109,10 @@ impl JobContext {
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// A handler with its types erased: JSON text in, JSON text out.
-type ErasedHandler = dyn Fn(String, JobContext) -> BoxFuture<'static, Result<Option<String>, HandlerError>>
+/// A handler with its types erased: JSON text in, JSON text out. The flag
+/// asks for the output even when the task does not archive (a workflow step
+/// waits for it).
+type ErasedHandler = dyn Fn(String, JobContext, bool) -> BoxFuture<'static, Result<Option<String>, HandlerError>>
     + Send
     + Sync;
 
@@ -118,6 +127,8 @@ pub(crate) struct Registration {
     pub name: String,
     pub queue: String,
     pub policy: RetryPolicy,
+    /// Keep completed jobs in the archive (`Task::ARCHIVE`).
+    pub archive: bool,
     pub handler: Handler,
 }
 
@@ -138,30 +149,32 @@ impl Registry {
         validate_queue_name(T::QUEUE)?;
         self.check_new(T::NAME)?;
         let handler = Arc::new(handler);
-        let erased: Arc<ErasedHandler> = Arc::new(move |payload: String, ctx: JobContext| {
-            let handler = Arc::clone(&handler);
-            Box::pin(async move {
-                let args: T = serde_json::from_str(&payload).map_err(|e| {
-                    HandlerError::fatal(format!(
-                        "payload does not deserialize into {}: {e}",
-                        std::any::type_name::<T>()
-                    ))
-                })?;
-                let output = handler(args, ctx).await?;
-                if !T::ARCHIVE {
-                    return Ok(None);
-                }
-                serde_json::to_string(&output)
-                    .map(Some)
-                    .map_err(|e| HandlerError::fatal(format!("cannot serialize the output: {e}")))
-            }) as BoxFuture<'static, _>
-        });
+        let erased: Arc<ErasedHandler> =
+            Arc::new(move |payload: String, ctx: JobContext, want: bool| {
+                let handler = Arc::clone(&handler);
+                Box::pin(async move {
+                    let args: T = serde_json::from_str(&payload).map_err(|e| {
+                        HandlerError::fatal(format!(
+                            "payload does not deserialize into {}: {e}",
+                            std::any::type_name::<T>()
+                        ))
+                    })?;
+                    let output = handler(args, ctx).await?;
+                    if !T::ARCHIVE && !want {
+                        return Ok(None);
+                    }
+                    serde_json::to_string(&output).map(Some).map_err(|e| {
+                        HandlerError::fatal(format!("cannot serialize the output: {e}"))
+                    })
+                }) as BoxFuture<'static, _>
+            });
         self.tasks.insert(
             T::NAME.to_owned(),
             Arc::new(Registration {
                 name: T::NAME.to_owned(),
                 queue: T::QUEUE.to_owned(),
                 policy: T::retry_policy(),
+                archive: T::ARCHIVE,
                 handler: Handler::Task(erased),
             }),
         );
@@ -176,6 +189,7 @@ impl Registry {
                 name: name.to_owned(),
                 queue: WORKFLOW_QUEUE.to_owned(),
                 policy: RetryPolicy::default(),
+                archive: false,
                 handler: Handler::Workflow(workflow),
             }),
         );

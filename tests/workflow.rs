@@ -531,3 +531,180 @@ async fn cancelling_a_waiting_run_ends_it(pool: PgPool) {
     assert!(matches!(err, Error::InvalidState(_)), "{err}");
     worker.stop().await;
 }
+
+#[derive(Serialize, Deserialize)]
+struct Resize {
+    px: u32,
+}
+impl cairn::Task for Resize {
+    const QUEUE: &'static str = "gpu";
+    type Output = String;
+}
+
+#[sqlx::test(migrations = false)]
+async fn children_remote_steps_and_fan_out_fan_in(pool: PgPool) {
+    let app = common::app(&pool).await;
+    effects_table(&pool).await;
+    app.workflow("square", |ctx: WorkflowContext, n: i64| async move {
+        ctx.sleep(Duration::from_millis(50)).await;
+        Ok(n * n)
+    })
+    .unwrap();
+    let db = pool.clone();
+    app.workflow("parent", move |ctx: WorkflowContext, n: i64| {
+        let db = db.clone();
+        async move {
+            let run = ctx.run_id();
+            // Fan-out of three inline steps, joined; each checkpointed once.
+            let step = |i: i64| {
+                let d = db.clone();
+                ctx.step(&format!("part{i}"), i, move |i| async move {
+                    effect(&d, run, &format!("part{i}")).await;
+                    Ok(i * 10)
+                })
+            };
+            let (a, b, c) = tokio::join!(
+                step(1).into_future(),
+                step(2).into_future(),
+                step(3).into_future()
+            );
+            let parts = a? + b? + c?;
+            let squared: i64 = ctx.child("square", &n).await?;
+            let resized: String = ctx.task(&Resize { px: 64 }).await?;
+            Ok(format!("{parts}/{squared}/{resized}"))
+        }
+    })
+    .unwrap();
+    // The "gpu" queue is served by a separate worker that only runs tasks.
+    let gpu_db = pool.clone();
+    app.task(move |r: Resize, ctx: cairn::JobContext| {
+        let d = gpu_db.clone();
+        async move {
+            effect(&d, ctx.parent_run().unwrap(), "resize").await;
+            Ok(format!("{}px", r.px))
+        }
+    })
+    .unwrap();
+    let flows = Worker::start(&app);
+    let gpu_stop = CancellationToken::new();
+    let gpu = tokio::spawn(
+        app.worker()
+            .queues(["gpu"])
+            .run_until(gpu_stop.clone().cancelled_owned()),
+    );
+    common::wait_for("registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 2
+    })
+    .await;
+
+    let run = app.start("parent", &7_i64).await.unwrap();
+    let out: String = app.result(run).await.unwrap();
+    assert_eq!(out, "60/49/64px");
+    let mut ran = effects_of(&pool, run).await;
+    ran.sort();
+    assert_eq!(
+        ran,
+        ["part1", "part2", "part3", "resize"],
+        "each ran once across the replays"
+    );
+    let kinds: Vec<(String, String)> = sqlx::query_as("select key, kind from cairn.run_steps($1)")
+        .bind(run)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let kinds: Vec<(&str, &str)> = kinds
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("part1#1", "step"),
+            ("part2#1", "step"),
+            ("part3#1", "step"),
+            ("child:square#1", "child"),
+            ("task:gpu#1", "task"),
+        ]
+    );
+    let children = common::scalar_i64(
+        &pool,
+        "select count(*) from cairn.runs where parent_run is not null",
+    )
+    .await;
+    assert_eq!(children, 1);
+
+    flows.stop().await;
+    gpu_stop.cancel();
+    gpu.await.unwrap().unwrap();
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_failed_child_fails_the_parents_step_and_cancel_cascades(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.workflow("boom", |_ctx: WorkflowContext, _: ()| async move {
+        Err::<(), _>(HandlerError::fatal("child exploded"))
+    })
+    .unwrap();
+    app.workflow("forever", |ctx: WorkflowContext, _: ()| async move {
+        let _: Option<()> = ctx.wait_for_signal("never", None).await?;
+        Ok(())
+    })
+    .unwrap();
+    app.workflow(
+        "parent_of",
+        |ctx: WorkflowContext, child: String| async move {
+            match ctx.child::<_, ()>(&child, &()).await {
+                Ok(()) => Ok("ok".to_string()),
+                // The saga pattern: the parent sees the failure and compensates.
+                Err(e) => Ok(format!("compensated after: {e}")),
+            }
+        },
+    )
+    .unwrap();
+    let worker = Worker::start(&app);
+    common::wait_for("registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 3
+    })
+    .await;
+
+    let run = app.start("parent_of", &"boom").await.unwrap();
+    let out: String = app.result(run).await.unwrap();
+    assert!(
+        out.starts_with("compensated after: step child:boom#1 failed: child run"),
+        "{out}"
+    );
+    assert!(out.ends_with("failed: child exploded"), "{out}");
+
+    let unknown = app.start("parent_of", &"no_such_child").await.unwrap();
+    let out: String = app.result(unknown).await.unwrap();
+    assert!(out.contains("unknown workflow \"no_such_child\""), "{out}");
+
+    let parent = app.start("parent_of", &"forever").await.unwrap();
+    common::wait_for("the child to wait", Duration::from_secs(10), || async {
+        common::scalar_i64(
+            &pool,
+            "select count(*) from cairn.runs where workflow = 'forever' and status = 'waiting'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        app.cancel_run(parent).await.unwrap(),
+        2,
+        "the parent and its child"
+    );
+    let cancelled: i64 = sqlx::query_scalar(
+        "select count(*) from cairn.runs where (id = $1 or parent_run = $1) and status = 'cancelled'",
+    )
+    .bind(parent)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(cancelled, 2);
+    assert!(matches!(
+        app.result::<String>(parent).await,
+        Err(Error::RunCancelled(_))
+    ));
+    worker.stop().await;
+}

@@ -20,11 +20,13 @@ const WRITE_ATTEMPTS: u32 = 5;
 
 /// A finished attempt, to be written back.
 pub(super) enum Settle {
-    /// Succeeded; the output is kept when the task archives.
+    /// Succeeded. The output, when there is one, goes to the archive (if
+    /// the task archives) and to the workflow step waiting for it.
     Done {
         id: i64,
         lease: i64,
         output: Option<String>,
+        archive: bool,
     },
     /// Failed; try again after `delay`.
     Retry {
@@ -94,36 +96,47 @@ pub(super) async fn run(
 /// Writes one batch: acks and archives as one call each, retries and dead
 /// letters one call per job (they are the rare path).
 async fn flush(pool: &PgPool, batch: &[Settle], counters: &Counters) -> Result<()> {
-    let (mut ack_ids, mut ack_leases) = (Vec::new(), Vec::new());
-    let (mut arc_ids, mut arc_leases, mut outputs) = (Vec::new(), Vec::new(), Vec::new());
+    // Three kinds of success, one call each: plain acks (the hot path),
+    // acks that hand an output to a workflow step, and archives.
+    let mut plain = Group::default();
+    let mut with_output = Group::default();
+    let mut archived = Group::default();
     for s in batch {
-        if let Settle::Done { id, lease, output } = s {
-            match output {
-                None => {
-                    ack_ids.push(*id);
-                    ack_leases.push(*lease);
-                }
-                Some(_) => {
-                    arc_ids.push(*id);
-                    arc_leases.push(*lease);
-                    outputs.push(output.clone());
-                }
-            }
+        if let Settle::Done {
+            id,
+            lease,
+            output,
+            archive,
+        } = s
+        {
+            let group = match (archive, output) {
+                (true, _) => &mut archived,
+                (false, Some(_)) => &mut with_output,
+                (false, None) => &mut plain,
+            };
+            group.push(*id, *lease, output.clone());
         }
     }
     let mut done = 0;
     let mut refused = 0;
-    if !ack_ids.is_empty() {
-        let acked = db::ack(pool, &ack_ids, &ack_leases).await?.len();
-        done += acked;
-        refused += ack_ids.len() - acked;
-    }
-    if !arc_ids.is_empty() {
-        let archived = db::archive(pool, &arc_ids, &arc_leases, &outputs)
-            .await?
-            .len();
-        done += archived;
-        refused += arc_ids.len() - archived;
+    for (group, call) in [
+        (&plain, Call::Ack),
+        (&with_output, Call::AckWithOutputs),
+        (&archived, Call::Archive),
+    ] {
+        if group.ids.is_empty() {
+            continue;
+        }
+        let n = match call {
+            Call::Ack => db::ack(pool, &group.ids, &group.leases).await?,
+            Call::AckWithOutputs => {
+                db::ack_with_outputs(pool, &group.ids, &group.leases, &group.outputs).await?
+            }
+            Call::Archive => db::archive(pool, &group.ids, &group.leases, &group.outputs).await?,
+        }
+        .len();
+        done += n;
+        refused += group.ids.len() - n;
     }
     for s in batch {
         match s {
@@ -161,4 +174,27 @@ async fn flush(pool: &PgPool, batch: &[Settle], counters: &Counters) -> Result<(
             .fetch_add(refused as u64, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// Parallel arrays for one array call.
+#[derive(Default)]
+struct Group {
+    ids: Vec<i64>,
+    leases: Vec<i64>,
+    outputs: Vec<Option<String>>,
+}
+
+impl Group {
+    fn push(&mut self, id: i64, lease: i64, output: Option<String>) {
+        self.ids.push(id);
+        self.leases.push(lease);
+        self.outputs.push(output);
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Call {
+    Ack,
+    AckWithOutputs,
+    Archive,
 }

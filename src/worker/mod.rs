@@ -508,10 +508,13 @@ impl Worker {
             queue: plan.name.clone(),
             task: reg.name.clone(),
             attempt,
+            parent_run: job.parent_run,
             cancel: cancel.clone(),
         };
         let (id, lease) = (job.id, job.lease);
-        let run = AssertUnwindSafe(handler(job.payload, ctx)).catch_unwind();
+        let archive = reg.archive;
+        let run =
+            AssertUnwindSafe(handler(job.payload, ctx, job.parent_run.is_some())).catch_unwind();
         let in_flight = Arc::clone(&self.in_flight);
         // Registered before the task can finish: the entry is in place when
         // the task marks it settled, and the completer removes it.
@@ -528,7 +531,12 @@ impl Worker {
                 r.abort = None; // settling now: shutdown must not release it
             }
             let outcome = match result {
-                Ok(output) => Settle::Done { id, lease, output },
+                Ok(output) => Settle::Done {
+                    id,
+                    lease,
+                    output,
+                    archive,
+                },
                 Err(err) => decide(id, lease, attempt, &reg, err),
             };
             let _ = settle.send(outcome);

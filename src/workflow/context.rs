@@ -380,6 +380,109 @@ impl WorkflowContext {
             })
     }
 
+    /// Starts a child run of `workflow` and waits durably for its output.
+    /// The child is started once (a replay finds it); if it fails or is
+    /// cancelled, this returns [`StepError::Failed`]. Cancelling the parent
+    /// cancels the child.
+    pub async fn child<I: Serialize, O: DeserializeOwned>(
+        &self,
+        workflow: &str,
+        input: &I,
+    ) -> Result<O, StepError> {
+        let Some(slot) = self.slot(&format!("child:{workflow}")) else {
+            return std::future::pending().await;
+        };
+        if let Some(known) = self.known_outcome(&slot) {
+            return self.settled(slot, Ok(known), "a child run").await;
+        }
+        let input = serde_json::to_string(input).map_err(|e| StepError::Decode {
+            step: slot.key.clone(),
+            message: format!("cannot serialize the child's input: {e}"),
+        })?;
+        let at = self.inner.at;
+        let started =
+            db::start_child(&self.inner.pool, at, &slot.key, slot.seq, workflow, &input).await;
+        self.settled(slot, started, "starting a child run").await
+    }
+
+    /// A step that runs as a job of task `T` on `T::QUEUE`, on any worker
+    /// serving that queue (a GPU box, say), while this run waits durably. The
+    /// job retries by `T`'s policy; its output comes back here, and if it is
+    /// dead-lettered this returns [`StepError::Failed`].
+    pub async fn task<T>(&self, job: &T) -> Result<T::Output, StepError>
+    where
+        T: crate::Task,
+        T::Output: DeserializeOwned,
+    {
+        let Some(slot) = self.slot(&format!("task:{}", T::NAME)) else {
+            return std::future::pending().await;
+        };
+        if let Some(known) = self.known_outcome(&slot) {
+            return self.settled(slot, Ok(known), "a step job").await;
+        }
+        let payload = serde_json::to_string(job).map_err(|e| StepError::Decode {
+            step: slot.key.clone(),
+            message: format!("cannot serialize the task's arguments: {e}"),
+        })?;
+        let at = self.inner.at;
+        let started = db::start_task_step(
+            &self.inner.pool,
+            at,
+            &slot.key,
+            slot.seq,
+            T::QUEUE,
+            T::NAME,
+            &payload,
+        )
+        .await;
+        self.settled(slot, started, "starting a step job").await
+    }
+
+    /// What the checkpoints loaded with the run already say about a child
+    /// or step job, sparing a round trip on replay.
+    fn known_outcome(&self, slot: &Slot<'_>) -> Option<db::Started> {
+        let r = slot.recorded?;
+        let output = r.output.as_ref().map(|o| o.to_string());
+        Some(Some(match r.status.as_str() {
+            "completed" => (true, output, None),
+            "failed" => (true, None, Some(r.error.clone().unwrap_or_default())),
+            _ => (false, None, None),
+        }))
+    }
+
+    /// The outcome of a child run or step job: its output, its failure, or
+    /// a durable wait while it runs.
+    async fn settled<O: DeserializeOwned>(
+        &self,
+        slot: Slot<'_>,
+        started: crate::Result<db::Started>,
+        what: &str,
+    ) -> Result<O, StepError> {
+        match started {
+            Ok(Some((true, output, None))) => {
+                serde_json::from_str(output.as_deref().unwrap_or("null")).map_err(|e| {
+                    StepError::Decode {
+                        step: slot.key,
+                        message: format!("output does not fit the expected type: {e}"),
+                    }
+                })
+            }
+            Ok(Some((true, _, Some(error)))) => Err(StepError::Failed {
+                step: slot.key,
+                message: error,
+            }),
+            Ok(Some((false, _, _))) => {
+                self.park(Halt::Suspend {
+                    wake_at: None,
+                    waiting: true,
+                })
+                .await
+            }
+            Ok(None) => self.abandon("lease lost", what).await,
+            Err(e) => self.abandon(what, e).await,
+        }
+    }
+
     /// The database's time, recorded once: the same on every replay.
     pub async fn now(&self) -> DateTime<Utc> {
         let now = self.db_now();
