@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- queue
+//! cargo run --release --example bench -- workflow
 //! ```
 //!
 //! Uses a scratch database `cairn_bench` on the server of DATABASE_URL
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use cairn::WorkflowContext;
 use cairn::prelude::*;
 use serde::{Deserialize, Serialize};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
@@ -44,7 +46,8 @@ async fn main() -> Result<(), BoxError> {
     };
     let result = match what.as_str() {
         "queue" => queue(&url).await,
-        other => Err(format!("unknown benchmark {other:?}; try: queue").into()),
+        "workflow" => workflow(&url).await,
+        other => Err(format!("unknown benchmark {other:?}; try: queue, workflow").into()),
     };
     admin
         .execute("drop database if exists cairn_bench with (force)")
@@ -251,4 +254,151 @@ fn ms(d: Duration) -> f64 {
 
 fn redact(url: &str) -> &str {
     url.rsplit_once('@').map_or(url, |(_, host)| host)
+}
+
+/// The workflow reference: bare single-row INSERT transactions, one after
+/// another, from one connection. Returns (transactions/s, mean µs).
+async fn insert_reference(pool: &PgPool, n: usize) -> Result<(f64, f64), BoxError> {
+    sqlx::query("create table if not exists bench_insert (id bigserial primary key, v int)")
+        .execute(pool)
+        .await?;
+    let mut conn = pool.acquire().await?;
+    let start = Instant::now();
+    for i in 0..n {
+        sqlx::query("insert into bench_insert (v) values ($1)")
+            .bind(i as i32)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let secs = secs(start);
+    Ok((n as f64 / secs, secs * 1e6 / n as f64))
+}
+
+/// Committed transactions in this database so far. Backends report them
+/// when they exit (or at most once a second), so measure with a pool that is
+/// closed before reading.
+async fn commits(pool: &PgPool) -> Result<i64, BoxError> {
+    sqlx::query("select pg_stat_clear_snapshot()")
+        .execute(pool)
+        .await?;
+    Ok(sqlx::query_scalar(
+        "select xact_commit from pg_stat_database where datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// An app with the benchmark's workflows: `zero` (no step) and `three`.
+async fn workflow_app(url: &str) -> Result<App, BoxError> {
+    let app = App::builder()
+        .database_url(url)
+        .max_connections(16)
+        .build()
+        .await?;
+    app.workflow(
+        "zero",
+        |_ctx: WorkflowContext, i: usize| async move { Ok(i) },
+    )?;
+    app.workflow("three", |ctx: WorkflowContext, i: usize| async move {
+        let a: usize = ctx.step("one", i, |i| async move { Ok(i + 1) }).await?;
+        let b: usize = ctx.step("two", a, |i| async move { Ok(i + 1) }).await?;
+        let c: usize = ctx.step("three", b, |i| async move { Ok(i + 1) }).await?;
+        Ok(c)
+    })?;
+    Ok(app)
+}
+
+/// Starts `n` runs of `workflow`, then times a worker (with a pool of its
+/// own) draining them. Returns (runs/s, seconds, the worker's committed
+/// transactions, its claims).
+async fn drain_runs(
+    url: &str,
+    app: &App,
+    workflow: &str,
+    n: usize,
+    concurrency: usize,
+) -> Result<(f64, f64, i64, u64), BoxError> {
+    let pool = app.pool().clone();
+    for i in 0..n {
+        app.start(workflow, &i).await?;
+    }
+    sqlx::query("vacuum analyze cairn.jobs")
+        .execute(&pool)
+        .await?;
+    let worker_app = workflow_app(url).await?;
+    let before = commits(&pool).await?;
+    let stop = Arc::new(Notify::new());
+    let worker = {
+        let stop = stop.clone();
+        let w = worker_app
+            .worker()
+            .queues(["workflows"])
+            .concurrency(concurrency);
+        tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
+    };
+    let start = Instant::now();
+    let mut polls = 0;
+    while sqlx::query_scalar::<_, bool>("select exists (select from cairn.jobs)")
+        .fetch_one(&pool)
+        .await?
+    {
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = secs(start);
+    stop.notify_one();
+    let stats = worker.await??;
+    worker_app.pool().close().await;
+    // Give the closed backends a moment to exit and report.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = commits(&pool).await?;
+    // This pool's polls and the before-reading are not the worker's.
+    let worker_txns = after - before - polls - 2;
+    Ok((n as f64 / elapsed, elapsed, worker_txns, stats.claims))
+}
+
+async fn workflow(url: &str) -> Result<(), BoxError> {
+    let app = workflow_app(url).await?;
+    app.initialize().await?;
+    let pool = app.pool().clone();
+    // Register the workflows (a worker does it when it starts).
+    app.worker()
+        .queues(["workflows"])
+        .run_until(async {})
+        .await?;
+
+    println!("cairn workflow benchmark (PostgreSQL at {})", redact(url));
+    let (ref_rate, ref_us) = insert_reference(&pool, 5_000).await?;
+    println!(
+        "{:<48} {ref_rate:>9.0} /s   ({ref_us:.0} µs each)",
+        "reference: single-row INSERT transactions"
+    );
+    for (concurrency, n) in [(1, 500), (64, 5_000)] {
+        let (zero_rate, zero_s, zero_txns, _) =
+            drain_runs(url, &app, "zero", n, concurrency).await?;
+        let (rate, three_s, txns, claims) = drain_runs(url, &app, "three", n, concurrency).await?;
+        println!(
+            "{:<48} {rate:>9.0} /s   {:>6.2} x reference",
+            format!("3-step no-op runs, concurrency {concurrency}"),
+            rate / ref_rate
+        );
+        let per_step_us = (three_s - zero_s) * 1e6 / (3 * n) as f64;
+        println!(
+            "{:<48} {per_step_us:>9.0} µs  {:>6.2} x a bare INSERT   ({zero_rate:.0} 0-step runs/s)",
+            "  per-step overhead (3-step minus 0-step)",
+            per_step_us / ref_us
+        );
+        println!(
+            "{:<48} {:>9.2}      ({:.2} per run; {:.2} per 0-step run; {claims} claims)",
+            "  round trips per step (3-step minus 0-step runs)",
+            (txns - zero_txns) as f64 / (3 * n) as f64,
+            txns as f64 / n as f64,
+            zero_txns as f64 / n as f64
+        );
+    }
+    println!(
+        "(a step's checkpoint is one call of cairn.checkpoint; a run adds a claim, load_run and complete_run)"
+    );
+    app.pool().close().await;
+    Ok(())
 }

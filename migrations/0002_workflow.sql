@@ -46,7 +46,8 @@ create index runs_status_idx on cairn.runs (workflow, status, created_at);
 
 -- Checkpoints, and the run's execution trace. `seq` is the order in
 -- which the workflow first reached each step; a replay must meet the same
--- key at the same seq (position).
+-- key at the same seq (position), which the worker checks against the
+-- checkpoints it loaded.
 create table cairn.steps (
     run_id      uuid not null references cairn.runs (id) on delete cascade,
     key         text not null,
@@ -63,7 +64,6 @@ create table cairn.steps (
     primary key (run_id, key)
 );
 
-create unique index steps_seq_idx on cairn.steps (run_id, seq);
 
 -- Signals delivered to runs. A signal waits here until a wait consumes it,
 -- so one sent before the run waits is not lost.

@@ -165,6 +165,8 @@ begin
     if not cairn.hold_run(run_id, job_id, lease) then
         return;
     end if;
+    -- Only a status change: losing it in a crash is harmless.
+    perform pg_catalog.set_config('synchronous_commit', 'off', true);
     update cairn.runs r
        set status = 'running', started_at = coalesce(r.started_at, v_now), updated_at = v_now,
            wake_pending = false
@@ -180,29 +182,40 @@ begin
       from cairn.runs r where r.id = load_run.run_id;
 end $$;
 
--- Record a step's outcome; returns the database time (NULL if the lease is
--- lost). A completed checkpoint is never overwritten.
+-- Record a step's outcome. A completed step is never overwritten: if one is
+-- already recorded (a worker that lost its lease got there first), the
+-- recorded outcome is returned and the caller must use it. Returns
+-- (database time, recorded status, recorded output, recorded error); no row
+-- if the lease no longer holds the run.
 create or replace function cairn.checkpoint(
     run_id   uuid,
     job_id   bigint,
     lease    bigint,
     key      text,
-    seq integer,
+    seq      integer,
     kind     text,
     status   text,
     input    jsonb,
     output   jsonb,
     error    text,
     attempts integer)
-returns timestamptz
+returns table (db_now timestamptz, status_now text, output_now jsonb, error_now text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_now timestamptz := cairn.now();
 begin
-    if not cairn.hold_run(run_id, job_id, lease) then
-        return null;
+    -- A read, not hold_run's row lock (a WAL-logged write on every step):
+    -- completed steps are immutable and the first writer wins, so a worker
+    -- that loses its lease between this check and the insert can only
+    -- record what the new holder then adopts; every state change after a
+    -- step (suspend, complete, fail) is locked and fenced.
+    perform 1 from cairn.jobs j
+     where j.id = checkpoint.job_id and j.lease = checkpoint.lease
+       and j.payload ->> 'run_id' = checkpoint.run_id::text;
+    if not found then
+        return;
     end if;
     insert into cairn.steps as s (run_id, key, seq, kind, status, input, output, error,
                                   attempts, started_at, finished_at)
@@ -213,7 +226,9 @@ begin
        set status = excluded.status, output = excluded.output, error = excluded.error,
            attempts = excluded.attempts, finished_at = excluded.finished_at
      where s.status <> 'completed';
-    return v_now;
+    return query
+    select v_now, s.status, s.output, s.error from cairn.steps s
+     where s.run_id = checkpoint.run_id and s.key = checkpoint.key;
 end $$;
 
 -- A durable sleep (or a timestamp recorded once): the first call records the

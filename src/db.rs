@@ -345,14 +345,25 @@ pub(crate) struct Checkpoint<'a> {
     pub attempts: i32,
 }
 
-/// Returns the database time, or `None` when the lease was lost.
+/// What a checkpoint left recorded: the database time, and the step's
+/// status, output and error as stored (another writer's, if it won).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Recorded {
+    pub db_now: DateTime<Utc>,
+    pub status_now: String,
+    pub output_now: Option<String>,
+    pub error_now: Option<String>,
+}
+
+/// `None` when the lease was lost.
 pub(crate) async fn checkpoint(
     db: &PgPool,
     at: RunLease,
     c: Checkpoint<'_>,
-) -> Result<Option<DateTime<Utc>>> {
-    sqlx::query_scalar(
-        "select cairn.checkpoint($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11)",
+) -> Result<Option<Recorded>> {
+    sqlx::query_as(
+        "select db_now, status_now, output_now::text as output_now, error_now \
+         from cairn.checkpoint($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11)",
     )
     .bind(at.run)
     .bind(at.job)
@@ -365,7 +376,7 @@ pub(crate) async fn checkpoint(
     .bind(c.output)
     .bind(c.error)
     .bind(c.attempts)
-    .fetch_one(db)
+    .fetch_optional(db)
     .await
     .db("writing a checkpoint")
 }

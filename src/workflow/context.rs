@@ -528,7 +528,11 @@ impl WorkflowContext {
             attempts: 1,
         };
         match db::checkpoint(&self.inner.pool, at, c).await {
-            Ok(Some(_)) => value,
+            // Another writer's value, if it got there first.
+            Ok(Some(r)) => r
+                .output_now
+                .and_then(|o| serde_json::from_str(&o).ok())
+                .unwrap_or(value),
             Ok(None) => self.abandon("lease lost", "recording a value").await,
             Err(e) => self.abandon("recording a value", e).await,
         }
@@ -653,28 +657,36 @@ impl<'c, I, F> Step<'c, I, F> {
         let written = db::checkpoint(&ctx.inner.pool, ctx.inner.at, c).await;
         ctx.inner.running.fetch_sub(1, Ordering::SeqCst);
         ctx.inner.changed.notify_waiters();
-        let db_now = match written {
-            Ok(Some(t)) => t,
+        let recorded = match written {
+            Ok(Some(r)) => r,
             Ok(None) => return ctx.abandon("lease lost", "writing a checkpoint").await,
             Err(e) => return ctx.abandon("writing a checkpoint", e).await,
         };
-        match (status, outcome) {
-            ("completed", Ok(out)) => Ok(out),
-            ("retrying", Err(e)) => {
-                let delay = match e.kind() {
-                    HandlerErrorKind::RetryAfter(d) => d,
-                    _ => self.policy.jittered_delay_after(attempt),
+        // What is recorded is what the run has seen, even if another writer
+        // got there first: the stored outcome wins over this attempt's.
+        match recorded.status_now.as_str() {
+            "completed" => serde_json::from_str(recorded.output_now.as_deref().unwrap_or("null"))
+                .map_err(|e| StepError::Decode {
+                    step: slot.key,
+                    message: format!("recorded output does not fit the expected type: {e}"),
+                }),
+            "retrying" => {
+                let delay = match outcome {
+                    Err(e) => match e.kind() {
+                        HandlerErrorKind::RetryAfter(d) => d,
+                        _ => self.policy.jittered_delay_after(attempt),
+                    },
+                    Ok(_) => self.policy.jittered_delay_after(attempt),
                 };
-                let wake = db_now + delay;
                 ctx.park(Halt::Suspend {
-                    wake_at: Some(wake),
+                    wake_at: Some(recorded.db_now + delay),
                     waiting: false,
                 })
                 .await
             }
             _ => Err(StepError::Failed {
                 step: slot.key,
-                message: error.unwrap_or_default(),
+                message: recorded.error_now.unwrap_or_default(),
             }),
         }
     }
