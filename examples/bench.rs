@@ -274,15 +274,18 @@ async fn insert_reference(pool: &PgPool, n: usize) -> Result<(f64, f64), BoxErro
     Ok((n as f64 / secs, secs * 1e6 / n as f64))
 }
 
-/// Committed transactions in this database so far. Backends report them
-/// when they exit (or at most once a second), so measure with a pool that is
-/// closed before reading.
-async fn commits(pool: &PgPool) -> Result<i64, BoxError> {
+/// The worker's round trips so far: calls of the functions a worker calls
+/// directly (needs `track_functions = 'pl'`, set on the bench database).
+/// Backends report on exit, so measure with a pool that is closed first.
+async fn worker_calls(pool: &PgPool) -> Result<i64, BoxError> {
     sqlx::query("select pg_stat_clear_snapshot()")
         .execute(pool)
         .await?;
     Ok(sqlx::query_scalar(
-        "select xact_commit from pg_stat_database where datname = current_database()",
+        "select coalesce(sum(calls), 0)::bigint from pg_stat_user_functions
+          where schemaname = 'cairn'
+            and funcname in ('claim', 'load_run', 'checkpoint', 'sleep_step', 'await_signal',
+                             'suspend_run', 'complete_run', 'fail_run', 'extend', 'ack')",
     )
     .fetch_one(pool)
     .await?)
@@ -309,15 +312,14 @@ async fn workflow_app(url: &str) -> Result<App, BoxError> {
 }
 
 /// Starts `n` runs of `workflow`, then times a worker (with a pool of its
-/// own) draining them. Returns (runs/s, seconds, the worker's committed
-/// transactions, its claims).
+/// own) draining them. Returns (runs/s, seconds, the worker's round trips).
 async fn drain_runs(
     url: &str,
     app: &App,
     workflow: &str,
     n: usize,
     concurrency: usize,
-) -> Result<(f64, f64, i64, u64), BoxError> {
+) -> Result<(f64, f64, i64), BoxError> {
     let pool = app.pool().clone();
     for i in 0..n {
         app.start(workflow, &i).await?;
@@ -326,7 +328,7 @@ async fn drain_runs(
         .execute(&pool)
         .await?;
     let worker_app = workflow_app(url).await?;
-    let before = commits(&pool).await?;
+    let before = worker_calls(&pool).await?;
     let stop = Arc::new(Notify::new());
     let worker = {
         let stop = stop.clone();
@@ -337,30 +339,34 @@ async fn drain_runs(
         tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
     };
     let start = Instant::now();
-    let mut polls = 0;
     while sqlx::query_scalar::<_, bool>("select exists (select from cairn.jobs)")
         .fetch_one(&pool)
         .await?
     {
-        polls += 1;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = secs(start);
     stop.notify_one();
-    let stats = worker.await??;
+    worker.await??;
     worker_app.pool().close().await;
-    // Give the closed backends a moment to exit and report.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = commits(&pool).await?;
-    // This pool's polls and the before-reading are not the worker's.
-    let worker_txns = after - before - polls - 2;
-    Ok((n as f64 / elapsed, elapsed, worker_txns, stats.claims))
+    // The closed backends report their counts as they exit.
+    let mut after = worker_calls(&pool).await?;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = worker_calls(&pool).await?;
+        if now == after {
+            break;
+        }
+        after = now;
+    }
+    Ok((n as f64 / elapsed, elapsed, after - before))
 }
 
 async fn workflow(url: &str) -> Result<(), BoxError> {
     let app = workflow_app(url).await?;
     app.initialize().await?;
     let pool = app.pool().clone();
+
     // Register the workflows (a worker does it when it starts).
     app.worker()
         .queues(["workflows"])
@@ -374,9 +380,8 @@ async fn workflow(url: &str) -> Result<(), BoxError> {
         "reference: single-row INSERT transactions"
     );
     for (concurrency, n) in [(1, 500), (64, 5_000)] {
-        let (zero_rate, zero_s, zero_txns, _) =
-            drain_runs(url, &app, "zero", n, concurrency).await?;
-        let (rate, three_s, txns, claims) = drain_runs(url, &app, "three", n, concurrency).await?;
+        let (zero_rate, zero_s, _) = drain_runs(url, &app, "zero", n, concurrency).await?;
+        let (rate, three_s, _) = drain_runs(url, &app, "three", n, concurrency).await?;
         println!(
             "{:<48} {rate:>9.0} /s   {:>6.2} x reference",
             format!("3-step no-op runs, concurrency {concurrency}"),
@@ -388,16 +393,24 @@ async fn workflow(url: &str) -> Result<(), BoxError> {
             "  per-step overhead (3-step minus 0-step)",
             per_step_us / ref_us
         );
-        println!(
-            "{:<48} {:>9.2}      ({:.2} per run; {:.2} per 0-step run; {claims} claims)",
-            "  round trips per step (3-step minus 0-step runs)",
-            (txns - zero_txns) as f64 / (3 * n) as f64,
-            txns as f64 / n as f64,
-            zero_txns as f64 / n as f64
-        );
     }
+    // Round trips, counted by Postgres in a separate, untimed pass: counting
+    // function calls (track_functions) slows every call down.
+    sqlx::query("alter database cairn_bench set track_functions = 'pl'")
+        .execute(&pool)
+        .await?;
+    let n = 300;
+    let (_, _, zero_calls) = drain_runs(url, &app, "zero", n, 16).await?;
+    let (_, _, three_calls) = drain_runs(url, &app, "three", n, 16).await?;
     println!(
-        "(a step's checkpoint is one call of cairn.checkpoint; a run adds a claim, load_run and complete_run)"
+        "{:<48} {:>9.2}      ({:.2} per 3-step run, {:.2} per 0-step run, claims included)",
+        "round trips (SQL calls) per step",
+        (three_calls - zero_calls) as f64 / (3 * n) as f64,
+        three_calls as f64 / n as f64,
+        zero_calls as f64 / n as f64
+    );
+    println!(
+        "(a step is one call of cairn.checkpoint; a run adds its claim, load_run and complete_run)"
     );
     app.pool().close().await;
     Ok(())

@@ -206,29 +206,37 @@ as $$
 declare
     v_now timestamptz := cairn.now();
 begin
-    -- A read, not hold_run's row lock (a WAL-logged write on every step):
-    -- completed steps are immutable and the first writer wins, so a worker
-    -- that loses its lease between this check and the insert can only
-    -- record what the new holder then adopts; every state change after a
-    -- step (suspend, complete, fail) is locked and fenced.
-    perform 1 from cairn.jobs j
-     where j.id = checkpoint.job_id and j.lease = checkpoint.lease
-       and j.payload ->> 'run_id' = checkpoint.run_id::text;
-    if not found then
-        return;
-    end if;
+    -- One statement in the common case. The lease is checked with a read,
+    -- not hold_run's row lock (a WAL-logged write on every step): completed
+    -- steps are immutable and the first writer wins, so a worker that loses
+    -- its lease between the check and the insert can only record what the
+    -- new holder then adopts; every state change after a step (suspend,
+    -- complete, fail) is locked and fenced.
+    return query
     insert into cairn.steps as s (run_id, key, seq, kind, status, input, output, error,
                                   attempts, started_at, finished_at)
-    values (checkpoint.run_id, checkpoint.key, checkpoint.seq, checkpoint.kind, checkpoint.status,
-            checkpoint.input, checkpoint.output, left(checkpoint.error, 4096), checkpoint.attempts,
-            v_now, case when checkpoint.status in ('completed', 'failed') then v_now end)
+    select checkpoint.run_id, checkpoint.key, checkpoint.seq, checkpoint.kind, checkpoint.status,
+           checkpoint.input, checkpoint.output, left(checkpoint.error, 4096), checkpoint.attempts,
+           v_now, case when checkpoint.status in ('completed', 'failed') then v_now end
+     where exists (select from cairn.jobs j
+                    where j.id = checkpoint.job_id and j.lease = checkpoint.lease
+                      and j.payload ->> 'run_id' = checkpoint.run_id::text)
     on conflict on constraint steps_pkey do update
        set status = excluded.status, output = excluded.output, error = excluded.error,
            attempts = excluded.attempts, finished_at = excluded.finished_at
-     where s.status <> 'completed';
-    return query
-    select v_now, s.status, s.output, s.error from cairn.steps s
-     where s.run_id = checkpoint.run_id and s.key = checkpoint.key;
+     where s.status <> 'completed'
+    returning v_now, s.status, s.output, s.error;
+    if found then
+        return;
+    end if;
+    -- Nothing written: the lease is lost, or the step was already completed
+    -- (by a worker that lost its lease); report the recorded outcome.
+    if exists (select from cairn.jobs j
+                where j.id = checkpoint.job_id and j.lease = checkpoint.lease) then
+        return query
+        select v_now, s.status, s.output, s.error from cairn.steps s
+         where s.run_id = checkpoint.run_id and s.key = checkpoint.key;
+    end if;
 end $$;
 
 -- A durable sleep (or a timestamp recorded once): the first call records the
