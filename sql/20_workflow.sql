@@ -155,7 +155,8 @@ comment on function cairn.start_workflow(text, jsonb, text, text, integer, doubl
 -- The run's state for a replay: input, database time, and every checkpoint.
 -- Empty if the lease no longer holds the run's job.
 create or replace function cairn.load_run(run_id uuid, job_id bigint, lease bigint)
-returns table (workflow text, status text, input jsonb, db_now timestamptz, steps jsonb)
+returns table (workflow text, status text, input jsonb, db_now timestamptz, steps jsonb,
+               created_at timestamptz)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -178,7 +179,8 @@ begin
                          'status', s.status, 'output', s.output, 'error', s.error,
                          'attempts', s.attempts, 'wake_at', s.wake_at)
                          order by s.seq)
-                       from cairn.steps s where s.run_id = r.id), '[]'::jsonb)
+                       from cairn.steps s where s.run_id = r.id), '[]'::jsonb),
+           r.created_at
       from cairn.runs r where r.id = load_run.run_id;
 end $$;
 

@@ -15,7 +15,7 @@ use crate::error::{DbContext, Error, HandlerError, Result};
 use crate::migrate::{self, MigrationReport};
 use crate::task::{BoxFuture, JobContext, Registry, Task, validate_queue_name};
 use crate::worker::WorkerBuilder;
-use crate::workflow::{self, WorkflowContext};
+use crate::workflow::{self, WorkflowContext, WorkflowOptions};
 
 /// The handle to a cairn database: migrates it, enqueues jobs, registers
 /// handlers and starts workers. Cheap to clone.
@@ -191,7 +191,8 @@ impl App {
     /// Registers workflow `name`: an async function of a [`WorkflowContext`]
     /// and a serde-typed input, returning a serde-typed output. Its runs go to
     /// the queue `workflows` unless a start names another; serve it with
-    /// `app.worker().queues(["workflows"])`.
+    /// `app.worker().queues(["workflows"])`. See also
+    /// [`workflow_with`](Self::workflow_with).
     ///
     /// ```no_run
     /// # async fn demo(app: cairn::App) -> cairn::Result<()> {
@@ -211,12 +212,32 @@ impl App {
         F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
     {
-        let erased = workflow::erase(name, f);
+        self.workflow_with(name, WorkflowOptions::default(), f)
+    }
+
+    /// [`workflow`](Self::workflow) with options: its queue, its steps'
+    /// default retry policy and timeout, its maximum run duration.
+    pub fn workflow_with<I, O, F, Fut>(
+        &self,
+        name: &str,
+        options: WorkflowOptions,
+        f: F,
+    ) -> Result<()>
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
+    {
+        let def = workflow::WorkflowDef {
+            run: workflow::erase(name, f),
+            options,
+        };
         self.inner
             .registry
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .register_workflow(name, erased)
+            .register_workflow(name, def)
     }
 
     pub(crate) fn workflows(&self) -> Vec<Arc<crate::task::Registration>> {

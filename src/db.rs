@@ -255,6 +255,7 @@ pub(crate) struct LoadedRun {
     pub input: String,
     pub db_now: DateTime<Utc>,
     pub steps: String,
+    pub created_at: DateTime<Utc>,
 }
 
 /// A run's status, from `cairn.run_status`.
@@ -322,7 +323,7 @@ pub(crate) async fn start_workflow(
 
 pub(crate) async fn load_run(db: &PgPool, at: RunLease) -> Result<Option<LoadedRun>> {
     sqlx::query_as(
-        "select status, input::text as input, db_now, steps::text as steps \
+        "select status, input::text as input, db_now, steps::text as steps, created_at \
          from cairn.load_run($1, $2, $3)",
     )
     .bind(at.run)

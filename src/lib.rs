@@ -57,7 +57,7 @@ pub use retry::{Backoff, RetryPolicy};
 pub use task::{JobContext, Task};
 pub use uuid::Uuid;
 pub use worker::{WorkerBuilder, WorkerStats};
-pub use workflow::{Step, StepError, WORKFLOW_QUEUE, WorkflowContext};
+pub use workflow::{Step, StepError, WORKFLOW_QUEUE, WorkflowContext, WorkflowOptions};
 
 /// The names most programs need: `use cairn::prelude::*;`.
 pub mod prelude {

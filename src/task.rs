@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, HandlerError, Result};
 use crate::retry::RetryPolicy;
-use crate::workflow::{ErasedWorkflow, WORKFLOW_QUEUE};
+use crate::workflow::WorkflowDef;
 
 /// A kind of job: its arguments (the type implementing `Task`), its queue and
 /// name, and how it is retried. Implement it on a serde type and register a
@@ -119,7 +119,7 @@ type ErasedHandler = dyn Fn(String, JobContext, bool) -> BoxFuture<'static, Resu
 /// What runs a job of a registered name.
 pub(crate) enum Handler {
     Task(Arc<ErasedHandler>),
-    Workflow(Arc<ErasedWorkflow>),
+    Workflow(Arc<WorkflowDef>),
 }
 
 /// One registered task or workflow.
@@ -181,16 +181,17 @@ impl Registry {
         Ok(())
     }
 
-    pub fn register_workflow(&mut self, name: &str, workflow: Arc<ErasedWorkflow>) -> Result<()> {
+    pub fn register_workflow(&mut self, name: &str, workflow: WorkflowDef) -> Result<()> {
         self.check_new(name)?;
+        validate_queue_name(&workflow.options.queue)?;
         self.tasks.insert(
             name.to_owned(),
             Arc::new(Registration {
                 name: name.to_owned(),
-                queue: WORKFLOW_QUEUE.to_owned(),
+                queue: workflow.options.queue.clone(),
                 policy: RetryPolicy::default(),
                 archive: false,
-                handler: Handler::Workflow(workflow),
+                handler: Handler::Workflow(Arc::new(workflow)),
             }),
         );
         Ok(())

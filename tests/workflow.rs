@@ -708,3 +708,128 @@ async fn a_failed_child_fails_the_parents_step_and_cancel_cascades(pool: PgPool)
     ));
     worker.stop().await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn now_random_and_uuid_are_the_same_on_every_replay(pool: PgPool) {
+    let app = common::app(&pool).await;
+    sqlx::query("create table seen (t timestamptz, r float8, u uuid)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let db = pool.clone();
+    app.workflow("values", move |ctx: WorkflowContext, _: ()| {
+        let db = db.clone();
+        async move {
+            let (t, r, u) = (ctx.now().await, ctx.random().await, ctx.uuid().await);
+            let d = db.clone();
+            // Runs once: what the first execution saw.
+            ctx.step("record", (t, r, u), move |(t, r, u)| async move {
+                sqlx::query("insert into seen values ($1, $2, $3)")
+                    .bind(t)
+                    .bind(r)
+                    .bind(u)
+                    .execute(&d)
+                    .await?;
+                Ok(())
+            })
+            .await?;
+            ctx.sleep(Duration::from_secs(60)).await;
+            // Reached only by a later replay, which must see the same values.
+            Ok((t, r, u))
+        }
+    })
+    .unwrap();
+    let worker = Worker::start(&app);
+    common::wait_for("registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 1
+    })
+    .await;
+    let run = app.start("values", &()).await.unwrap();
+    wait_status(&app, run, "sleeping").await;
+    advance_clock(&pool, 61.0).await;
+    let (t, r, u): (chrono::DateTime<chrono::Utc>, f64, cairn::Uuid) =
+        app.result(run).await.unwrap();
+    worker.stop().await;
+    let first: (chrono::DateTime<chrono::Utc>, f64, cairn::Uuid) =
+        sqlx::query_as("select t, r, u from seen")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((t, r, u), first);
+    assert!((0.0..1.0).contains(&r));
+}
+
+#[sqlx::test(migrations = false)]
+async fn workflow_options_set_step_defaults_and_a_maximum_duration(pool: PgPool) {
+    let app = common::app(&pool).await;
+    let options = cairn::WorkflowOptions::default()
+        .queue("bounded")
+        .step_retry(
+            RetryPolicy::default()
+                .max_attempts(2)
+                .backoff(Backoff::Fixed(Duration::from_millis(50)))
+                .jitter(0.0),
+        )
+        .step_timeout(Duration::from_millis(100))
+        .max_duration(Duration::from_secs(600));
+    app.workflow_with(
+        "bounded",
+        options.clone(),
+        |ctx: WorkflowContext, slow: bool| async move {
+            if slow {
+                // Each attempt overruns the default timeout; two attempts in all.
+                ctx.step("slow", (), |_| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok(())
+                })
+                .await?;
+            } else {
+                ctx.sleep(Duration::from_secs(3600)).await;
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(
+        app.worker()
+            .queues(["bounded"])
+            .poll_interval(Duration::from_millis(50))
+            .run_until(stop.clone().cancelled_owned()),
+    );
+    common::wait_for("registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 1
+    })
+    .await;
+
+    let slow = app.start("bounded", &true).await.unwrap();
+    let err = app.result::<()>(slow).await.unwrap_err();
+    assert!(
+        matches!(err, Error::RunFailed { ref error, .. } if error.contains("step timed out after 100ms (attempt 2 of 2, giving up)")),
+        "{err}"
+    );
+
+    // A run that would sleep an hour is failed at its ten-minute limit.
+    let sleepy = app.start("bounded", &false).await.unwrap();
+    wait_status(&app, sleepy, "sleeping").await;
+    let wake: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "select wake_at - created_at + '2000-01-01'::timestamptz from cairn.runs where id = $1",
+    )
+    .bind(sleepy)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        wake.timestamp() - 946_684_800,
+        600,
+        "parked until the deadline, not the hour"
+    );
+    advance_clock(&pool, 601.0).await;
+    let err = app.result::<()>(sleepy).await.unwrap_err();
+    assert!(
+        matches!(err, Error::RunFailed { ref error, .. } if error.contains("exceeded its maximum duration of 600s")),
+        "{err}"
+    );
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}

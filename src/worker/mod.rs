@@ -27,7 +27,7 @@ use crate::app::App;
 use crate::db::{self, ClaimedJob};
 use crate::error::{Error, HandlerError, HandlerErrorKind, Result};
 use crate::task::{Handler, JobContext, Registration, validate_queue_name};
-use crate::workflow::{self, ErasedWorkflow, Settled, WORKFLOW_QUEUE};
+use crate::workflow::{self, Settled, WorkflowDef};
 
 use completer::Settle;
 
@@ -132,11 +132,8 @@ impl WorkerBuilder {
         for q in &plan {
             db::create_queue(self.app.pool(), &q.name).await?;
         }
-        let workflows = self.app.workflows();
-        if !workflows.is_empty() {
-            db::create_queue(self.app.pool(), WORKFLOW_QUEUE).await?;
-        }
-        for w in workflows {
+        for w in self.app.workflows() {
+            db::create_queue(self.app.pool(), &w.queue).await?;
             db::register_workflow(self.app.pool(), &w.name, &w.queue).await?;
         }
         Worker::new(self, plan).run(shutdown).await
@@ -560,7 +557,7 @@ impl Worker {
     fn start_run(
         &self,
         reg: &Registration,
-        workflow: Arc<ErasedWorkflow>,
+        workflow: Arc<WorkflowDef>,
         job: ClaimedJob,
         permit: OwnedSemaphorePermit,
     ) {

@@ -117,6 +117,8 @@ struct Inner {
     recorded: HashMap<String, Recorded>,
     by_seq: HashMap<i32, String>,
     state: Mutex<State>,
+    step_retry: RetryPolicy,
+    step_timeout: Option<Duration>,
     /// Inline steps between starting their handler and writing their checkpoint.
     running: AtomicUsize,
     changed: Notify,
@@ -153,6 +155,7 @@ impl WorkflowContext {
         workflow: String,
         db_now: DateTime<Utc>,
         recorded: Vec<Recorded>,
+        options: &super::WorkflowOptions,
     ) -> Self {
         let by_seq = recorded.iter().map(|r| (r.seq, r.key.clone())).collect();
         let recorded = recorded.into_iter().map(|r| (r.key.clone(), r)).collect();
@@ -169,6 +172,8 @@ impl WorkflowContext {
                     occurrences: HashMap::new(),
                     halt: None,
                 }),
+                step_retry: options.step_retry,
+                step_timeout: options.step_timeout,
                 running: AtomicUsize::new(0),
                 changed: Notify::new(),
             }),
@@ -286,8 +291,8 @@ impl WorkflowContext {
             name: name.to_owned(),
             input,
             handler,
-            policy: RetryPolicy::default(),
-            timeout: None,
+            policy: self.inner.step_retry,
+            timeout: self.inner.step_timeout,
         }
     }
 
@@ -483,9 +488,11 @@ impl WorkflowContext {
         }
     }
 
-    /// The database's time, recorded once: the same on every replay.
+    /// The database's time, recorded once: the same on every replay. Like
+    /// Postgres's, its precision is a microsecond.
     pub async fn now(&self) -> DateTime<Utc> {
         let now = self.db_now();
+        let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
         self.value("now", move || now).await
     }
 
@@ -551,15 +558,17 @@ pub struct Step<'c, I, F> {
 }
 
 impl<'c, I, F> Step<'c, I, F> {
-    /// How failures are retried (default [`RetryPolicy::default`]). Each
-    /// retry waits durably: the run is parked for the backoff.
+    /// How failures are retried (default: the workflow's
+    /// [`step_retry`](crate::WorkflowOptions::step_retry)). Each retry waits
+    /// durably: the run is parked for the backoff.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.policy = policy;
         self
     }
 
     /// Cancel an attempt that runs longer than this; it counts as a
-    /// retryable failure (default: no limit).
+    /// retryable failure (default: the workflow's
+    /// [`step_timeout`](crate::WorkflowOptions::step_timeout), else none).
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.timeout = Some(limit);
         self

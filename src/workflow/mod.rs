@@ -5,6 +5,7 @@ mod context;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use serde::Serialize;
@@ -15,6 +16,7 @@ pub use context::{Step, StepError, WorkflowContext};
 
 use crate::db::{self, RunLease};
 use crate::error::HandlerError;
+use crate::retry::RetryPolicy;
 use crate::task::BoxFuture;
 use context::{Halt, Recorded};
 
@@ -25,6 +27,72 @@ pub const WORKFLOW_QUEUE: &str = "workflows";
 pub(crate) type ErasedWorkflow = dyn Fn(WorkflowContext, String) -> BoxFuture<'static, Result<String, HandlerError>>
     + Send
     + Sync;
+
+/// A registered workflow: its function and options.
+pub(crate) struct WorkflowDef {
+    pub run: Arc<ErasedWorkflow>,
+    pub options: WorkflowOptions,
+}
+
+/// Options of a workflow, for [`App::workflow_with`](crate::App::workflow_with).
+///
+/// ```
+/// use cairn::{RetryPolicy, WorkflowOptions};
+/// use std::time::Duration;
+///
+/// let options = WorkflowOptions::default()
+///     .queue("orders")
+///     .step_retry(RetryPolicy::default().max_attempts(3))
+///     .step_timeout(Duration::from_secs(30))
+///     .max_duration(Duration::from_secs(7 * 86_400));
+/// ```
+#[derive(Clone, Debug)]
+pub struct WorkflowOptions {
+    pub(crate) queue: String,
+    pub(crate) step_retry: RetryPolicy,
+    pub(crate) step_timeout: Option<Duration>,
+    pub(crate) max_duration: Option<Duration>,
+}
+
+impl Default for WorkflowOptions {
+    fn default() -> Self {
+        Self {
+            queue: WORKFLOW_QUEUE.to_owned(),
+            step_retry: RetryPolicy::default(),
+            step_timeout: None,
+            max_duration: None,
+        }
+    }
+}
+
+impl WorkflowOptions {
+    /// The queue runs go to unless a start names another (default
+    /// `workflows`).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// The retry policy of steps that do not set their own (default
+    /// [`RetryPolicy::default`]).
+    pub fn step_retry(mut self, policy: RetryPolicy) -> Self {
+        self.step_retry = policy;
+        self
+    }
+
+    /// The timeout of steps that do not set their own (default none).
+    pub fn step_timeout(mut self, limit: Duration) -> Self {
+        self.step_timeout = Some(limit);
+        self
+    }
+
+    /// A run still unfinished this long after it was started fails, whether
+    /// it is running, sleeping or waiting (default: no limit).
+    pub fn max_duration(mut self, limit: Duration) -> Self {
+        self.max_duration = Some(limit);
+        self
+    }
+}
 
 pub(crate) fn erase<I, O, F, Fut>(name: &str, f: F) -> Arc<ErasedWorkflow>
 where
@@ -67,7 +135,7 @@ pub(crate) enum Settled {
 /// how it ended: completed, failed, or parked until its wait ends.
 pub(crate) async fn execute(
     pool: PgPool,
-    workflow: Arc<ErasedWorkflow>,
+    workflow: Arc<WorkflowDef>,
     name: String,
     job: i64,
     lease: i64,
@@ -107,10 +175,34 @@ pub(crate) async fn execute(
         Ok(r) => r,
         Err(e) => return fail(&pool, at, &format!("unreadable checkpoints: {e}")).await,
     };
-    let ctx = WorkflowContext::new(pool.clone(), at, name, loaded.db_now, recorded);
-    let body = AssertUnwindSafe(workflow(ctx.clone(), loaded.input)).catch_unwind();
+    // The deadline, if the workflow has a maximum duration, on the
+    // database clock; `left` is how much of it remains.
+    let deadline = workflow
+        .options
+        .max_duration
+        .map(|max| loaded.created_at + max);
+    let left = deadline.map(|d| (d - loaded.db_now).to_std().unwrap_or(Duration::ZERO));
+    if left == Some(Duration::ZERO) {
+        return fail(&pool, at, &overdue(&workflow.options)).await;
+    }
+    let ctx = WorkflowContext::new(
+        pool.clone(),
+        at,
+        name,
+        loaded.db_now,
+        recorded,
+        &workflow.options,
+    );
+    let body = AssertUnwindSafe((workflow.run)(ctx.clone(), loaded.input)).catch_unwind();
     tokio::pin!(body);
+    let overrun = async {
+        match left {
+            Some(left) => tokio::time::sleep(left).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
+        _ = overrun => fail(&pool, at, &overdue(&workflow.options)).await,
         result = &mut body => {
             // The function returned although a replay check failed (it
             // caught the step's error): the failure stands.
@@ -137,6 +229,11 @@ pub(crate) async fn execute(
             match ctx.take_halt() {
                 Some(Halt::Suspend { wake_at, waiting }) => {
                     let status = if waiting { "waiting" } else { "sleeping" };
+                    // Wake at the deadline at the latest, to be failed then.
+                    let wake_at = match (wake_at, deadline) {
+                        (Some(w), Some(d)) => Some(w.min(d)),
+                        (w, d) => w.or(d),
+                    };
                     match db::suspend_run(&pool, at, wake_at, status).await {
                         Ok(true) => Settled::Suspended,
                         Ok(false) => Settled::Abandoned,
@@ -169,4 +266,11 @@ async fn fail(pool: &PgPool, at: RunLease, error: &str) -> Settled {
             Settled::Abandoned
         }
     }
+}
+
+fn overdue(options: &WorkflowOptions) -> String {
+    format!(
+        "the run exceeded its maximum duration of {:?}",
+        options.max_duration.unwrap_or_default()
+    )
 }
