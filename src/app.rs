@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::db::{self, QueueMetrics, RunStatus};
 use crate::error::{DbContext, Error, HandlerError, Result};
 use crate::migrate::{self, MigrationReport};
+use crate::plugin::{Plugin, Plugins};
 use crate::task::{BoxFuture, JobContext, Registry, Task, validate_queue_name};
 use crate::worker::WorkerBuilder;
 use crate::workflow::{self, WorkflowContext, WorkflowOptions};
@@ -27,6 +28,7 @@ pub struct App {
 struct Inner {
     pool: PgPool,
     registry: RwLock<Registry>,
+    plugins: RwLock<Vec<Arc<dyn Plugin>>>,
 }
 
 /// Builds an [`App`]: give it a database URL or an existing pool.
@@ -84,6 +86,7 @@ impl AppBuilder {
             inner: Arc::new(Inner {
                 pool,
                 registry: RwLock::new(Registry::default()),
+                plugins: RwLock::new(Vec::new()),
             }),
         })
     }
@@ -352,6 +355,26 @@ impl App {
             delay: Duration::ZERO,
             priority: 0,
         })
+    }
+
+    /// Adds a plugin; its hooks run after those of plugins added before.
+    /// Workers started afterwards call it.
+    pub fn plugin(&self, plugin: impl Plugin) {
+        self.inner
+            .plugins
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Arc::new(plugin));
+    }
+
+    pub(crate) fn plugins(&self) -> Plugins {
+        Plugins::new(
+            self.inner
+                .plugins
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
+        )
     }
 
     /// A worker over this app's registered tasks; see [`WorkerBuilder`].

@@ -44,6 +44,7 @@ mod app;
 mod db;
 mod error;
 mod migrate;
+mod plugin;
 mod retry;
 mod task;
 mod worker;
@@ -53,6 +54,9 @@ pub use app::{App, AppBuilder, Enqueue, EnqueueBatch, Start};
 pub use db::{QueueMetrics, RunStatus};
 pub use error::{Error, HandlerError, HandlerErrorKind, Result, ResultExt};
 pub use migrate::{MigrationReport, latest_version};
+pub use plugin::{
+    FailureInfo, LoggingPlugin, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent,
+};
 pub use retry::{Backoff, RetryPolicy};
 pub use task::{JobContext, Task};
 pub use uuid::Uuid;

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::FutureExt;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::db::{self, ClaimedJob};
 use crate::error::{Error, HandlerError, HandlerErrorKind, Result};
+use crate::plugin::{FailureInfo, Plugins, TaskEvent};
 use crate::task::{Handler, JobContext, Registration, validate_queue_name};
 use crate::workflow::{self, Settled, WorkflowDef};
 
@@ -279,10 +280,12 @@ struct Worker {
     shutdown_timeout: Duration,
     in_flight: Arc<InFlight>,
     counters: Arc<Counters>,
+    plugins: Plugins,
 }
 
 impl Worker {
     fn new(b: WorkerBuilder, queues: Vec<QueuePlan>) -> Self {
+        let plugins = b.app.plugins();
         Self {
             app: b.app,
             queues,
@@ -292,6 +295,7 @@ impl Worker {
             shutdown_timeout: b.shutdown_timeout,
             in_flight: Arc::default(),
             counters: Arc::default(),
+            plugins,
         }
     }
 
@@ -497,7 +501,9 @@ impl Worker {
 
         let handler = match &reg.handler {
             Handler::Task(h) => Arc::clone(h),
-            Handler::Workflow(w) => return self.start_run(&reg, Arc::clone(w), job, permit),
+            Handler::Workflow(w) => {
+                return self.start_run(&plan.name, &reg, Arc::clone(w), job, permit);
+            }
         };
         let cancel = CancellationToken::new();
         let ctx = JobContext {
@@ -510,6 +516,18 @@ impl Worker {
         };
         let (id, lease) = (job.id, job.lease);
         let archive = reg.archive;
+        let plugins = self.plugins.clone();
+        let mut event = TaskEvent {
+            job_id: id,
+            task: reg.name.clone(),
+            queue: plan.name.clone(),
+            attempt,
+            parent_run: job.parent_run,
+            started: SystemTime::now(),
+            elapsed: Duration::ZERO,
+        };
+        plugins.each("before_task", |p| p.before_task(&event));
+        let clock = Instant::now();
         let run =
             AssertUnwindSafe(handler(job.payload, ctx, job.parent_run.is_some())).catch_unwind();
         let in_flight = Arc::clone(&self.in_flight);
@@ -536,6 +554,17 @@ impl Worker {
                 },
                 Err(err) => decide(id, lease, attempt, &reg, err),
             };
+            event.elapsed = clock.elapsed();
+            match &outcome {
+                Settle::Done { .. } => plugins.each("after_task", |p| p.after_task(&event)),
+                Settle::Retry { error, .. } | Settle::Fail { error, .. } => {
+                    let info = FailureInfo {
+                        message: error.clone(),
+                        will_retry: matches!(outcome, Settle::Retry { .. }),
+                    };
+                    plugins.each("on_task_error", |p| p.on_task_error(&event, &info));
+                }
+            }
             let _ = settle.send(outcome);
             drop(permit);
         });
@@ -556,6 +585,7 @@ impl Worker {
     /// Spawns the replay of a workflow run; it writes its own outcome.
     fn start_run(
         &self,
+        queue: &str,
         reg: &Registration,
         workflow: Arc<WorkflowDef>,
         job: ClaimedJob,
@@ -564,14 +594,16 @@ impl Worker {
         let (id, lease) = (job.id, job.lease);
         let pool = self.app.pool().clone();
         let name = reg.name.clone();
+        let queue = queue.to_owned();
+        let plugins = self.plugins.clone();
         let in_flight = Arc::clone(&self.in_flight);
         let counters = Arc::clone(&self.counters);
         let mut running = self.in_flight.lock();
         let task = tokio::spawn(async move {
-            let settled = workflow::execute(pool, workflow, name, id, lease, &job.payload).await;
+            let settled = workflow::execute(pool, workflow, name, queue, plugins, &job).await;
             let counter = match settled {
                 Settled::Completed => Some(&counters.completed),
-                Settled::Failed => Some(&counters.dead),
+                Settled::Failed(_) => Some(&counters.dead),
                 Settled::Suspended | Settled::Abandoned => None,
             };
             if let Some(c) = counter {

@@ -12,7 +12,7 @@ use std::future::{Future, IntoFuture};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 
 use crate::db::{self, Checkpoint, RunLease};
 use crate::error::{HandlerError, HandlerErrorKind};
+use crate::plugin::{FailureInfo, Plugins, StepEvent};
 use crate::retry::RetryPolicy;
 use crate::task::BoxFuture;
 
@@ -119,6 +120,7 @@ struct Inner {
     state: Mutex<State>,
     step_retry: RetryPolicy,
     step_timeout: Option<Duration>,
+    plugins: Plugins,
     /// Inline steps between starting their handler and writing their checkpoint.
     running: AtomicUsize,
     changed: Notify,
@@ -156,6 +158,7 @@ impl WorkflowContext {
         db_now: DateTime<Utc>,
         recorded: Vec<Recorded>,
         options: &super::WorkflowOptions,
+        plugins: Plugins,
     ) -> Self {
         let by_seq = recorded.iter().map(|r| (r.seq, r.key.clone())).collect();
         let recorded = recorded.into_iter().map(|r| (r.key.clone(), r)).collect();
@@ -174,6 +177,7 @@ impl WorkflowContext {
                 }),
                 step_retry: options.step_retry,
                 step_timeout: options.step_timeout,
+                plugins,
                 running: AtomicUsize::new(0),
                 changed: Notify::new(),
             }),
@@ -625,7 +629,19 @@ impl<'c, I, F> Step<'c, I, F> {
 
         let input = serde_json::to_string(&self.input).unwrap_or_else(|_| "null".into());
         ctx.inner.running.fetch_add(1, Ordering::SeqCst);
+        let mut event = StepEvent {
+            run_id: ctx.inner.at.run,
+            workflow: ctx.inner.workflow.clone(),
+            step: slot.key.clone(),
+            attempt,
+            started: SystemTime::now(),
+            elapsed: Duration::ZERO,
+        };
+        let plugins = &ctx.inner.plugins;
+        plugins.each("before_step", |p| p.before_step(&event));
+        let clock = Instant::now();
         let outcome = run_handler(self.handler, self.input, self.timeout).await;
+        event.elapsed = clock.elapsed();
         let (status, output, error) = match &outcome {
             Ok(out) => match serde_json::to_string(out) {
                 Ok(json) => ("completed", Some(json), None),
@@ -671,6 +687,16 @@ impl<'c, I, F> Step<'c, I, F> {
             Ok(None) => return ctx.abandon("lease lost", "writing a checkpoint").await,
             Err(e) => return ctx.abandon("writing a checkpoint", e).await,
         };
+        match (status, &error) {
+            ("completed", _) => plugins.each("after_step", |p| p.after_step(&event)),
+            (_, e) => {
+                let info = FailureInfo {
+                    message: e.clone().unwrap_or_default(),
+                    will_retry: status == "retrying",
+                };
+                plugins.each("on_step_error", |p| p.on_step_error(&event, &info));
+            }
+        }
         // What is recorded is what the run has seen, even if another writer
         // got there first: the stored outcome wins over this attempt's.
         match recorded.status_now.as_str() {

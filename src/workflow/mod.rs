@@ -5,7 +5,7 @@ mod context;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::FutureExt;
 use serde::Serialize;
@@ -16,6 +16,7 @@ pub use context::{Step, StepError, WorkflowContext};
 
 use crate::db::{self, RunLease};
 use crate::error::HandlerError;
+use crate::plugin::{FailureInfo, Plugins, RunOutcome, WorkflowEvent};
 use crate::retry::RetryPolicy;
 use crate::task::BoxFuture;
 use context::{Halt, Recorded};
@@ -124,7 +125,8 @@ where
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Settled {
     Completed,
-    Failed,
+    /// The run failed, with this error.
+    Failed(String),
     Suspended,
     /// Lease lost or database unreachable: nothing written; the run will be
     /// picked up again when its lease runs out.
@@ -137,11 +139,12 @@ pub(crate) async fn execute(
     pool: PgPool,
     workflow: Arc<WorkflowDef>,
     name: String,
-    job: i64,
-    lease: i64,
-    payload: &str,
+    queue: String,
+    plugins: Plugins,
+    claimed: &db::ClaimedJob,
 ) -> Settled {
-    let run = match serde_json::from_str::<serde_json::Value>(payload)
+    let (job, lease) = (claimed.id, claimed.lease);
+    let run = match serde_json::from_str::<serde_json::Value>(&claimed.payload)
         .ok()
         .and_then(|v| v["run_id"].as_str().and_then(|s| s.parse().ok()))
     {
@@ -155,7 +158,7 @@ pub(crate) async fn execute(
                 "not a workflow job: no run_id in the payload",
             )
             .await;
-            return Settled::Failed;
+            return Settled::Failed("not a workflow job".into());
         }
     };
     let at = RunLease { run, job, lease };
@@ -171,6 +174,48 @@ pub(crate) async fn execute(
         let _ = db::ack(&pool, &[job], &[lease]).await;
         return Settled::Abandoned;
     }
+    let mut event = WorkflowEvent {
+        run_id: run,
+        workflow: name.clone(),
+        queue,
+        started: SystemTime::now(),
+        elapsed: Duration::ZERO,
+    };
+    plugins.each("before_workflow", |p| p.before_workflow(&event));
+    let clock = Instant::now();
+    let settled = replay(pool, workflow, name, at, loaded, plugins.clone()).await;
+    event.elapsed = clock.elapsed();
+    match &settled {
+        Settled::Completed => plugins.each("after_workflow", |p| {
+            p.after_workflow(&event, RunOutcome::Completed)
+        }),
+        Settled::Suspended => plugins.each("after_workflow", |p| {
+            p.after_workflow(&event, RunOutcome::Suspended)
+        }),
+        Settled::Abandoned => plugins.each("after_workflow", |p| {
+            p.after_workflow(&event, RunOutcome::Abandoned)
+        }),
+        Settled::Failed(message) => {
+            let info = FailureInfo {
+                message: message.clone(),
+                will_retry: false,
+            };
+            plugins.each("on_workflow_error", |p| p.on_workflow_error(&event, &info))
+        }
+    }
+    settled
+}
+
+/// Replays a loaded run and writes back how this execution ended.
+async fn replay(
+    pool: PgPool,
+    workflow: Arc<WorkflowDef>,
+    name: String,
+    at: RunLease,
+    loaded: db::LoadedRun,
+    plugins: Plugins,
+) -> Settled {
+    let run = at.run;
     let recorded: Vec<Recorded> = match serde_json::from_str(&loaded.steps) {
         Ok(r) => r,
         Err(e) => return fail(&pool, at, &format!("unreadable checkpoints: {e}")).await,
@@ -192,6 +237,7 @@ pub(crate) async fn execute(
         loaded.db_now,
         recorded,
         &workflow.options,
+        plugins,
     );
     let body = AssertUnwindSafe((workflow.run)(ctx.clone(), loaded.input)).catch_unwind();
     tokio::pin!(body);
@@ -258,7 +304,7 @@ async fn fail(pool: &PgPool, at: RunLease, error: &str) -> Settled {
     match db::fail_run(pool, at, error).await {
         Ok(true) => {
             tracing::warn!(run = %at.run, error, "run failed");
-            Settled::Failed
+            Settled::Failed(error.to_owned())
         }
         Ok(false) => Settled::Abandoned,
         Err(e) => {
