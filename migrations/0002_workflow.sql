@@ -90,3 +90,8 @@ create table cairn.test_clock (
 alter table cairn.jobs
     add column parent_run  uuid,
     add column parent_step text;
+
+-- W3C trace context of the producer (`00-<trace id>-<span id>-<flags>`),
+-- stored at enqueue so the trace continues in whichever worker runs the job.
+alter table cairn.jobs add column traceparent text;
+alter table cairn.runs add column traceparent text;

@@ -156,3 +156,17 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
 end $$;
+
+create or replace function cairn.check_traceparent(traceparent text)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if traceparent is not null
+       and traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$' then
+        raise exception 'cairn: invalid traceparent "%"', left(traceparent, 100)
+            using errcode = 'invalid_parameter_value',
+                  hint = 'W3C trace context: 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>';
+    end if;
+end $$;

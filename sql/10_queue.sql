@@ -70,11 +70,12 @@ comment on function cairn.purge_queue(text) is
     'Delete every live job (ready, delayed or leased) of a queue; returns how many.';
 
 create or replace function cairn.send(
-    queue    text,
-    payload  jsonb,
-    delay    double precision default 0,
-    priority integer default 0,
-    task     text default null)
+    queue       text,
+    payload     jsonb,
+    delay       double precision default 0,
+    priority    integer default 0,
+    task        text default null,
+    traceparent text default null)
 returns bigint
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
@@ -102,10 +103,13 @@ begin
     if task is not null then
         perform cairn.check_task_name(task);
     end if;
+    if traceparent is not null then
+        perform cairn.check_traceparent(traceparent);
+    end if;
 
-    insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at)
+    insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at, traceparent)
     values (v_qid, coalesce(send.task, send.queue), send.payload, send.priority,
-            v_now + make_interval(secs => send.delay), v_now)
+            v_now + make_interval(secs => send.delay), v_now, send.traceparent)
     returning id into v_id;
 
     if send.delay = 0 then
@@ -113,8 +117,8 @@ begin
     end if;
     return v_id;
 end $$;
-comment on function cairn.send(text, jsonb, double precision, integer, text) is
-    'Enqueue one job; delay in seconds (0 to 10 years); lower priority runs first; task defaults to the queue name. Returns the job id.';
+comment on function cairn.send(text, jsonb, double precision, integer, text, text) is
+    'Enqueue one job; delay in seconds (0 to 10 years); lower priority runs first; task defaults to the queue name; traceparent (W3C) continues the producer''s trace. Returns the job id.';
 
 create or replace function cairn.send_batch(
     queue    text,
@@ -170,7 +174,8 @@ create or replace function cairn.claim(
     qty   integer,
     tasks text[] default null)
 returns table (id bigint, task text, payload jsonb, attempts integer, lease bigint,
-               enqueued_at timestamptz, visible_at timestamptz, parent_run uuid)
+               enqueued_at timestamptz, visible_at timestamptz, parent_run uuid,
+               traceparent text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -213,14 +218,15 @@ begin
       from c
      where j.id = c.id
     returning j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
-              j.parent_run;
+              j.parent_run, j.traceparent;
 end $$;
 comment on function cairn.claim(text, double precision, integer, text[]) is
     'Lease up to qty visible jobs for vt seconds (optionally only the given tasks). Each returned row carries the lease token that fenced calls must name, and the workflow run waiting for it, if any.';
 
 create or replace function cairn.read(queue text, vt integer, qty integer default 1)
 returns table (id bigint, task text, payload jsonb, attempts integer, lease bigint,
-               enqueued_at timestamptz, visible_at timestamptz, parent_run uuid)
+               enqueued_at timestamptz, visible_at timestamptz, parent_run uuid,
+               traceparent text)
 language sql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$ select * from cairn.claim(queue, vt, qty) $$;

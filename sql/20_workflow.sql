@@ -89,7 +89,8 @@ create or replace function cairn.start_workflow(
     idempotency_key text default null,
     queue           text default null,
     priority        integer default 0,
-    delay           double precision default 0)
+    delay           double precision default 0,
+    traceparent     text default null)
 returns uuid
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
@@ -113,6 +114,7 @@ begin
     perform cairn.check_payload(input, 'input');
     perform cairn.check_seconds(delay, 'delay', 0, 315360000);
     perform cairn.check_priority(priority);
+    perform cairn.check_traceparent(traceparent);
     if queue is not null then
         v_qid := cairn.queue_id(queue);
     end if;
@@ -128,8 +130,10 @@ begin
         end if;
     end if;
 
-    insert into cairn.runs (workflow, queue_id, input, idempotency_key, created_at, updated_at)
-    values (start_workflow.workflow, v_qid, start_workflow.input, start_workflow.idempotency_key, v_now, v_now)
+    insert into cairn.runs (workflow, queue_id, input, idempotency_key, created_at, updated_at,
+                            traceparent)
+    values (start_workflow.workflow, v_qid, start_workflow.input, start_workflow.idempotency_key,
+            v_now, v_now, start_workflow.traceparent)
     on conflict (workflow, idempotency_key) where idempotency_key is not null do nothing
     returning id into v_run;
     if v_run is null then
@@ -149,14 +153,14 @@ begin
     end if;
     return v_run;
 end $$;
-comment on function cairn.start_workflow(text, jsonb, text, text, integer, double precision) is
+comment on function cairn.start_workflow(text, jsonb, text, text, integer, double precision, text) is
     'Start a run; returns its id. The same idempotency key always returns the same run and never starts a second.';
 
 -- The run's state for a replay: input, database time, and every checkpoint.
 -- Empty if the lease no longer holds the run's job.
 create or replace function cairn.load_run(run_id uuid, job_id bigint, lease bigint)
 returns table (workflow text, status text, input jsonb, db_now timestamptz, steps jsonb,
-               created_at timestamptz)
+               created_at timestamptz, traceparent text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -180,7 +184,7 @@ begin
                          'attempts', s.attempts, 'wake_at', s.wake_at)
                          order by s.seq)
                        from cairn.steps s where s.run_id = r.id), '[]'::jsonb),
-           r.created_at
+           r.created_at, r.traceparent
       from cairn.runs r where r.id = load_run.run_id;
 end $$;
 
@@ -384,9 +388,10 @@ begin
         return query select true, null::jsonb, format('unknown workflow "%s"', start_child.workflow);
         return;
     end if;
-    insert into cairn.runs (workflow, queue_id, input, parent_run, parent_step, created_at, updated_at)
+    insert into cairn.runs (workflow, queue_id, input, parent_run, parent_step, created_at, updated_at,
+                            traceparent)
     values (start_child.workflow, v_qid, start_child.input, start_child.run_id, start_child.key,
-            v_now, v_now)
+            v_now, v_now, (select r.traceparent from cairn.runs r where r.id = start_child.run_id))
     returning id into v_child;
     insert into cairn.jobs (queue_id, task, payload, visible_at, enqueued_at)
     values (v_qid, start_child.workflow, jsonb_build_object('run_id', v_child), v_now, v_now)
@@ -430,9 +435,11 @@ begin
     end if;
     perform cairn.check_payload(payload, 'step input');
     perform cairn.check_task_name(task);
-    insert into cairn.jobs (queue_id, task, payload, visible_at, enqueued_at, parent_run, parent_step)
+    insert into cairn.jobs (queue_id, task, payload, visible_at, enqueued_at, parent_run, parent_step,
+                            traceparent)
     values (cairn.queue_id(queue), start_task_step.task, start_task_step.payload, v_now, v_now,
-            start_task_step.run_id, start_task_step.key);
+            start_task_step.run_id, start_task_step.key,
+            (select r.traceparent from cairn.runs r where r.id = start_task_step.run_id));
     insert into cairn.steps (run_id, key, seq, kind, status, input, started_at)
     values (start_task_step.run_id, start_task_step.key, start_task_step.seq, 'task', 'waiting',
             start_task_step.payload, v_now);

@@ -43,11 +43,11 @@ do $$
 declare
     v_producer constant text[] := array[
         'cairn.now()',
-        'cairn.send(text, jsonb, double precision, integer, text)',
+        'cairn.send(text, jsonb, double precision, integer, text, text)',
         'cairn.send_batch(text, jsonb[], double precision, integer, text)',
         'cairn.metrics(text)',
         'cairn.metrics_all()',
-        'cairn.start_workflow(text, jsonb, text, text, integer, double precision)',
+        'cairn.start_workflow(text, jsonb, text, text, integer, double precision, text)',
         'cairn.send_signal(uuid, text, jsonb)',
         'cairn.run_status(uuid)',
         'cairn.list_runs(text, text, integer)',

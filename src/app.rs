@@ -270,6 +270,7 @@ impl App {
             priority: 0,
             delay: Duration::ZERO,
             run_at: None,
+            traceparent: None,
         }
     }
 
@@ -343,6 +344,7 @@ impl App {
             tasks: std::slice::from_ref(task),
             delay: Duration::ZERO,
             priority: 0,
+            traceparent: None,
         }
     }
 
@@ -354,6 +356,7 @@ impl App {
             tasks,
             delay: Duration::ZERO,
             priority: 0,
+            traceparent: None,
         })
     }
 
@@ -396,6 +399,7 @@ pub struct Enqueue<'a, T> {
     tasks: &'a [T],
     delay: Duration,
     priority: i16,
+    traceparent: Option<String>,
 }
 
 impl<'a, T: Task> Enqueue<'a, T> {
@@ -411,12 +415,21 @@ impl<'a, T: Task> Enqueue<'a, T> {
         self
     }
 
+    /// The producer's W3C trace context (`00-<trace>-<span>-<flags>`), so
+    /// the trace continues in the worker that runs the job. With the `otel`
+    /// feature it defaults to the current OpenTelemetry context.
+    pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
     /// Enqueues on the given executor: a pool, a connection, or `&mut *tx`.
     pub async fn execute(self, executor: impl PgExecutor<'_>) -> Result<i64> {
         let payload = serde_json::to_string(&self.tasks[0]).map_err(|source| Error::Serialize {
             what: "the job's arguments",
             source,
         })?;
+        let traceparent = self.traceparent.or_else(current_traceparent);
         db::send(
             executor,
             T::QUEUE,
@@ -424,6 +437,7 @@ impl<'a, T: Task> Enqueue<'a, T> {
             &payload,
             self.delay,
             self.priority,
+            traceparent.as_deref(),
         )
         .await
     }
@@ -528,6 +542,7 @@ pub struct Start<'a, I> {
     priority: i16,
     delay: Duration,
     run_at: Option<chrono::DateTime<chrono::Utc>>,
+    traceparent: Option<String>,
 }
 
 impl<'a, I: Serialize + Sync> Start<'a, I> {
@@ -564,6 +579,13 @@ impl<'a, I: Serialize + Sync> Start<'a, I> {
         self
     }
 
+    /// The producer's W3C trace context; the run's spans continue it. With
+    /// the `otel` feature it defaults to the current OpenTelemetry context.
+    pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
     /// Starts the run on the given executor: a pool, a connection, or
     /// `&mut *tx` — the run exists if and only if your transaction commits.
     pub async fn execute(self, executor: impl PgExecutor<'_>) -> Result<Uuid> {
@@ -575,6 +597,7 @@ impl<'a, I: Serialize + Sync> Start<'a, I> {
             Some(t) => (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO),
             None => self.delay,
         };
+        let traceparent = self.traceparent.or_else(current_traceparent);
         db::start_workflow(
             executor,
             self.workflow,
@@ -583,6 +606,7 @@ impl<'a, I: Serialize + Sync> Start<'a, I> {
             self.queue,
             self.priority,
             delay,
+            traceparent.as_deref(),
         )
         .await
     }
@@ -598,4 +622,15 @@ impl<'a, I: Serialize + Sync> IntoFuture for Start<'a, I> {
             self.execute(&pool).await
         })
     }
+}
+
+/// The current OpenTelemetry context as a W3C `traceparent`, if it has a span.
+#[cfg(feature = "otel")]
+fn current_traceparent() -> Option<String> {
+    crate::otel::traceparent_of(&opentelemetry::Context::current())
+}
+
+#[cfg(not(feature = "otel"))]
+fn current_traceparent() -> Option<String> {
+    None
 }

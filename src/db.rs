@@ -20,6 +20,8 @@ pub(crate) struct ClaimedJob {
     pub lease: i64,
     /// The workflow run waiting for this job's output, if any.
     pub parent_run: Option<uuid::Uuid>,
+    /// The producer's W3C trace context.
+    pub traceparent: Option<String>,
 }
 
 /// One queue's counters, from `cairn.metrics`.
@@ -73,6 +75,7 @@ pub(crate) async fn purge_queue(db: impl PgExecutor<'_>, queue: &str) -> Result<
         .db("purging a queue")
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn send(
     db: impl PgExecutor<'_>,
     queue: &str,
@@ -80,13 +83,15 @@ pub(crate) async fn send(
     payload: &str,
     delay: Duration,
     priority: i16,
+    traceparent: Option<&str>,
 ) -> Result<i64> {
-    sqlx::query_scalar("select cairn.send($1, $2::jsonb, $3, $4, $5)")
+    sqlx::query_scalar("select cairn.send($1, $2::jsonb, $3, $4, $5, $6)")
         .bind(queue)
         .bind(payload)
         .bind(secs(delay))
         .bind(i32::from(priority))
         .bind(task)
+        .bind(traceparent)
         .fetch_one(db)
         .await
         .db("enqueueing a job")
@@ -119,7 +124,7 @@ pub(crate) async fn claim(
     tasks: &[String],
 ) -> Result<Vec<ClaimedJob>> {
     sqlx::query_as(
-        "select id, task, payload::text as payload, attempts, lease, parent_run \
+        "select id, task, payload::text as payload, attempts, lease, parent_run, traceparent \
          from cairn.claim($1, $2, $3, $4)",
     )
     .bind(queue)
@@ -256,6 +261,7 @@ pub(crate) struct LoadedRun {
     pub db_now: DateTime<Utc>,
     pub steps: String,
     pub created_at: DateTime<Utc>,
+    pub traceparent: Option<String>,
 }
 
 /// A run's status, from `cairn.run_status`.
@@ -308,14 +314,16 @@ pub(crate) async fn start_workflow(
     queue: Option<&str>,
     priority: i16,
     delay: Duration,
+    traceparent: Option<&str>,
 ) -> Result<uuid::Uuid> {
-    sqlx::query_scalar("select cairn.start_workflow($1, $2::jsonb, $3, $4, $5, $6)")
+    sqlx::query_scalar("select cairn.start_workflow($1, $2::jsonb, $3, $4, $5, $6, $7)")
         .bind(workflow)
         .bind(input)
         .bind(idempotency_key)
         .bind(queue)
         .bind(i32::from(priority))
         .bind(secs(delay))
+        .bind(traceparent)
         .fetch_one(db)
         .await
         .db("starting a workflow")
@@ -323,8 +331,8 @@ pub(crate) async fn start_workflow(
 
 pub(crate) async fn load_run(db: &PgPool, at: RunLease) -> Result<Option<LoadedRun>> {
     sqlx::query_as(
-        "select status, input::text as input, db_now, steps::text as steps, created_at \
-         from cairn.load_run($1, $2, $3)",
+        "select status, input::text as input, db_now, steps::text as steps, created_at, \
+         traceparent from cairn.load_run($1, $2, $3)",
     )
     .bind(at.run)
     .bind(at.job)

@@ -44,6 +44,8 @@ mod app;
 mod db;
 mod error;
 mod migrate;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod plugin;
 mod retry;
 mod task;

@@ -24,6 +24,10 @@ pub struct WorkflowEvent {
     pub started: SystemTime,
     /// How long this execution took (zero in `before_workflow`).
     pub elapsed: Duration,
+    /// When the run was started (database clock).
+    pub run_created: SystemTime,
+    /// The producer's W3C trace context, stored when the run was started.
+    pub traceparent: Option<String>,
 }
 
 /// How an execution of a workflow run ended, for `after_workflow`.
@@ -56,6 +60,8 @@ pub struct StepEvent {
     pub started: SystemTime,
     /// How long it took (zero in `before_step`).
     pub elapsed: Duration,
+    /// The run's stored W3C trace context.
+    pub traceparent: Option<String>,
 }
 
 /// One attempt of a plain task's job.
@@ -76,6 +82,8 @@ pub struct TaskEvent {
     pub started: SystemTime,
     /// How long it took (zero in `before_task`).
     pub elapsed: Duration,
+    /// The producer's W3C trace context, stored with the job.
+    pub traceparent: Option<String>,
 }
 
 /// A failure, as hooks see it.

@@ -525,6 +525,7 @@ impl Worker {
             parent_run: job.parent_run,
             started: SystemTime::now(),
             elapsed: Duration::ZERO,
+            traceparent: job.traceparent.clone(),
         };
         plugins.each("before_task", |p| p.before_task(&event));
         let clock = Instant::now();

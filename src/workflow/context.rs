@@ -121,6 +121,7 @@ struct Inner {
     step_retry: RetryPolicy,
     step_timeout: Option<Duration>,
     plugins: Plugins,
+    traceparent: Option<String>,
     /// Inline steps between starting their handler and writing their checkpoint.
     running: AtomicUsize,
     changed: Notify,
@@ -155,11 +156,12 @@ impl WorkflowContext {
         pool: PgPool,
         at: RunLease,
         workflow: String,
-        db_now: DateTime<Utc>,
+        loaded: &db::LoadedRun,
         recorded: Vec<Recorded>,
         options: &super::WorkflowOptions,
         plugins: Plugins,
     ) -> Self {
+        let (db_now, traceparent) = (loaded.db_now, loaded.traceparent.clone());
         let by_seq = recorded.iter().map(|r| (r.seq, r.key.clone())).collect();
         let recorded = recorded.into_iter().map(|r| (r.key.clone(), r)).collect();
         Self {
@@ -178,6 +180,7 @@ impl WorkflowContext {
                 step_retry: options.step_retry,
                 step_timeout: options.step_timeout,
                 plugins,
+                traceparent,
                 running: AtomicUsize::new(0),
                 changed: Notify::new(),
             }),
@@ -636,6 +639,7 @@ impl<'c, I, F> Step<'c, I, F> {
             attempt,
             started: SystemTime::now(),
             elapsed: Duration::ZERO,
+            traceparent: ctx.inner.traceparent.clone(),
         };
         let plugins = &ctx.inner.plugins;
         plugins.each("before_step", |p| p.before_step(&event));

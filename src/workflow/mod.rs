@@ -180,6 +180,8 @@ pub(crate) async fn execute(
         queue,
         started: SystemTime::now(),
         elapsed: Duration::ZERO,
+        run_created: loaded.created_at.into(),
+        traceparent: loaded.traceparent.clone(),
     };
     plugins.each("before_workflow", |p| p.before_workflow(&event));
     let clock = Instant::now();
@@ -234,7 +236,7 @@ async fn replay(
         pool.clone(),
         at,
         name,
-        loaded.db_now,
+        &loaded,
         recorded,
         &workflow.options,
         plugins,
