@@ -1,0 +1,330 @@
+//! End to end through a real OTLP receiver running as its own process (built
+//! on the official OpenTelemetry protobuf definitions): a run started from
+//! SQL with a traceparent, its worker SIGKILLed mid-step, resumed by a worker
+//! with the OpenTelemetry plugin. The span tree must hang together.
+
+mod common;
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use cairn::otel::OtelPlugin;
+use cairn::{App, HandlerError, WorkflowContext};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PRODUCER_SPAN: &str = "00f067aa0ba902b7";
+
+mod receiver {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use serde_json::json;
+
+    pub struct Sink(pub Mutex<std::fs::File>);
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Sink {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut file = self.0.lock().unwrap();
+            for rs in request.into_inner().resource_spans {
+                for ss in rs.scope_spans {
+                    for span in ss.spans {
+                        let attributes: serde_json::Map<String, serde_json::Value> = span
+                            .attributes
+                            .iter()
+                            .map(|kv| {
+                                let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                    Some(Any::StringValue(s)) => json!(s),
+                                    Some(Any::IntValue(i)) => json!(i),
+                                    Some(Any::BoolValue(b)) => json!(b),
+                                    Some(Any::DoubleValue(d)) => json!(d),
+                                    _ => json!(null),
+                                };
+                                (kv.key.clone(), v)
+                            })
+                            .collect();
+                        let line = json!({
+                            "name": span.name,
+                            "trace_id": hex(&span.trace_id),
+                            "span_id": hex(&span.span_id),
+                            "parent_span_id": hex(&span.parent_span_id),
+                            "status": span.status.map(|s| s.code).unwrap_or(0),
+                            "events": span.events.iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
+                            "attributes": attributes,
+                        });
+                        writeln!(file, "{line}").unwrap();
+                    }
+                }
+            }
+            file.flush().unwrap();
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    pub fn service(file: std::fs::File) -> TraceServiceServer<Sink> {
+        TraceServiceServer::new(Sink(Mutex::new(file)))
+    }
+}
+
+/// Child entries: "receiver" (an OTLP/gRPC receiver on CAIRN_PORT writing
+/// spans to CAIRN_SPANS) and "worker" (a worker whose "ship" step hangs).
+#[test]
+#[ignore = "run as a child process by the tests in this file"]
+fn child_process() {
+    let Some((mode, url)) = common::child_mode() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        if mode == "receiver" {
+            let port: u16 = std::env::var("CAIRN_PORT").unwrap().parse().unwrap();
+            let file = std::fs::File::create(std::env::var("CAIRN_SPANS").unwrap()).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(receiver::service(file))
+                .serve(([127, 0, 0, 1], port).into())
+                .await
+                .unwrap();
+        } else {
+            let app = App::builder()
+                .database_url(url)
+                .max_connections(4)
+                .build()
+                .await
+                .unwrap();
+            register(&app, true);
+            app.worker()
+                .queues(["workflows"])
+                .lease(Duration::from_secs(1))
+                .run()
+                .await
+                .unwrap();
+        }
+    });
+}
+
+fn register(app: &App, hang: bool) {
+    let db = app.pool().clone();
+    app.workflow("traced", move |ctx: WorkflowContext, _: ()| {
+        let db = db.clone();
+        async move {
+            let d = db.clone();
+            ctx.step("charge", (), move |_| async move {
+                sqlx::query("insert into effects values ('charge')")
+                    .execute(&d)
+                    .await?;
+                Ok(())
+            })
+            .await?;
+            let d = db.clone();
+            ctx.step("ship", (), move |_| async move {
+                sqlx::query("insert into effects values ('ship')")
+                    .execute(&d)
+                    .await?;
+                if hang {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                let tries: i64 =
+                    sqlx::query_scalar("select count(*) from effects where what = 'ship'")
+                        .fetch_one(&d)
+                        .await?;
+                // The resumed worker's first attempt fails (retryable).
+                if tries == 2 {
+                    Err(HandlerError::retryable("carrier busy"))
+                } else {
+                    Ok(())
+                }
+            })
+            .retry(
+                cairn::RetryPolicy::default()
+                    .backoff(cairn::Backoff::Fixed(Duration::from_millis(50)))
+                    .jitter(0.0),
+            )
+            .await?;
+            ctx.step("notify", (), |_| async { Ok(()) }).await?;
+            Ok(())
+        }
+    })
+    .unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spans(path: &std::path::Path) -> Vec<Value> {
+    match std::fs::File::open(path) {
+        Ok(f) => std::io::BufReader::new(f)
+            .lines()
+            .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn spans_from_a_sql_producer_through_a_crash_to_the_last_step(pool: PgPool) {
+    let app = common::app(&pool).await;
+    sqlx::query("create table effects (what text)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    app.create_queue("workflows").await.unwrap();
+    sqlx::query("select cairn.register_workflow('traced', 'workflows')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let url = common::url_of(&pool);
+
+    // The receiver: a separate process.
+    let port = free_port();
+    let spans_file =
+        std::env::temp_dir().join(format!("cairn-spans-{}-{port}.jsonl", std::process::id()));
+    let mut receiver = common::spawn_child(
+        "child_process",
+        "receiver",
+        &url,
+        &[
+            ("CAIRN_PORT", port.to_string()),
+            ("CAIRN_SPANS", spans_file.display().to_string()),
+        ],
+    );
+    common::wait_for("the receiver", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+
+    // A SQL producer continues its own trace into the run.
+    let run: cairn::Uuid =
+        sqlx::query_scalar("select cairn.start_workflow('traced', 'null', traceparent => $1)")
+            .bind(format!("00-{TRACE}-{PRODUCER_SPAN}-01"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let err =
+        sqlx::query("select cairn.start_workflow('traced', 'null', traceparent => 'garbage')")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+    assert_eq!(
+        err.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("22023")
+    );
+
+    // A worker process takes it and is killed in the middle of "ship".
+    let mut worker = common::spawn_child("child_process", "worker", &url, &[]);
+    common::wait_for("ship to start", Duration::from_secs(30), || async {
+        common::scalar_i64(&pool, "select count(*) from effects where what = 'ship'").await == 1
+    })
+    .await;
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+
+    // A worker with the OpenTelemetry plugin resumes and finishes the run.
+    let otel = OtelPlugin::builder()
+        .endpoint(format!("http://127.0.0.1:{port}"))
+        .build()
+        .unwrap();
+    app.plugin(otel.clone());
+    register(&app, false);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(
+        app.worker()
+            .queues(["workflows"])
+            .lease(Duration::from_secs(1))
+            .poll_interval(Duration::from_millis(100))
+            .run_until(stop.clone().cancelled_owned()),
+    );
+    app.result::<()>(run).await.unwrap();
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    otel.shutdown().await.unwrap();
+    common::wait_for(
+        "the run's span at the receiver",
+        Duration::from_secs(30),
+        || async {
+            spans(&spans_file)
+                .iter()
+                .any(|s| s["name"] == "workflow traced")
+        },
+    )
+    .await;
+    receiver.kill().unwrap();
+    receiver.wait().unwrap();
+    let got = spans(&spans_file);
+    let _ = std::fs::remove_file(&spans_file);
+
+    let names: Vec<&str> = got.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    // "charge" ran in the killed process and was replayed here: no span.
+    assert_eq!(
+        sorted,
+        ["step notify", "step ship", "step ship", "workflow traced"],
+        "{got:#?}"
+    );
+    assert!(
+        got.iter().all(|s| s["trace_id"] == TRACE),
+        "one trace, the producer's"
+    );
+
+    let run_span = got.iter().find(|s| s["name"] == "workflow traced").unwrap();
+    assert_eq!(
+        run_span["parent_span_id"], PRODUCER_SPAN,
+        "the run continues the producer's span"
+    );
+    let attrs = &run_span["attributes"];
+    assert_eq!(attrs["messaging.system"], "cairn");
+    assert_eq!(attrs["messaging.destination.name"], "workflows");
+    assert_eq!(attrs["messaging.operation.type"], "process");
+    assert_eq!(attrs["cairn.run_id"], json!(run.to_string()));
+    assert_eq!(attrs["cairn.workflow"], "traced");
+
+    let steps: Vec<&Value> = got
+        .iter()
+        .filter(|s| s["name"] != "workflow traced")
+        .collect();
+    for s in &steps {
+        assert_eq!(
+            s["parent_span_id"], run_span["span_id"],
+            "steps are children of the run: {s}"
+        );
+        assert_eq!(s["attributes"]["cairn.replayed"], false);
+    }
+    let ship: Vec<&&Value> = steps.iter().filter(|s| s["name"] == "step ship").collect();
+    let failed = ship
+        .iter()
+        .find(|s| s["attributes"]["cairn.attempt"] == 1)
+        .unwrap();
+    assert_eq!(failed["status"], 2, "error status on the failed attempt");
+    assert_eq!(failed["events"], json!(["exception"]));
+    let ok = ship
+        .iter()
+        .find(|s| s["attributes"]["cairn.attempt"] == 2)
+        .unwrap();
+    assert_eq!(ok["status"], 1);
+    let _ = std::io::stdout().flush();
+}
