@@ -5,6 +5,9 @@
 //! cargo run --example order_saga          # press Ctrl-C mid-run, then run it again:
 //! cargo run --example order_saga          # the same orders resume where they stopped
 //! cargo run --example order_saga -- --new # start fresh orders
+//!
+//! # with traces: docker compose -f docker/compose.yml up -d, then
+//! OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 cargo run --example order_saga
 //! ```
 //!
 //! Each step takes a second, so there is time to interrupt. The orders are
@@ -100,6 +103,23 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let app = App::builder().database_url(url).build().await?;
     app.initialize().await?;
     app.workflow("order_saga", saga)?;
+    // With OTEL_EXPORTER_OTLP_ENDPOINT set (see docker/compose.yml), every
+    // run and step becomes a span in your trace UI.
+    let otel = match std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Some(_) => {
+            let protocol = match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
+                Ok("http/protobuf") => cairn::otel::Protocol::HttpProtobuf,
+                _ => cairn::otel::Protocol::Grpc,
+            };
+            let otel = cairn::otel::OtelPlugin::builder()
+                .protocol(protocol)
+                .build()?;
+            app.plugin(otel.clone());
+            println!("exporting spans over OTLP ({protocol:?})");
+            Some(otel)
+        }
+        None => None,
+    };
 
     let batch = if std::env::args().any(|a| a == "--new") {
         cairn::Uuid::new_v4().to_string()
@@ -153,11 +173,17 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             println!("\ninterrupted: run this example again and the orders resume");
             stop.cancel();
             let _ = worker.await;
+            if let Some(otel) = otel {
+                otel.shutdown().await?;
+            }
             return Ok(());
         }
     };
     stop.cancel();
     worker.await??;
+    if let Some(otel) = otel {
+        otel.shutdown().await?;
+    }
 
     for (id, run, result) in results {
         println!("order {id}: {:?}", result?);

@@ -18,8 +18,9 @@ const PRODUCER_SPAN: &str = "00f067aa0ba902b7";
 
 mod receiver {
     use std::io::Write;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
+    use axum::response::IntoResponse;
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
         TraceService, TraceServiceServer,
     };
@@ -27,6 +28,7 @@ mod receiver {
         ExportTraceServiceRequest, ExportTraceServiceResponse,
     };
     use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use prost::Message;
     use serde_json::json;
 
     pub struct Sink(pub Mutex<std::fs::File>);
@@ -35,14 +37,11 @@ mod receiver {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
-    #[tonic::async_trait]
-    impl TraceService for Sink {
-        async fn export(
-            &self,
-            request: tonic::Request<ExportTraceServiceRequest>,
-        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    impl Sink {
+        /// Appends every span of a request as a JSON line.
+        pub fn write(&self, request: ExportTraceServiceRequest) {
             let mut file = self.0.lock().unwrap();
-            for rs in request.into_inner().resource_spans {
+            for rs in request.resource_spans {
                 for ss in rs.scope_spans {
                     for span in ss.spans {
                         let attributes: serde_json::Map<String, serde_json::Value> = span
@@ -73,19 +72,58 @@ mod receiver {
                 }
             }
             file.flush().unwrap();
+        }
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Sink {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            self.write(request.into_inner());
             Ok(tonic::Response::new(ExportTraceServiceResponse {
                 partial_success: None,
             }))
         }
     }
 
-    pub fn service(file: std::fs::File) -> TraceServiceServer<Sink> {
-        TraceServiceServer::new(Sink(Mutex::new(file)))
+    /// OTLP/gRPC.
+    pub fn grpc(file: std::fs::File) -> TraceServiceServer<Sink> {
+        TraceServiceServer::from_arc(Arc::new(Sink(Mutex::new(file))))
+    }
+
+    /// OTLP/HTTP with protobuf bodies: POST /v1/traces.
+    pub fn http(file: std::fs::File) -> axum::Router {
+        let sink = Arc::new(Sink(Mutex::new(file)));
+        axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    match ExportTraceServiceRequest::decode(body) {
+                        Ok(request) => {
+                            sink.write(request);
+                            let reply = ExportTraceServiceResponse {
+                                partial_success: None,
+                            };
+                            (
+                                [("content-type", "application/x-protobuf")],
+                                reply.encode_to_vec(),
+                            )
+                                .into_response()
+                        }
+                        Err(_) => axum::http::StatusCode::BAD_REQUEST.into_response(),
+                    }
+                }
+            }),
+        )
     }
 }
 
-/// Child entries: "receiver" (an OTLP/gRPC receiver on CAIRN_PORT writing
-/// spans to CAIRN_SPANS) and "worker" (a worker whose "ship" step hangs).
+/// Child entries: "receiver" / "http-receiver" (an OTLP/gRPC or OTLP/HTTP
+/// receiver on CAIRN_PORT writing spans to CAIRN_SPANS) and "worker" (a
+/// worker whose "ship" step hangs).
 #[test]
 #[ignore = "run as a child process by the tests in this file"]
 fn child_process() {
@@ -98,10 +136,17 @@ fn child_process() {
             let port: u16 = std::env::var("CAIRN_PORT").unwrap().parse().unwrap();
             let file = std::fs::File::create(std::env::var("CAIRN_SPANS").unwrap()).unwrap();
             tonic::transport::Server::builder()
-                .add_service(receiver::service(file))
+                .add_service(receiver::grpc(file))
                 .serve(([127, 0, 0, 1], port).into())
                 .await
                 .unwrap();
+        } else if mode == "http-receiver" {
+            let port: u16 = std::env::var("CAIRN_PORT").unwrap().parse().unwrap();
+            let file = std::fs::File::create(std::env::var("CAIRN_SPANS").unwrap()).unwrap();
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            axum::serve(listener, receiver::http(file)).await.unwrap();
         } else {
             let app = App::builder()
                 .database_url(url)
@@ -327,4 +372,82 @@ async fn spans_from_a_sql_producer_through_a_crash_to_the_last_step(pool: PgPool
         .unwrap();
     assert_eq!(ok["status"], 1);
     let _ = std::io::stdout().flush();
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Notify {
+    to: String,
+}
+impl cairn::Task for Notify {
+    const QUEUE: &'static str = "notify";
+    type Output = ();
+}
+
+#[sqlx::test(migrations = false)]
+async fn http_protobuf_export_and_a_task_continuing_a_sql_producers_trace(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.create_queue("notify").await.unwrap();
+    let port = free_port();
+    let spans_file = std::env::temp_dir().join(format!(
+        "cairn-http-spans-{}-{port}.jsonl",
+        std::process::id()
+    ));
+    let mut receiver = common::spawn_child(
+        "child_process",
+        "http-receiver",
+        &common::url_of(&pool),
+        &[
+            ("CAIRN_PORT", port.to_string()),
+            ("CAIRN_SPANS", spans_file.display().to_string()),
+        ],
+    );
+    common::wait_for("the receiver", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+
+    let otel = OtelPlugin::builder()
+        .protocol(cairn::otel::Protocol::HttpProtobuf)
+        .endpoint(format!("http://127.0.0.1:{port}/v1/traces"))
+        .service_name("cairn-test")
+        .build()
+        .unwrap();
+    app.plugin(otel.clone());
+    app.task(|_n: Notify, _ctx| async move { Ok(()) }).unwrap();
+    sqlx::query("select cairn.send('notify', '{\"to\": \"ann\"}', traceparent => $1)")
+        .bind(format!("00-{TRACE}-{PRODUCER_SPAN}-01"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(
+        app.worker()
+            .queues(["notify"])
+            .run_until(stop.clone().cancelled_owned()),
+    );
+    common::wait_for("the task", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.jobs").await == 0
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    otel.shutdown().await.unwrap();
+    common::wait_for("the task's span", Duration::from_secs(30), || async {
+        !spans(&spans_file).is_empty()
+    })
+    .await;
+    receiver.kill().unwrap();
+    receiver.wait().unwrap();
+    let got = spans(&spans_file);
+    let _ = std::fs::remove_file(&spans_file);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    let task = &got[0];
+    assert_eq!(task["name"], "task notify");
+    assert_eq!(task["trace_id"], TRACE);
+    assert_eq!(task["parent_span_id"], PRODUCER_SPAN);
+    assert_eq!(task["attributes"]["messaging.destination.name"], "notify");
+    assert_eq!(task["attributes"]["cairn.attempt"], 1);
+    assert_eq!(task["status"], 1);
 }
