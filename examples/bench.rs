@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example bench -- queue
 //! cargo run --release --example bench -- workflow
+//! cargo run --release --example bench -- otel
 //! ```
 //!
 //! Uses a scratch database `cairn_bench` on the server of DATABASE_URL
@@ -47,7 +48,8 @@ async fn main() -> Result<(), BoxError> {
     let result = match what.as_str() {
         "queue" => queue(&url).await,
         "workflow" => workflow(&url).await,
-        other => Err(format!("unknown benchmark {other:?}; try: queue, workflow").into()),
+        "otel" => otel_overhead(&url).await,
+        other => Err(format!("unknown benchmark {other:?}; try: queue, workflow, otel").into()),
     };
     admin
         .execute("drop database if exists cairn_bench with (force)")
@@ -320,6 +322,18 @@ async fn drain_runs(
     n: usize,
     concurrency: usize,
 ) -> Result<(f64, f64, i64), BoxError> {
+    drain_runs_with(url, app, workflow, n, concurrency, None).await
+}
+
+/// [`drain_runs`], with a plugin on the worker.
+async fn drain_runs_with(
+    url: &str,
+    app: &App,
+    workflow: &str,
+    n: usize,
+    concurrency: usize,
+    plugin: Option<cairn::otel::OtelPlugin>,
+) -> Result<(f64, f64, i64), BoxError> {
     let pool = app.pool().clone();
     for i in 0..n {
         app.start(workflow, &i).await?;
@@ -328,6 +342,9 @@ async fn drain_runs(
         .execute(&pool)
         .await?;
     let worker_app = workflow_app(url).await?;
+    if let Some(plugin) = plugin {
+        worker_app.plugin(plugin);
+    }
     let before = worker_calls(&pool).await?;
     let stop = Arc::new(Notify::new());
     let worker = {
@@ -413,5 +430,87 @@ async fn workflow(url: &str) -> Result<(), BoxError> {
         "(a step is one call of cairn.checkpoint; a run adds its claim, load_run and complete_run)"
     );
     app.pool().close().await;
+    Ok(())
+}
+
+/// An OTLP/gRPC receiver that counts the spans it is sent.
+mod receiver {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+
+    pub struct Counter(pub Arc<AtomicUsize>);
+
+    #[tonic::async_trait]
+    impl TraceService for Counter {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let n: usize = request
+                .into_inner()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0.fetch_add(n, Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    /// Serves on a free loopback port; returns the port and the span count.
+    pub async fn start() -> Result<(u16, Arc<AtomicUsize>), super::BoxError> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        drop(listener);
+        let count = Arc::new(AtomicUsize::new(0));
+        let service = TraceServiceServer::new(Counter(count.clone()));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve(([127, 0, 0, 1], port).into()),
+        );
+        Ok((port, count))
+    }
+}
+
+/// The workflow benchmark's 3-step runs at concurrency 64, with the
+/// OpenTelemetry plugin off and on (exporting to a real OTLP receiver).
+async fn otel_overhead(url: &str) -> Result<(), BoxError> {
+    let app = workflow_app(url).await?;
+    app.initialize().await?;
+    app.worker().queues(["workflows"]).run_until(async {}).await?;
+    let (port, spans) = receiver::start().await?;
+    let otel = cairn::otel::OtelPlugin::builder()
+        .endpoint(format!("http://127.0.0.1:{port}"))
+        .build()?;
+    println!("cairn OpenTelemetry overhead (PostgreSQL at {})", redact(url));
+    let n = 4_000;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    // Alternate, so that drift on this shared machine hits both alike.
+    for _ in 0..3 {
+        off.push(drain_runs_with(url, &app, "three", n, 64, None).await?.0);
+        on.push(drain_runs_with(url, &app, "three", n, 64, Some(otel.clone())).await?.0);
+    }
+    otel.shutdown().await?;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (off, on) = (mean(&off), mean(&on));
+    println!("{:<48} {off:>9.0} /s", "3-step runs, concurrency 64, plugin off");
+    println!("{:<48} {on:>9.0} /s", "3-step runs, concurrency 64, OTel plugin on");
+    println!(
+        "{:<48} {:>9.3} x   ({} spans received over OTLP/gRPC)",
+        "time with the plugin / time without",
+        off / on,
+        spans.load(Ordering::Relaxed)
+    );
     Ok(())
 }
