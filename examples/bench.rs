@@ -488,24 +488,40 @@ mod receiver {
 async fn otel_overhead(url: &str) -> Result<(), BoxError> {
     let app = workflow_app(url).await?;
     app.initialize().await?;
-    app.worker().queues(["workflows"]).run_until(async {}).await?;
+    app.worker()
+        .queues(["workflows"])
+        .run_until(async {})
+        .await?;
     let (port, spans) = receiver::start().await?;
     let otel = cairn::otel::OtelPlugin::builder()
         .endpoint(format!("http://127.0.0.1:{port}"))
         .build()?;
-    println!("cairn OpenTelemetry overhead (PostgreSQL at {})", redact(url));
+    println!(
+        "cairn OpenTelemetry overhead (PostgreSQL at {})",
+        redact(url)
+    );
     let n = 4_000;
     let (mut off, mut on) = (Vec::new(), Vec::new());
     // Alternate, so that drift on this shared machine hits both alike.
     for _ in 0..3 {
         off.push(drain_runs_with(url, &app, "three", n, 64, None).await?.0);
-        on.push(drain_runs_with(url, &app, "three", n, 64, Some(otel.clone())).await?.0);
+        on.push(
+            drain_runs_with(url, &app, "three", n, 64, Some(otel.clone()))
+                .await?
+                .0,
+        );
     }
     otel.shutdown().await?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (off, on) = (mean(&off), mean(&on));
-    println!("{:<48} {off:>9.0} /s", "3-step runs, concurrency 64, plugin off");
-    println!("{:<48} {on:>9.0} /s", "3-step runs, concurrency 64, OTel plugin on");
+    println!(
+        "{:<48} {off:>9.0} /s",
+        "3-step runs, concurrency 64, plugin off"
+    );
+    println!(
+        "{:<48} {on:>9.0} /s",
+        "3-step runs, concurrency 64, OTel plugin on"
+    );
     println!(
         "{:<48} {:>9.3} x   ({} spans received over OTLP/gRPC)",
         "time with the plugin / time without",

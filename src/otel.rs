@@ -1,5 +1,6 @@
 //! The OpenTelemetry plugin: workflow runs, step attempts and tasks as spans,
-//! exported over OTLP (gRPC or HTTP/protobuf).
+//! and counters, histograms and queue gauges as metrics, exported over OTLP
+//! (gRPC or HTTP/protobuf).
 //!
 //! A run's span is emitted once, when the run ends. It starts when the run
 //! was started and is the child of the producer's `traceparent` (stored with
@@ -9,8 +10,10 @@
 //! parent. Replayed steps are not reported: they did not execute.
 
 use std::cell::Cell;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, ObservableGauge};
 use opentelemetry::trace::{
     Span, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
     TraceState, Tracer, TracerProvider as _,
@@ -18,8 +21,12 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTracerProvider};
+use tokio_util::sync::CancellationToken;
 
+use crate::app::App;
+use crate::db::QueueMetrics;
 use crate::error::{Error, Result};
 use crate::plugin::{FailureInfo, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent};
 
@@ -39,6 +46,8 @@ pub struct OtelPluginBuilder {
     endpoint: Option<String>,
     protocol: Option<Protocol>,
     service_name: Option<String>,
+    queues: Option<(App, Duration)>,
+    metrics_interval: Option<Duration>,
 }
 
 impl OtelPluginBuilder {
@@ -64,16 +73,33 @@ impl OtelPluginBuilder {
         self
     }
 
-    /// Builds the exporter and its batch processor (which runs on its own
-    /// thread). Call [`OtelPlugin::shutdown`] before exiting to flush.
+    /// Also report each queue's depth (`cairn.queue.depth`, by state) and the
+    /// age of its oldest ready job (`cairn.queue.oldest_age`), read from
+    /// `cairn.metrics_all()` every `every`. Needs a Tokio runtime at `build`.
+    pub fn queue_metrics(mut self, app: &App, every: Duration) -> Self {
+        self.queues = Some((app.clone(), every));
+        self
+    }
+
+    /// How often metrics are exported (default 60 s).
+    pub fn metrics_interval(mut self, every: Duration) -> Self {
+        self.metrics_interval = Some(every);
+        self
+    }
+
+    /// Builds the exporters: spans through a batch processor and metrics
+    /// through a periodic reader, both on threads of their own. Call
+    /// [`OtelPlugin::shutdown`] before exiting to flush.
     pub fn build(self) -> Result<OtelPlugin> {
         let config = |e: opentelemetry_otlp::ExporterBuildError| {
             Error::InvalidArgument(format!("cannot build the OTLP exporter: {e}"))
         };
-        let exporter = match self.protocol.unwrap_or(Protocol::Grpc) {
+        let protocol = self.protocol.unwrap_or(Protocol::Grpc);
+        let endpoint = self.endpoint.clone();
+        let exporter = match protocol {
             Protocol::Grpc => {
                 let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-                if let Some(e) = self.endpoint {
+                if let Some(e) = endpoint.clone() {
                     b = b.with_endpoint(e);
                 }
                 b.build().map_err(config)?
@@ -82,8 +108,27 @@ impl OtelPluginBuilder {
                 let mut b = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
                     .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-                if let Some(e) = self.endpoint {
+                if let Some(e) = endpoint.clone() {
                     b = b.with_endpoint(e);
+                }
+                b.build().map_err(config)?
+            }
+        };
+        let metric_exporter = match protocol {
+            Protocol::Grpc => {
+                let mut b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+                if let Some(e) = endpoint {
+                    b = b.with_endpoint(e);
+                }
+                b.build().map_err(config)?
+            }
+            Protocol::HttpProtobuf => {
+                let mut b = opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                if let Some(e) = endpoint {
+                    // The traces URL names its signal; metrics have their own.
+                    b = b.with_endpoint(e.replace("/v1/traces", "/v1/metrics"));
                 }
                 b.build().map_err(config)?
             }
@@ -94,13 +139,31 @@ impl OtelPluginBuilder {
         } else if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
             resource = resource.with_service_name("cairn");
         }
+        let resource = resource.build();
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_id_generator(PinnedIds::default())
-            .with_resource(resource.build())
+            .with_resource(resource.clone())
             .build();
         let tracer = provider.tracer("cairn");
-        Ok(OtelPlugin { provider, tracer })
+        let reader = PeriodicReader::builder(metric_exporter)
+            .with_interval(self.metrics_interval.unwrap_or(Duration::from_secs(60)))
+            .build();
+        let meters = SdkMeterProvider::builder()
+            .with_reader(reader)
+            .with_resource(resource)
+            .build();
+        let queues = match self.queues {
+            Some((app, every)) => Some(watch_queues(app, every)?),
+            None => None,
+        };
+        let instruments = Arc::new(Instruments::new(&meters.meter("cairn"), queues));
+        Ok(OtelPlugin {
+            provider,
+            tracer,
+            meters,
+            instruments,
+        })
     }
 }
 
@@ -118,6 +181,150 @@ impl OtelPluginBuilder {
 pub struct OtelPlugin {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    meters: SdkMeterProvider,
+    instruments: Arc<Instruments>,
+}
+
+/// The metrics cairn reports.
+#[derive(Debug)]
+struct Instruments {
+    /// Attempts started (claims acted on), by queue and kind.
+    claimed: Counter<u64>,
+    /// Task attempts by outcome: completed, retried, dead.
+    jobs: Counter<u64>,
+    /// Step attempts by outcome.
+    steps: Counter<u64>,
+    /// Runs ended, by outcome: completed, failed.
+    runs: Counter<u64>,
+    step_duration: Histogram<f64>,
+    task_duration: Histogram<f64>,
+    /// Kept alive: their callbacks read the queue snapshot.
+    _gauges: Vec<ObservableGauge<f64>>,
+    /// Stops the task that refreshes the queue snapshot.
+    stop_watch: CancellationToken,
+}
+
+impl Instruments {
+    fn new(
+        meter: &Meter,
+        queues: Option<(Arc<Mutex<Vec<QueueMetrics>>>, CancellationToken)>,
+    ) -> Self {
+        let mut gauges = Vec::new();
+        let stop_watch = queues.as_ref().map(|q| q.1.clone()).unwrap_or_default();
+        if let Some((snapshot, _)) = queues {
+            let s = Arc::clone(&snapshot);
+            gauges.push(
+                meter
+                    .f64_observable_gauge("cairn.queue.depth")
+                    .with_description("Jobs in a queue, by state")
+                    .with_unit("{job}")
+                    .with_callback(move |o| {
+                        for m in s.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                            for (state, n) in [
+                                ("ready", m.ready),
+                                ("delayed", m.delayed),
+                                ("in_flight", m.in_flight),
+                                ("dead", m.dead),
+                            ] {
+                                o.observe(
+                                    n as f64,
+                                    &[
+                                        KeyValue::new(
+                                            "messaging.destination.name",
+                                            m.queue.clone(),
+                                        ),
+                                        KeyValue::new("cairn.state", state),
+                                    ],
+                                );
+                            }
+                        }
+                    })
+                    .build(),
+            );
+            gauges.push(
+                meter
+                    .f64_observable_gauge("cairn.queue.oldest_age")
+                    .with_description("How long the oldest ready job has waited")
+                    .with_unit("s")
+                    .with_callback(move |o| {
+                        for m in snapshot.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                            o.observe(
+                                m.oldest_ready_age,
+                                &[KeyValue::new("messaging.destination.name", m.queue.clone())],
+                            );
+                        }
+                    })
+                    .build(),
+            );
+        }
+        Self {
+            claimed: meter
+                .u64_counter("cairn.jobs.claimed")
+                .with_description(
+                    "Claimed jobs a worker started (task attempts and run executions)",
+                )
+                .build(),
+            jobs: meter
+                .u64_counter("cairn.jobs")
+                .with_description("Task attempts, by outcome")
+                .build(),
+            steps: meter
+                .u64_counter("cairn.steps")
+                .with_description("Workflow step attempts, by outcome")
+                .build(),
+            runs: meter
+                .u64_counter("cairn.runs")
+                .with_description("Workflow runs ended, by outcome")
+                .build(),
+            step_duration: meter
+                .f64_histogram("cairn.step.duration")
+                .with_description("Duration of workflow step attempts")
+                .with_unit("s")
+                .build(),
+            task_duration: meter
+                .f64_histogram("cairn.task.duration")
+                .with_description("Duration of task attempts")
+                .with_unit("s")
+                .build(),
+            _gauges: gauges,
+            stop_watch,
+        }
+    }
+}
+
+/// Polls the queues' counters into a snapshot the gauges read, until
+/// [`OtelPlugin::shutdown`] (or the plugin's last clone is dropped).
+fn watch_queues(
+    app: App,
+    every: Duration,
+) -> Result<(Arc<Mutex<Vec<QueueMetrics>>>, CancellationToken)> {
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        Error::InvalidArgument("queue_metrics needs a Tokio runtime at build()".into())
+    })?;
+    let snapshot = Arc::new(Mutex::new(Vec::new()));
+    let weak = Arc::downgrade(&snapshot);
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    handle.spawn(async move {
+        loop {
+            let read = tokio::select! {
+                _ = stopped.cancelled() => return,
+                r = app.metrics_all() => r,
+            };
+            match read {
+                Ok(m) => match weak.upgrade() {
+                    Some(s) => *s.lock().unwrap_or_else(|p| p.into_inner()) = m,
+                    None => return, // the plugin is gone
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot read queue metrics"),
+            }
+            tokio::select! {
+                _ = stopped.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+    Ok((snapshot, stop))
 }
 
 impl OtelPlugin {
@@ -129,11 +336,16 @@ impl OtelPlugin {
     /// Exports what is buffered and stops the exporter. Runs the blocking
     /// flush on a blocking thread, so it is safe on any runtime.
     pub async fn shutdown(&self) -> Result<()> {
-        let provider = self.provider.clone();
-        tokio::task::spawn_blocking(move || provider.shutdown())
-            .await
-            .map_err(|e| Error::InvalidArgument(format!("OTLP shutdown panicked: {e}")))?
-            .map_err(|e| Error::InvalidArgument(format!("OTLP shutdown failed: {e}")))
+        self.instruments.stop_watch.cancel();
+        let (provider, meters) = (self.provider.clone(), self.meters.clone());
+        tokio::task::spawn_blocking(move || {
+            let traces = provider.shutdown().map_err(|e| e.to_string());
+            let metrics = meters.shutdown().map_err(|e| e.to_string());
+            traces.and(metrics)
+        })
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("OTLP shutdown panicked: {e}")))?
+        .map_err(|e| Error::InvalidArgument(format!("OTLP shutdown failed: {e}")))
     }
 
     /// Builds and ends a span with fixed ids, times and parent.
@@ -230,35 +442,98 @@ pub fn traceparent_of(cx: &Context) -> Option<String> {
     })
 }
 
+fn outcome(error: Option<&FailureInfo>, dead: &'static str) -> &'static str {
+    match error {
+        None => "completed",
+        Some(e) if e.will_retry => "retried",
+        Some(_) => dead,
+    }
+}
+
 impl Plugin for OtelPlugin {
+    fn before_workflow(&self, e: &WorkflowEvent) {
+        let attrs = [
+            KeyValue::new("messaging.destination.name", e.queue.clone()),
+            KeyValue::new("cairn.kind", "run"),
+        ];
+        self.instruments.claimed.add(1, &attrs);
+    }
+
     fn after_workflow(&self, e: &WorkflowEvent, outcome: RunOutcome) {
         if outcome == RunOutcome::Completed {
             self.run_span(e, None);
+            self.count_run(e, "completed");
         }
     }
 
     fn on_workflow_error(&self, e: &WorkflowEvent, error: &FailureInfo) {
         self.run_span(e, Some(error));
+        self.count_run(e, "failed");
     }
 
     fn after_step(&self, e: &StepEvent) {
         self.step_span(e, None);
+        self.count_step(e, None);
     }
 
     fn on_step_error(&self, e: &StepEvent, error: &FailureInfo) {
         self.step_span(e, Some(error));
+        self.count_step(e, Some(error));
+    }
+
+    fn before_task(&self, e: &TaskEvent) {
+        let attrs = [
+            KeyValue::new("messaging.destination.name", e.queue.clone()),
+            KeyValue::new("cairn.kind", "task"),
+        ];
+        self.instruments.claimed.add(1, &attrs);
     }
 
     fn after_task(&self, e: &TaskEvent) {
         self.task_span(e, None);
+        self.count_task(e, None);
     }
 
     fn on_task_error(&self, e: &TaskEvent, error: &FailureInfo) {
         self.task_span(e, Some(error));
+        self.count_task(e, Some(error));
     }
 }
 
 impl OtelPlugin {
+    fn count_run(&self, e: &WorkflowEvent, outcome: &'static str) {
+        let attrs = [
+            KeyValue::new("cairn.workflow", e.workflow.clone()),
+            KeyValue::new("cairn.outcome", outcome),
+        ];
+        self.instruments.runs.add(1, &attrs);
+    }
+
+    fn count_step(&self, e: &StepEvent, error: Option<&FailureInfo>) {
+        let name = e.step.split('#').next().unwrap_or(&e.step).to_owned();
+        let attrs = [
+            KeyValue::new("cairn.workflow", e.workflow.clone()),
+            KeyValue::new("cairn.step", name),
+            KeyValue::new("cairn.outcome", outcome(error, "failed")),
+        ];
+        self.instruments.steps.add(1, &attrs);
+        self.instruments
+            .step_duration
+            .record(e.elapsed.as_secs_f64(), &attrs[..2]);
+    }
+
+    fn count_task(&self, e: &TaskEvent, error: Option<&FailureInfo>) {
+        let attrs = [
+            KeyValue::new("messaging.destination.name", e.queue.clone()),
+            KeyValue::new("cairn.task", e.task.clone()),
+            KeyValue::new("cairn.outcome", outcome(error, "dead")),
+        ];
+        self.instruments.jobs.add(1, &attrs);
+        self.instruments
+            .task_duration
+            .record(e.elapsed.as_secs_f64(), &attrs[..2]);
+    }
+
     fn run_span(&self, e: &WorkflowEvent, error: Option<&FailureInfo>) {
         let me = run_span(e.run_id, e.traceparent.as_deref());
         let mut attributes = messaging(&e.queue).to_vec();

@@ -21,13 +21,22 @@ mod receiver {
     use std::sync::{Arc, Mutex};
 
     use axum::response::IntoResponse;
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
         TraceService, TraceServiceServer,
     };
     use opentelemetry_proto::tonic::collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
     };
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
     use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point;
     use prost::Message;
     use serde_json::json;
 
@@ -88,36 +97,114 @@ mod receiver {
         }
     }
 
-    /// OTLP/gRPC.
-    pub fn grpc(file: std::fs::File) -> TraceServiceServer<Sink> {
-        TraceServiceServer::from_arc(Arc::new(Sink(Mutex::new(file))))
+    /// OTLP/gRPC: traces, and metrics as `{"metric", "attributes", "value"}`
+    /// lines (histograms report their count).
+    pub fn grpc(file: std::fs::File) -> tonic::service::Routes {
+        let sink = Arc::new(Sink(Mutex::new(file)));
+        tonic::service::Routes::new(TraceServiceServer::from_arc(sink.clone()))
+            .add_service(MetricsServiceServer::from_arc(sink))
+    }
+
+    #[tonic::async_trait]
+    impl MetricsService for Sink {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportMetricsServiceRequest>,
+        ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+            let mut file = self.0.lock().unwrap();
+            for rm in request.into_inner().resource_metrics {
+                for sm in rm.scope_metrics {
+                    for m in sm.metrics {
+                        let points: Vec<(Vec<KeyValue>, f64)> = match m.data {
+                            Some(Data::Sum(s)) => s
+                                .data_points
+                                .into_iter()
+                                .map(|p| (p.attributes, number(p.value)))
+                                .collect(),
+                            Some(Data::Gauge(g)) => g
+                                .data_points
+                                .into_iter()
+                                .map(|p| (p.attributes, number(p.value)))
+                                .collect(),
+                            Some(Data::Histogram(h)) => h
+                                .data_points
+                                .into_iter()
+                                .map(|p| (p.attributes, p.count as f64))
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        for (attributes, value) in points {
+                            let attributes: serde_json::Map<String, serde_json::Value> = attributes
+                                .iter()
+                                .map(|kv| {
+                                    let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                        Some(Any::StringValue(s)) => json!(s),
+                                        _ => json!(null),
+                                    };
+                                    (kv.key.clone(), v)
+                                })
+                                .collect();
+                            let line =
+                                json!({"metric": m.name, "attributes": attributes, "value": value});
+                            writeln!(file, "{line}").unwrap();
+                        }
+                    }
+                }
+            }
+            file.flush().unwrap();
+            Ok(tonic::Response::new(ExportMetricsServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    fn number(v: Option<number_data_point::Value>) -> f64 {
+        match v {
+            Some(number_data_point::Value::AsInt(i)) => i as f64,
+            Some(number_data_point::Value::AsDouble(d)) => d,
+            None => 0.0,
+        }
     }
 
     /// OTLP/HTTP with protobuf bodies: POST /v1/traces.
     pub fn http(file: std::fs::File) -> axum::Router {
         let sink = Arc::new(Sink(Mutex::new(file)));
-        axum::Router::new().route(
-            "/v1/traces",
-            axum::routing::post(move |body: axum::body::Bytes| {
-                let sink = sink.clone();
-                async move {
-                    match ExportTraceServiceRequest::decode(body) {
-                        Ok(request) => {
-                            sink.write(request);
-                            let reply = ExportTraceServiceResponse {
-                                partial_success: None,
-                            };
-                            (
-                                [("content-type", "application/x-protobuf")],
-                                reply.encode_to_vec(),
-                            )
-                                .into_response()
+        axum::Router::new()
+            // Metrics are accepted and not recorded (the gRPC test checks them).
+            .route(
+                "/v1/metrics",
+                axum::routing::post(|| async {
+                    (
+                        [("content-type", "application/x-protobuf")],
+                        ExportMetricsServiceResponse {
+                            partial_success: None,
                         }
-                        Err(_) => axum::http::StatusCode::BAD_REQUEST.into_response(),
+                        .encode_to_vec(),
+                    )
+                }),
+            )
+            .route(
+                "/v1/traces",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let sink = sink.clone();
+                    async move {
+                        match ExportTraceServiceRequest::decode(body) {
+                            Ok(request) => {
+                                sink.write(request);
+                                let reply = ExportTraceServiceResponse {
+                                    partial_success: None,
+                                };
+                                (
+                                    [("content-type", "application/x-protobuf")],
+                                    reply.encode_to_vec(),
+                                )
+                                    .into_response()
+                            }
+                            Err(_) => axum::http::StatusCode::BAD_REQUEST.into_response(),
+                        }
                     }
-                }
-            }),
-        )
+                }),
+            )
     }
 }
 
@@ -136,7 +223,7 @@ fn child_process() {
             let port: u16 = std::env::var("CAIRN_PORT").unwrap().parse().unwrap();
             let file = std::fs::File::create(std::env::var("CAIRN_SPANS").unwrap()).unwrap();
             tonic::transport::Server::builder()
-                .add_service(receiver::grpc(file))
+                .add_routes(receiver::grpc(file))
                 .serve(([127, 0, 0, 1], port).into())
                 .await
                 .unwrap();
@@ -319,7 +406,11 @@ async fn spans_from_a_sql_producer_through_a_crash_to_the_last_step(pool: PgPool
     .await;
     receiver.kill().unwrap();
     receiver.wait().unwrap();
-    let got = spans(&spans_file);
+    // Spans only: the receiver writes metrics to the same file.
+    let got: Vec<Value> = spans(&spans_file)
+        .into_iter()
+        .filter(|l| l.get("name").is_some())
+        .collect();
     let _ = std::fs::remove_file(&spans_file);
 
     let names: Vec<&str> = got.iter().map(|s| s["name"].as_str().unwrap()).collect();
@@ -440,7 +531,10 @@ async fn http_protobuf_export_and_a_task_continuing_a_sql_producers_trace(pool: 
     .await;
     receiver.kill().unwrap();
     receiver.wait().unwrap();
-    let got = spans(&spans_file);
+    let got: Vec<Value> = spans(&spans_file)
+        .into_iter()
+        .filter(|l| l.get("name").is_some())
+        .collect();
     let _ = std::fs::remove_file(&spans_file);
     assert_eq!(got.len(), 1, "{got:#?}");
     let task = &got[0];
@@ -450,4 +544,127 @@ async fn http_protobuf_export_and_a_task_continuing_a_sql_producers_trace(pool: 
     assert_eq!(task["attributes"]["messaging.destination.name"], "notify");
     assert_eq!(task["attributes"]["cairn.attempt"], 1);
     assert_eq!(task["status"], 1);
+}
+
+#[sqlx::test(migrations = false)]
+async fn metrics_count_outcomes_time_steps_and_watch_queues(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.create_queue("notify").await.unwrap();
+    let port = free_port();
+    let file =
+        std::env::temp_dir().join(format!("cairn-metrics-{}-{port}.jsonl", std::process::id()));
+    let mut receiver = common::spawn_child(
+        "child_process",
+        "receiver",
+        &common::url_of(&pool),
+        &[
+            ("CAIRN_PORT", port.to_string()),
+            ("CAIRN_SPANS", file.display().to_string()),
+        ],
+    );
+    common::wait_for("the receiver", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let otel = OtelPlugin::builder()
+        .endpoint(format!("http://127.0.0.1:{port}"))
+        .queue_metrics(&app, Duration::from_millis(50))
+        .build()
+        .unwrap();
+    app.plugin(otel.clone());
+    app.task(|n: Notify, _ctx| async move {
+        if n.to.is_empty() {
+            Err(HandlerError::fatal("nobody"))
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+    app.workflow("one_step", |ctx: WorkflowContext, _: ()| async move {
+        ctx.step("only", (), |_| async { Ok(()) }).await?;
+        Ok(())
+    })
+    .unwrap();
+    for to in ["ann", "bob", ""] {
+        app.enqueue(&Notify { to: to.into() }).await.unwrap();
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(
+        app.worker()
+            .queues(["notify", "workflows"])
+            .run_until(stop.clone().cancelled_owned()),
+    );
+    common::wait_for("registration", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workflows").await == 1
+    })
+    .await;
+    let run = app.start("one_step", &()).await.unwrap();
+    app.result::<()>(run).await.unwrap();
+    common::wait_for("the tasks", Duration::from_secs(10), || async {
+        app.metrics("notify").await.unwrap().dead == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // a fresh queue snapshot
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    otel.shutdown().await.unwrap(); // exports the metrics
+    common::wait_for("the metrics", Duration::from_secs(30), || async {
+        spans(&file)
+            .iter()
+            .any(|l| l["metric"] == "cairn.queue.depth")
+    })
+    .await;
+    receiver.kill().unwrap();
+    receiver.wait().unwrap();
+    let lines = spans(&file);
+    let _ = std::fs::remove_file(&file);
+
+    let value = |metric: &str, attrs: &[(&str, &str)]| -> f64 {
+        lines
+            .iter()
+            .filter(|l| {
+                l["metric"] == metric && attrs.iter().all(|(k, v)| l["attributes"][*k] == *v)
+            })
+            .map(|l| l["value"].as_f64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        value("cairn.jobs", &[("cairn.outcome", "completed")]),
+        2.0,
+        "{lines:#?}"
+    );
+    assert_eq!(value("cairn.jobs", &[("cairn.outcome", "dead")]), 1.0);
+    assert_eq!(value("cairn.jobs.claimed", &[("cairn.kind", "task")]), 3.0);
+    assert_eq!(
+        value(
+            "cairn.steps",
+            &[("cairn.step", "only"), ("cairn.outcome", "completed")]
+        ),
+        1.0
+    );
+    assert_eq!(value("cairn.runs", &[("cairn.outcome", "completed")]), 1.0);
+    assert_eq!(
+        value("cairn.step.duration", &[("cairn.step", "only")]),
+        1.0,
+        "one recorded duration"
+    );
+    assert_eq!(
+        value("cairn.task.duration", &[("cairn.task", "notify")]),
+        3.0
+    );
+    let dead_depth = value(
+        "cairn.queue.depth",
+        &[
+            ("messaging.destination.name", "notify"),
+            ("cairn.state", "dead"),
+        ],
+    );
+    assert_eq!(dead_depth, 1.0);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["metric"] == "cairn.queue.oldest_age")
+    );
 }
