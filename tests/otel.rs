@@ -297,12 +297,35 @@ fn register(app: &App, hang: bool) {
     .unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// Starts the receiver process (`mode` "receiver" for gRPC or
+/// "http-receiver"); returns it, its port and the file it writes.
+async fn start_receiver(
+    pool: &PgPool,
+    mode: &str,
+    tag: &str,
+) -> (std::process::Child, u16, std::path::PathBuf) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port()
+        .port();
+    let file = std::env::temp_dir().join(format!("{tag}-{}-{port}.jsonl", std::process::id()));
+    let receiver = common::spawn_child(
+        "child_process",
+        mode,
+        &common::url_of(pool),
+        &[
+            ("CAIRN_PORT", port.to_string()),
+            ("CAIRN_SPANS", file.display().to_string()),
+        ],
+    );
+    common::wait_for("the receiver", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    (receiver, port, file)
 }
 
 fn spans(path: &std::path::Path) -> Vec<Value> {
@@ -330,24 +353,7 @@ async fn spans_from_a_sql_producer_through_a_crash_to_the_last_step(pool: PgPool
     let url = common::url_of(&pool);
 
     // The receiver: a separate process.
-    let port = free_port();
-    let spans_file =
-        std::env::temp_dir().join(format!("cairn-spans-{}-{port}.jsonl", std::process::id()));
-    let mut receiver = common::spawn_child(
-        "child_process",
-        "receiver",
-        &url,
-        &[
-            ("CAIRN_PORT", port.to_string()),
-            ("CAIRN_SPANS", spans_file.display().to_string()),
-        ],
-    );
-    common::wait_for("the receiver", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
+    let (mut receiver, port, spans_file) = start_receiver(&pool, "receiver", "cairn-spans").await;
 
     // A SQL producer continues its own trace into the run.
     let run: cairn::Uuid =
@@ -478,26 +484,8 @@ impl cairn::Task for Notify {
 async fn http_protobuf_export_and_a_task_continuing_a_sql_producers_trace(pool: PgPool) {
     let app = common::app(&pool).await;
     app.create_queue("notify").await.unwrap();
-    let port = free_port();
-    let spans_file = std::env::temp_dir().join(format!(
-        "cairn-http-spans-{}-{port}.jsonl",
-        std::process::id()
-    ));
-    let mut receiver = common::spawn_child(
-        "child_process",
-        "http-receiver",
-        &common::url_of(&pool),
-        &[
-            ("CAIRN_PORT", port.to_string()),
-            ("CAIRN_SPANS", spans_file.display().to_string()),
-        ],
-    );
-    common::wait_for("the receiver", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
+    let (mut receiver, port, spans_file) =
+        start_receiver(&pool, "http-receiver", "cairn-http-spans").await;
 
     let otel = OtelPlugin::builder()
         .protocol(cairn::otel::Protocol::HttpProtobuf)
@@ -550,24 +538,7 @@ async fn http_protobuf_export_and_a_task_continuing_a_sql_producers_trace(pool: 
 async fn metrics_count_outcomes_time_steps_and_watch_queues(pool: PgPool) {
     let app = common::app(&pool).await;
     app.create_queue("notify").await.unwrap();
-    let port = free_port();
-    let file =
-        std::env::temp_dir().join(format!("cairn-metrics-{}-{port}.jsonl", std::process::id()));
-    let mut receiver = common::spawn_child(
-        "child_process",
-        "receiver",
-        &common::url_of(&pool),
-        &[
-            ("CAIRN_PORT", port.to_string()),
-            ("CAIRN_SPANS", file.display().to_string()),
-        ],
-    );
-    common::wait_for("the receiver", Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
+    let (mut receiver, port, file) = start_receiver(&pool, "receiver", "cairn-metrics").await;
     let otel = OtelPlugin::builder()
         .endpoint(format!("http://127.0.0.1:{port}"))
         .queue_metrics(&app, Duration::from_millis(50))
