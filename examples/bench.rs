@@ -438,6 +438,12 @@ mod receiver {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
         TraceService, TraceServiceServer,
     };
@@ -467,6 +473,21 @@ mod receiver {
         }
     }
 
+    /// Accepts metrics and drops them: only spans are counted here.
+    pub struct Metrics;
+
+    #[tonic::async_trait]
+    impl MetricsService for Metrics {
+        async fn export(
+            &self,
+            _request: tonic::Request<ExportMetricsServiceRequest>,
+        ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+            Ok(tonic::Response::new(ExportMetricsServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
     /// Serves on a free loopback port; returns the port and the span count.
     pub async fn start() -> Result<(u16, Arc<AtomicUsize>), super::BoxError> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -477,6 +498,7 @@ mod receiver {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(MetricsServiceServer::new(Metrics))
                 .serve(([127, 0, 0, 1], port).into()),
         );
         Ok((port, count))
