@@ -157,6 +157,20 @@ begin
     end if;
 end $$;
 
+-- Outputs, when given, pair up with the ids they belong to.
+create or replace function cairn.check_outputs(ids bigint[], outputs jsonb[])
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if outputs is not null and cardinality(outputs) <> cardinality(ids) then
+        raise exception 'cairn: % ids but % outputs; they must pair up',
+            cardinality(ids), cardinality(outputs)
+            using errcode = 'invalid_parameter_value';
+    end if;
+end $$;
+
 create or replace function cairn.check_traceparent(traceparent text)
 returns void
 language plpgsql immutable

@@ -293,11 +293,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 begin
     perform cairn.check_pairs(ids, leases);
-    if outputs is null or cardinality(outputs) <> cardinality(ids) then
-        raise exception 'cairn: % ids but % outputs; they must pair up',
-            cardinality(ids), coalesce(cardinality(outputs), 0)
-            using errcode = 'invalid_parameter_value';
-    end if;
+    perform cairn.check_outputs(ids, coalesce(outputs, '{}'));
     return query
     delete from cairn.jobs j
      using unnest(ids, leases, outputs) as u(id, lease, output)
@@ -326,11 +322,7 @@ declare
     v_now timestamptz := cairn.now();
 begin
     perform cairn.check_pairs(ids, leases);
-    if outputs is not null and cardinality(outputs) <> cardinality(ids) then
-        raise exception 'cairn: % ids but % outputs; they must pair up',
-            cardinality(ids), cardinality(outputs)
-            using errcode = 'invalid_parameter_value';
-    end if;
+    perform cairn.check_outputs(ids, outputs);
     return query
     with d as (
         delete from cairn.jobs j

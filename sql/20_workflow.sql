@@ -347,6 +347,18 @@ begin
     return query select false, null::jsonb, v_step.wake_at;
 end $$;
 
+-- Internal: a recorded step's outcome as (done, output, error); no row if the
+-- step is not recorded. Shared by the calls that start something once.
+create or replace function cairn.recorded_outcome(run_id uuid, key text)
+returns table (done boolean, output jsonb, error text)
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select s.status in ('completed', 'failed'), s.output, s.error
+      from cairn.steps s
+     where s.run_id = recorded_outcome.run_id and s.key = recorded_outcome.key
+$$;
+
 -- Start a child run for the parent's step `key` (once: a replay finds the
 -- step and reports it). Returns (done, output, error); done = false while the
 -- child runs. An unknown workflow fails the step, not the database call.
@@ -364,7 +376,6 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_now   timestamptz := cairn.now();
-    v_step  record;
     v_qid   integer;
     v_child uuid;
     v_job   bigint;
@@ -372,10 +383,8 @@ begin
     if not cairn.hold_run(run_id, job_id, lease) then
         return;
     end if;
-    select s.status, s.output, s.error into v_step from cairn.steps s
-     where s.run_id = start_child.run_id and s.key = start_child.key;
+    return query select * from cairn.recorded_outcome(start_child.run_id, start_child.key);
     if found then
-        return query select v_step.status in ('completed', 'failed'), v_step.output, v_step.error;
         return;
     end if;
     perform cairn.check_payload(input, 'child input');
@@ -422,15 +431,12 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_now  timestamptz := cairn.now();
-    v_step record;
 begin
     if not cairn.hold_run(run_id, job_id, lease) then
         return;
     end if;
-    select s.status, s.output, s.error into v_step from cairn.steps s
-     where s.run_id = start_task_step.run_id and s.key = start_task_step.key;
+    return query select * from cairn.recorded_outcome(start_task_step.run_id, start_task_step.key);
     if found then
-        return query select v_step.status in ('completed', 'failed'), v_step.output, v_step.error;
         return;
     end if;
     perform cairn.check_payload(payload, 'step input');
