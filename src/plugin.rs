@@ -129,6 +129,10 @@ impl Plugins {
         Self(plugins.into())
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Calls `hook` on every plugin; a panic is logged and the next runs.
     pub fn each(&self, hook: &'static str, call: impl Fn(&dyn Plugin)) {
         for plugin in self.0.iter() {

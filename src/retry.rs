@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::error::{HandlerError, HandlerErrorKind};
+
 /// How the delay before the next attempt grows.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
@@ -120,6 +122,37 @@ impl RetryPolicy {
         }
         let spread = rand::random_range(-self.jitter..=self.jitter);
         secs_capped(base * (1.0 + spread), self.max_delay)
+    }
+}
+
+/// What a failed attempt leads to.
+pub(crate) enum Verdict {
+    /// Try again after `delay`.
+    Retry { delay: Duration, error: String },
+    /// No more attempts: the error says why.
+    GiveUp { error: String },
+}
+
+impl RetryPolicy {
+    /// Decides after the `attempt`-th attempt failed with `err`: a fatal
+    /// error or the last attempt gives up; otherwise retry after the error's
+    /// `retry_after` or the policy's jittered backoff.
+    pub(crate) fn verdict(&self, attempt: u32, err: &HandlerError) -> Verdict {
+        let error = err.to_string();
+        match err.kind() {
+            HandlerErrorKind::Fatal => Verdict::GiveUp { error },
+            _ if !self.should_retry(attempt) => Verdict::GiveUp {
+                error: format!(
+                    "{error} (attempt {attempt} of {}, giving up)",
+                    self.max_attempts
+                ),
+            },
+            HandlerErrorKind::RetryAfter(delay) => Verdict::Retry { delay, error },
+            _ => Verdict::Retry {
+                delay: self.jittered_delay_after(attempt),
+                error,
+            },
+        }
     }
 }
 

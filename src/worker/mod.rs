@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::db::{self, ClaimedJob};
-use crate::error::{Error, HandlerError, HandlerErrorKind, Result};
+use crate::error::{Error, HandlerError, Result};
 use crate::plugin::{FailureInfo, Plugins, TaskEvent};
+use crate::retry::Verdict;
 use crate::task::{Handler, JobContext, Registration, validate_queue_name};
 use crate::workflow::{self, Settled, WorkflowDef};
 
@@ -517,7 +518,8 @@ impl Worker {
         let (id, lease) = (job.id, job.lease);
         let archive = reg.archive;
         let plugins = self.plugins.clone();
-        let mut event = TaskEvent {
+        // Built only for plugins: no clones or clock reads per job otherwise.
+        let mut event = (!plugins.is_empty()).then(|| TaskEvent {
             job_id: id,
             task: reg.name.clone(),
             queue: plan.name.clone(),
@@ -526,9 +528,11 @@ impl Worker {
             started: SystemTime::now(),
             elapsed: Duration::ZERO,
             traceparent: job.traceparent.clone(),
-        };
-        plugins.each("before_task", |p| p.before_task(&event));
-        let clock = Instant::now();
+        });
+        if let Some(e) = &event {
+            plugins.each("before_task", |p| p.before_task(e));
+        }
+        let clock = event.as_ref().map(|_| Instant::now());
         let run =
             AssertUnwindSafe(handler(job.payload, ctx, job.parent_run.is_some())).catch_unwind();
         let in_flight = Arc::clone(&self.in_flight);
@@ -555,15 +559,17 @@ impl Worker {
                 },
                 Err(err) => decide(id, lease, attempt, &reg, err),
             };
-            event.elapsed = clock.elapsed();
-            match &outcome {
-                Settle::Done { .. } => plugins.each("after_task", |p| p.after_task(&event)),
-                Settle::Retry { error, .. } | Settle::Fail { error, .. } => {
-                    let info = FailureInfo {
-                        message: error.clone(),
-                        will_retry: matches!(outcome, Settle::Retry { .. }),
-                    };
-                    plugins.each("on_task_error", |p| p.on_task_error(&event, &info));
+            if let (Some(event), Some(clock)) = (&mut event, clock) {
+                event.elapsed = clock.elapsed();
+                match &outcome {
+                    Settle::Done { .. } => plugins.each("after_task", |p| p.after_task(event)),
+                    Settle::Retry { error, .. } | Settle::Fail { error, .. } => {
+                        let info = FailureInfo {
+                            message: error.clone(),
+                            will_retry: matches!(outcome, Settle::Retry { .. }),
+                        };
+                        plugins.each("on_task_error", |p| p.on_task_error(event, &info));
+                    }
                 }
             }
             let _ = settle.send(outcome);
@@ -627,29 +633,14 @@ impl Worker {
 
 /// Turns a handler error into a retry or a dead letter, by the task's policy.
 fn decide(id: i64, lease: i64, attempt: u32, reg: &Registration, err: HandlerError) -> Settle {
-    let error = err.to_string();
-    match err.kind() {
-        HandlerErrorKind::Fatal => Settle::Fail { id, lease, error },
-        _ if !reg.policy.should_retry(attempt) => Settle::Fail {
-            id,
-            lease,
-            error: format!(
-                "{error} (attempt {attempt} of {}, giving up)",
-                reg.policy.attempts()
-            ),
-        },
-        HandlerErrorKind::RetryAfter(delay) => Settle::Retry {
+    match reg.policy.verdict(attempt, &err) {
+        Verdict::Retry { delay, error } => Settle::Retry {
             id,
             lease,
             delay,
             error,
         },
-        _ => Settle::Retry {
-            id,
-            lease,
-            delay: reg.policy.jittered_delay_after(attempt),
-            error,
-        },
+        Verdict::GiveUp { error } => Settle::Fail { id, lease, error },
     }
 }
 

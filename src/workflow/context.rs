@@ -22,9 +22,9 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 
 use crate::db::{self, Checkpoint, RunLease};
-use crate::error::{HandlerError, HandlerErrorKind};
+use crate::error::HandlerError;
 use crate::plugin::{FailureInfo, Plugins, StepEvent};
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, Verdict};
 use crate::task::BoxFuture;
 
 /// Why a step's call returned an error to the workflow.
@@ -646,32 +646,20 @@ impl<'c, I, F> Step<'c, I, F> {
         let clock = Instant::now();
         let outcome = run_handler(self.handler, self.input, self.timeout).await;
         event.elapsed = clock.elapsed();
-        let (status, output, error) = match &outcome {
+        let (status, output, error, retry_in) = match &outcome {
             Ok(out) => match serde_json::to_string(out) {
-                Ok(json) => ("completed", Some(json), None),
+                Ok(json) => ("completed", Some(json), None, None),
                 Err(e) => (
                     "failed",
                     None,
                     Some(format!("cannot serialize the output: {e}")),
+                    None,
                 ),
             },
-            Err(e) => {
-                let again =
-                    e.kind() != HandlerErrorKind::Fatal && self.policy.should_retry(attempt);
-                let message = if again || e.kind() == HandlerErrorKind::Fatal {
-                    e.to_string()
-                } else {
-                    format!(
-                        "{e} (attempt {attempt} of {}, giving up)",
-                        self.policy.attempts()
-                    )
-                };
-                (
-                    if again { "retrying" } else { "failed" },
-                    None,
-                    Some(message),
-                )
-            }
+            Err(e) => match self.policy.verdict(attempt, e) {
+                Verdict::Retry { delay, error } => ("retrying", None, Some(error), Some(delay)),
+                Verdict::GiveUp { error } => ("failed", None, Some(error), None),
+            },
         };
         let c = Checkpoint {
             key: &slot.key,
@@ -710,13 +698,8 @@ impl<'c, I, F> Step<'c, I, F> {
                     message: format!("recorded output does not fit the expected type: {e}"),
                 }),
             "retrying" => {
-                let delay = match outcome {
-                    Err(e) => match e.kind() {
-                        HandlerErrorKind::RetryAfter(d) => d,
-                        _ => self.policy.jittered_delay_after(attempt),
-                    },
-                    Ok(_) => self.policy.jittered_delay_after(attempt),
-                };
+                // Another writer may have recorded the retry: its backoff then.
+                let delay = retry_in.unwrap_or_else(|| self.policy.jittered_delay_after(attempt));
                 ctx.park(Halt::Suspend {
                     wake_at: Some(recorded.db_now + delay),
                     waiting: false,
