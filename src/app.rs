@@ -10,11 +10,15 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
-use crate::db::{self, QueueMetrics, RunStatus};
+use crate::BoxFuture;
+use crate::db;
 use crate::error::{DbContext, Error, HandlerError, Result};
 use crate::migrate::{self, MigrationReport};
 use crate::plugin::{Plugin, Plugins};
-use crate::task::{BoxFuture, JobContext, Registry, Task, validate_queue_name};
+use crate::queue::{QueueMetrics, validate_queue_name};
+use crate::registry::{Registration, Registry};
+use crate::run::{RunInfo, RunStatus};
+use crate::task::{JobContext, Task};
 use crate::worker::WorkerBuilder;
 use crate::workflow::{self, WorkflowContext, WorkflowOptions};
 
@@ -183,7 +187,7 @@ impl App {
             .register(handler)
     }
 
-    pub(crate) fn registrations_for(&self, queue: &str) -> Vec<Arc<crate::task::Registration>> {
+    pub(crate) fn registrations_for(&self, queue: &str) -> Vec<Arc<Registration>> {
         self.inner
             .registry
             .read()
@@ -243,7 +247,7 @@ impl App {
             .register_workflow(name, def)
     }
 
-    pub(crate) fn workflows(&self) -> Vec<Arc<crate::task::Registration>> {
+    pub(crate) fn workflows(&self) -> Vec<Arc<Registration>> {
         self.inner
             .registry
             .read()
@@ -280,21 +284,21 @@ impl App {
         let mut pause = Duration::from_millis(5);
         loop {
             let status = db::run_status(self.pool(), run).await?;
-            match status.status.as_str() {
-                "completed" => {
+            match status.status {
+                RunStatus::Completed => {
                     let output = status.output.unwrap_or_else(|| "null".into());
                     return serde_json::from_str(&output).map_err(|source| Error::Deserialize {
                         what: "the run's output",
                         source,
                     });
                 }
-                "failed" => {
+                RunStatus::Failed => {
                     return Err(Error::RunFailed {
                         run,
                         error: status.error.unwrap_or_default(),
                     });
                 }
-                "cancelled" => return Err(Error::RunCancelled(run)),
+                RunStatus::Cancelled => return Err(Error::RunCancelled(run)),
                 _ => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(250));
@@ -304,7 +308,7 @@ impl App {
     }
 
     /// A run's status, output or error, and timings.
-    pub async fn run_status(&self, run: Uuid) -> Result<RunStatus> {
+    pub async fn run_status(&self, run: Uuid) -> Result<RunInfo> {
         db::run_status(self.pool(), run).await
     }
 

@@ -9,6 +9,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
 
 use crate::error::{DbContext, Result};
+use crate::queue::QueueMetrics;
+use crate::run::RunInfo;
 
 /// A job handed out by a claim, with the lease that fences it.
 #[derive(Debug, sqlx::FromRow)]
@@ -22,28 +24,6 @@ pub(crate) struct ClaimedJob {
     pub parent_run: Option<uuid::Uuid>,
     /// The producer's W3C trace context.
     pub traceparent: Option<String>,
-}
-
-/// One queue's counters, from `cairn.metrics`.
-#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
-pub struct QueueMetrics {
-    /// The queue's name.
-    #[sqlx(rename = "queue_name")]
-    pub queue: String,
-    /// Jobs visible now, waiting for a worker.
-    pub ready: i64,
-    /// Jobs scheduled for later (a delay or a retry backoff).
-    pub delayed: i64,
-    /// Jobs leased by a worker right now.
-    pub in_flight: i64,
-    /// Dead-lettered jobs kept in `cairn.archive`.
-    pub dead: i64,
-    /// Completed jobs kept in `cairn.archive`.
-    pub completed: i64,
-    /// How long the oldest ready job has been waiting, in seconds.
-    pub oldest_ready_age: f64,
-    /// The database time of the measurement.
-    pub measured_at: DateTime<Utc>,
 }
 
 pub(crate) fn secs(d: Duration) -> f64 {
@@ -264,29 +244,6 @@ pub(crate) struct LoadedRun {
     pub traceparent: Option<String>,
 }
 
-/// A run's status, from `cairn.run_status`.
-#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
-pub struct RunStatus {
-    /// The run's id.
-    pub id: uuid::Uuid,
-    /// The workflow's name.
-    pub workflow: String,
-    /// pending, running, sleeping, waiting, completed, failed or cancelled.
-    pub status: String,
-    /// The output as JSON text, once completed.
-    pub output: Option<String>,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// When it was started.
-    pub created_at: DateTime<Utc>,
-    /// When a worker first ran it.
-    pub started_at: Option<DateTime<Utc>>,
-    /// When it ended.
-    pub finished_at: Option<DateTime<Utc>>,
-    /// When a sleeping run wakes (or a waiting one times out).
-    pub wake_at: Option<DateTime<Utc>>,
-}
-
 /// Where a run is: its id, job and lease.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RunLease {
@@ -504,7 +461,7 @@ pub(crate) async fn retry_run(db: &PgPool, run: uuid::Uuid) -> Result<bool> {
         .db("retrying a run")
 }
 
-pub(crate) async fn run_status(db: &PgPool, run: uuid::Uuid) -> Result<RunStatus> {
+pub(crate) async fn run_status(db: &PgPool, run: uuid::Uuid) -> Result<RunInfo> {
     sqlx::query_as(
         "select id, workflow, status, output::text as output, error, created_at, started_at, \
          finished_at, wake_at from cairn.run_status($1)",

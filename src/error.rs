@@ -1,4 +1,5 @@
-//! Errors: [`Error`] for cairn's own API, [`HandlerError`] for handlers.
+//! Errors: [`Error`] for cairn's own API, [`HandlerError`] for what handlers
+//! return, [`StepError`] for what a workflow's durable calls return.
 
 use std::fmt;
 use std::time::Duration;
@@ -74,8 +75,9 @@ pub enum Error {
         source: serde_json::Error,
     },
 
-    /// The database could not be reached or a statement failed.
-    #[error("database error while {context}: {source}")]
+    /// The database could not be reached or a statement failed. The message
+    /// carries the server's detail and hint, when it gave them.
+    #[error("database error while {context}: {source}{}", db_notes(.source))]
     Database {
         /// What cairn was doing.
         context: &'static str,
@@ -90,9 +92,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Classifies a driver error: cairn's SQL functions raise argument errors
     /// with standard SQLSTATEs, which become typed variants here.
+    /// The server's detail and hint are kept in the message: they often say
+    /// what to do (`create it first: select cairn.create_queue('q')`).
     pub(crate) fn from_sqlx(context: &'static str, source: sqlx::Error) -> Self {
         if let Some(db) = source.as_database_error() {
-            let message = db.message().trim_start_matches("cairn: ").to_owned();
+            let message = format!(
+                "{}{}",
+                db.message().trim_start_matches("cairn: "),
+                db_notes(&source)
+            );
             match db.code().as_deref() {
                 Some("42704") => return Error::NotFound(message),
                 Some("55000") => return Error::InvalidState(message),
@@ -103,6 +111,25 @@ impl Error {
             }
         }
         Error::Database { context, source }
+    }
+}
+
+/// ` (detail: …; hint: …)` from a server error, or nothing.
+fn db_notes(source: &sqlx::Error) -> String {
+    let Some(pg) = source
+        .as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+    else {
+        return String::new();
+    };
+    let notes: Vec<String> = [("detail", pg.detail()), ("hint", pg.hint())]
+        .into_iter()
+        .filter_map(|(what, text)| text.map(|t| format!("{what}: {t}")))
+        .collect();
+    if notes.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", notes.join("; "))
     }
 }
 
@@ -170,6 +197,37 @@ impl HandlerError {
     pub fn kind(&self) -> HandlerErrorKind {
         self.kind
     }
+}
+
+/// Why a step's call returned an error to the workflow.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StepError {
+    /// The step failed for good: a fatal error, or its attempts ran out.
+    #[error("step {step} failed: {message}")]
+    Failed {
+        /// The step's key (`name#n`).
+        step: String,
+        /// The handler's last error.
+        message: String,
+    },
+    /// A recorded output or a signal payload does not fit the expected type.
+    #[error("step {step}: {message}")]
+    Decode {
+        /// The step's key.
+        step: String,
+        /// serde's message.
+        message: String,
+    },
+}
+
+/// The message a panic carried, for errors and logs.
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
 impl fmt::Display for HandlerError {

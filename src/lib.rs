@@ -47,27 +47,36 @@ mod migrate;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod plugin;
+mod queue;
+mod registry;
 mod retry;
+mod run;
 mod task;
 mod worker;
 mod workflow;
 
 pub use app::{App, AppBuilder, Enqueue, EnqueueBatch, Start};
-pub use db::{QueueMetrics, RunStatus};
-pub use error::{Error, HandlerError, HandlerErrorKind, Result, ResultExt};
+pub use error::{Error, HandlerError, HandlerErrorKind, Result, ResultExt, StepError};
 pub use migrate::{MigrationReport, latest_version};
 pub use plugin::{
     FailureInfo, LoggingPlugin, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent,
 };
+pub use queue::QueueMetrics;
 pub use retry::{Backoff, RetryPolicy};
+pub use run::{RunInfo, RunStatus};
 pub use task::{JobContext, Task};
 pub use uuid::Uuid;
 pub use worker::{WorkerBuilder, WorkerStats};
-pub use workflow::{Step, StepError, WORKFLOW_QUEUE, WorkflowContext, WorkflowOptions};
+pub use workflow::{Step, WORKFLOW_QUEUE, WorkflowContext, WorkflowOptions};
 
 /// The names most programs need: `use cairn::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        App, HandlerError, JobContext, ResultExt, RetryPolicy, StepError, Task, WorkflowContext,
+        App, Backoff, HandlerError, JobContext, ResultExt, RetryPolicy, RunStatus, StepError, Task,
+        WorkflowContext, WorkflowOptions,
     };
 }
+
+/// A boxed future: what type-erased handlers and `IntoFuture` impls return.
+pub(crate) type BoxFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

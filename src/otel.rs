@@ -26,9 +26,9 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTra
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::db::QueueMetrics;
 use crate::error::{Error, Result};
 use crate::plugin::{FailureInfo, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent};
+use crate::queue::QueueMetrics;
 
 /// The OTLP transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

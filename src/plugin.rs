@@ -140,7 +140,7 @@ impl Plugins {
             {
                 tracing::error!(
                     hook,
-                    panic = %crate::worker::panic_message(panic),
+                    panic = %crate::error::panic_message(panic),
                     "a plugin panicked; ignored"
                 );
             }

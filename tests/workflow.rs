@@ -62,7 +62,7 @@ impl Worker {
 }
 
 async fn status(app: &App, run: cairn::Uuid) -> String {
-    app.run_status(run).await.unwrap().status
+    app.run_status(run).await.unwrap().status.to_string()
 }
 
 async fn wait_status(app: &App, run: cairn::Uuid, want: &str) {

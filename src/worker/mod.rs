@@ -1,37 +1,39 @@
-//! The pull worker.
+//! The pull worker: its builder, its lifecycle and its shutdown.
 //!
-//! One claim loop leases jobs with `cairn.claim` up to the free capacity and
-//! spawns a task per job; a [listener](listener) wakes it on `NOTIFY`, with a
-//! jittered poll as the fallback; a [completer](completer) settles finished
-//! jobs in batches; a [heartbeat](heartbeat) extends the leases of jobs that
-//! run long and aborts those whose lease was lost. Every settlement is fenced
-//! by the job's lease, so racing with a redelivery can never double-complete.
+//! One part per file:
+//! - [`claimer`]: claim loops lease jobs up to the free capacity;
+//! - [`executor`]: runs each job (a task's handler or a workflow run's replay);
+//! - [`completer`]: settles finished jobs in batches;
+//! - [`heartbeat`]: extends leases, and stops the handlers of jobs whose lease
+//!   was lost (the job ran out and was claimed elsewhere, or its run was
+//!   cancelled);
+//! - [`listener`]: `LISTEN` for wake-ups, with a jittered poll as fallback.
+//!
+//! Every settlement is fenced by the job's lease, so racing with a
+//! redelivery can never double-complete.
 
+mod claimer;
 mod completer;
+mod executor;
 mod heartbeat;
 mod listener;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::db::{self, ClaimedJob};
-use crate::error::{Error, HandlerError, Result};
-use crate::plugin::{FailureInfo, Plugins, TaskEvent};
-use crate::retry::Verdict;
-use crate::task::{Handler, JobContext, Registration, validate_queue_name};
-use crate::workflow::{self, Settled, WorkflowDef};
-
-use completer::Settle;
+use crate::db;
+use crate::error::{Error, Result};
+use crate::plugin::Plugins;
+use crate::queue::validate_queue_name;
+use crate::registry::Registration;
 
 /// Configures and runs a worker; from [`App::worker`].
 ///
@@ -269,9 +271,6 @@ impl Counters {
     }
 }
 
-/// Claim loops per worker (fewer when the concurrency is lower).
-const CLAIMERS: usize = 2;
-
 struct Worker {
     app: App,
     queues: Vec<QueuePlan>,
@@ -332,7 +331,7 @@ impl Worker {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.concurrency));
         let closing = CancellationToken::new();
-        let claimers: Vec<_> = (0..this.concurrency.min(CLAIMERS))
+        let claimers: Vec<_> = (0..this.concurrency.min(claimer::CLAIMERS))
             .map(|i| {
                 tokio::spawn(Arc::clone(&this).claim_loop(
                     i,
@@ -362,79 +361,6 @@ impl Worker {
         let _ = heartbeat.await;
         let _ = listener.await;
         Ok(this.counters.snapshot())
-    }
-
-    /// Claims up to the free capacity, starts the jobs, and when the queues
-    /// run dry sleeps until a notification or the poll timer.
-    async fn claim_loop(
-        self: Arc<Self>,
-        first_queue: usize,
-        slots: Arc<Semaphore>,
-        wake: Arc<Notify>,
-        closing: CancellationToken,
-        settle_tx: mpsc::UnboundedSender<Settle>,
-    ) {
-        let mut next_queue = first_queue;
-        loop {
-            let first = tokio::select! {
-                biased;
-                _ = closing.cancelled() => return,
-                permit = Arc::clone(&slots).acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
-            let mut permits = vec![first];
-            while let Ok(p) = Arc::clone(&slots).try_acquire_owned() {
-                permits.push(p);
-            }
-
-            let wanted = permits.len();
-            let mut claimed = 0;
-            let mut failed = false;
-            for i in 0..self.queues.len() {
-                if permits.is_empty() {
-                    break;
-                }
-                let plan = &self.queues[(next_queue + i) % self.queues.len()];
-                self.counters.claims.fetch_add(1, Ordering::Relaxed);
-                match db::claim(
-                    self.app.pool(),
-                    &plan.name,
-                    self.lease,
-                    permits.len(),
-                    &plan.tasks,
-                )
-                .await
-                {
-                    Ok(jobs) => {
-                        claimed += jobs.len();
-                        for job in jobs {
-                            let Some(permit) = permits.pop() else { break };
-                            self.start(plan, job, permit, settle_tx.clone());
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(queue = %plan.name, error = %e, "claim failed; retrying after the poll interval");
-                        failed = true;
-                    }
-                }
-            }
-            next_queue = (next_queue + 1) % self.queues.len();
-            drop(permits);
-
-            if claimed < wanted || failed {
-                // The queues are drained (or the database is unreachable):
-                // sleep until a notification, the poll timer or shutdown.
-                let pause = jittered(self.poll_interval);
-                tokio::select! {
-                    biased;
-                    _ = closing.cancelled() => return,
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep(pause) => {}
-                }
-            }
-        }
     }
 
     /// Aborts the jobs still running at the deadline and gives them back.
@@ -469,190 +395,4 @@ impl Worker {
             }
         }
     }
-
-    /// Spawns the job's handler and the task that reports its outcome.
-    fn start(
-        &self,
-        plan: &QueuePlan,
-        job: ClaimedJob,
-        permit: OwnedSemaphorePermit,
-        settle: mpsc::UnboundedSender<Settle>,
-    ) {
-        let attempt = u32::try_from(job.attempts).unwrap_or(u32::MAX);
-        let Some(reg) = plan.handlers.get(&job.task).cloned() else {
-            // The claim filters by task name, so this cannot happen; settle
-            // it loudly rather than leave it leased.
-            let _ = settle.send(Settle::fail(
-                &job,
-                format!("no handler for task {:?}", job.task),
-            ));
-            return;
-        };
-        if attempt > reg.policy.attempts() {
-            // Delivered more often than the policy allows without a result:
-            // the workers running it were lost (a crash loop). Stop here.
-            let error = format!(
-                "gave up after {} deliveries without a result (max attempts {}); the worker running it was lost each time",
-                attempt - 1,
-                reg.policy.attempts()
-            );
-            let _ = settle.send(Settle::fail(&job, error));
-            return;
-        }
-
-        let handler = match &reg.handler {
-            Handler::Task(h) => Arc::clone(h),
-            Handler::Workflow(w) => {
-                return self.start_run(&plan.name, &reg, Arc::clone(w), job, permit);
-            }
-        };
-        let cancel = CancellationToken::new();
-        let ctx = JobContext {
-            id: job.id,
-            queue: plan.name.clone(),
-            task: reg.name.clone(),
-            attempt,
-            parent_run: job.parent_run,
-            cancel: cancel.clone(),
-        };
-        let (id, lease) = (job.id, job.lease);
-        let archive = reg.archive;
-        let plugins = self.plugins.clone();
-        // Built only for plugins: no clones or clock reads per job otherwise.
-        let mut event = (!plugins.is_empty()).then(|| TaskEvent {
-            job_id: id,
-            task: reg.name.clone(),
-            queue: plan.name.clone(),
-            attempt,
-            parent_run: job.parent_run,
-            started: SystemTime::now(),
-            elapsed: Duration::ZERO,
-            traceparent: job.traceparent.clone(),
-        });
-        if let Some(e) = &event {
-            plugins.each("before_task", |p| p.before_task(e));
-        }
-        let clock = event.as_ref().map(|_| Instant::now());
-        let run =
-            AssertUnwindSafe(handler(job.payload, ctx, job.parent_run.is_some())).catch_unwind();
-        let in_flight = Arc::clone(&self.in_flight);
-        // Registered before the task can finish: the entry is in place when
-        // the task marks it settled, and the completer removes it.
-        let mut running = self.in_flight.lock();
-        let task = tokio::spawn(async move {
-            let result = match run.await {
-                Ok(result) => result,
-                Err(panic) => Err(HandlerError::retryable(format!(
-                    "handler panicked: {}",
-                    panic_message(panic)
-                ))),
-            };
-            if let Some(r) = in_flight.lock().get_mut(&id) {
-                r.abort = None; // settling now: shutdown must not release it
-            }
-            let outcome = match result {
-                Ok(output) => Settle::Done {
-                    id,
-                    lease,
-                    output,
-                    archive,
-                },
-                Err(err) => decide(id, lease, attempt, &reg, err),
-            };
-            if let (Some(event), Some(clock)) = (&mut event, clock) {
-                event.elapsed = clock.elapsed();
-                match &outcome {
-                    Settle::Done { .. } => plugins.each("after_task", |p| p.after_task(event)),
-                    Settle::Retry { error, .. } | Settle::Fail { error, .. } => {
-                        let info = FailureInfo {
-                            message: error.clone(),
-                            will_retry: matches!(outcome, Settle::Retry { .. }),
-                        };
-                        plugins.each("on_task_error", |p| p.on_task_error(event, &info));
-                    }
-                }
-            }
-            let _ = settle.send(outcome);
-            drop(permit);
-        });
-        // An aborted task (lease lost, or released at shutdown) sends nothing.
-        running.insert(
-            id,
-            Running {
-                lease,
-                started: Instant::now(),
-                cancel,
-                abort: Some(task.abort_handle()),
-            },
-        );
-    }
-}
-
-impl Worker {
-    /// Spawns the replay of a workflow run; it writes its own outcome.
-    fn start_run(
-        &self,
-        queue: &str,
-        reg: &Registration,
-        workflow: Arc<WorkflowDef>,
-        job: ClaimedJob,
-        permit: OwnedSemaphorePermit,
-    ) {
-        let (id, lease) = (job.id, job.lease);
-        let pool = self.app.pool().clone();
-        let name = reg.name.clone();
-        let queue = queue.to_owned();
-        let plugins = self.plugins.clone();
-        let in_flight = Arc::clone(&self.in_flight);
-        let counters = Arc::clone(&self.counters);
-        let mut running = self.in_flight.lock();
-        let task = tokio::spawn(async move {
-            let settled = workflow::execute(pool, workflow, name, queue, plugins, &job).await;
-            let counter = match settled {
-                Settled::Completed => Some(&counters.completed),
-                Settled::Failed(_) => Some(&counters.dead),
-                Settled::Suspended | Settled::Abandoned => None,
-            };
-            if let Some(c) = counter {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-            in_flight.lock().remove(&id);
-            drop(permit);
-        });
-        running.insert(
-            id,
-            Running {
-                lease,
-                started: Instant::now(),
-                cancel: CancellationToken::new(),
-                abort: Some(task.abort_handle()),
-            },
-        );
-    }
-}
-
-/// Turns a handler error into a retry or a dead letter, by the task's policy.
-fn decide(id: i64, lease: i64, attempt: u32, reg: &Registration, err: HandlerError) -> Settle {
-    match reg.policy.verdict(attempt, &err) {
-        Verdict::Retry { delay, error } => Settle::Retry {
-            id,
-            lease,
-            delay,
-            error,
-        },
-        Verdict::GiveUp { error } => Settle::Fail { id, lease, error },
-    }
-}
-
-pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_owned())
-}
-
-/// `d` ± 20 %, so idle workers do not poll in lockstep.
-fn jittered(d: Duration) -> Duration {
-    d.mul_f64(rand::random_range(0.8..=1.2))
 }

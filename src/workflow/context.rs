@@ -8,57 +8,33 @@
 //! the executor then parks the run in the database and drops the function.
 
 use std::collections::HashMap;
-use std::future::{Future, IntoFuture};
-use std::panic::AssertUnwindSafe;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
+use super::step::Step;
 use crate::db::{self, Checkpoint, RunLease};
-use crate::error::HandlerError;
-use crate::plugin::{FailureInfo, Plugins, StepEvent};
-use crate::retry::{RetryPolicy, Verdict};
-use crate::task::BoxFuture;
-
-/// Why a step's call returned an error to the workflow.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StepError {
-    /// The step failed for good: a fatal error, or its attempts ran out.
-    #[error("step {step} failed: {message}")]
-    Failed {
-        /// The step's key (`name#n`).
-        step: String,
-        /// The handler's last error.
-        message: String,
-    },
-    /// A recorded output or a signal payload does not fit the expected type.
-    #[error("step {step}: {message}")]
-    Decode {
-        /// The step's key.
-        step: String,
-        /// serde's message.
-        message: String,
-    },
-}
+use crate::error::{HandlerError, StepError};
+use crate::plugin::Plugins;
+use crate::retry::RetryPolicy;
 
 /// One checkpoint as `cairn.load_run` returns it.
 #[derive(Debug, Deserialize)]
 pub(crate) struct Recorded {
-    key: String,
-    seq: i32,
-    status: String,
-    output: Option<serde_json::Value>,
-    error: Option<String>,
-    attempts: i32,
-    wake_at: Option<DateTime<Utc>>,
+    pub(super) key: String,
+    pub(super) seq: i32,
+    pub(super) status: String,
+    pub(super) output: Option<serde_json::Value>,
+    pub(super) error: Option<String>,
+    pub(super) attempts: i32,
+    pub(super) wake_at: Option<DateTime<Utc>>,
 }
 
 /// What stops this execution of the workflow function.
@@ -110,21 +86,21 @@ struct State {
     halt: Option<Halt>,
 }
 
-struct Inner {
-    pool: PgPool,
-    at: RunLease,
-    workflow: String,
-    loaded_at: (DateTime<Utc>, Instant),
-    recorded: HashMap<String, Recorded>,
-    by_seq: HashMap<i32, String>,
+pub(super) struct Inner {
+    pub(super) pool: PgPool,
+    pub(super) at: RunLease,
+    pub(super) workflow: String,
+    pub(super) loaded_at: (DateTime<Utc>, Instant),
+    pub(super) recorded: HashMap<String, Recorded>,
+    pub(super) by_seq: HashMap<i32, String>,
     state: Mutex<State>,
-    step_retry: RetryPolicy,
-    step_timeout: Option<Duration>,
-    plugins: Plugins,
-    traceparent: Option<String>,
+    pub(super) step_retry: RetryPolicy,
+    pub(super) step_timeout: Option<Duration>,
+    pub(super) plugins: Plugins,
+    pub(super) traceparent: Option<String>,
     /// Inline steps between starting their handler and writing their checkpoint.
-    running: AtomicUsize,
-    changed: Notify,
+    pub(super) running: AtomicUsize,
+    pub(super) changed: Notify,
 }
 
 /// The handle a workflow function gets: its steps, sleeps and signals are
@@ -132,7 +108,7 @@ struct Inner {
 /// every replay.
 #[derive(Clone)]
 pub struct WorkflowContext {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for WorkflowContext {
@@ -145,10 +121,10 @@ impl std::fmt::Debug for WorkflowContext {
 }
 
 /// The position and key of a durable operation, and its checkpoint if any.
-struct Slot<'a> {
-    key: String,
-    seq: i32,
-    recorded: Option<&'a Recorded>,
+pub(super) struct Slot<'a> {
+    pub(super) key: String,
+    pub(super) seq: i32,
+    pub(super) recorded: Option<&'a Recorded>,
 }
 
 impl WorkflowContext {
@@ -203,7 +179,7 @@ impl WorkflowContext {
 
     /// Takes the next position for `name`, checking it against the record.
     /// `None` once the execution is halting: the caller must not start work.
-    fn slot(&self, name: &str) -> Option<Slot<'_>> {
+    pub(super) fn slot(&self, name: &str) -> Option<Slot<'_>> {
         let mut st = self.state();
         if st.halt.is_some() {
             return None;
@@ -243,12 +219,12 @@ impl WorkflowContext {
     }
 
     /// Halts and never returns: the executor drops this future.
-    async fn park<T>(&self, halt: Halt) -> T {
+    pub(super) async fn park<T>(&self, halt: Halt) -> T {
         self.halt(halt);
         std::future::pending().await
     }
 
-    async fn abandon<T>(&self, what: &str, e: impl std::fmt::Display) -> T {
+    pub(super) async fn abandon<T>(&self, what: &str, e: impl std::fmt::Display) -> T {
         self.park(Halt::Abandon(format!("{what}: {e}"))).await
     }
 
@@ -551,195 +527,4 @@ impl WorkflowContext {
             Err(e) => self.abandon("recording a value", e).await,
         }
     }
-}
-
-/// A step about to run; await it. See [`WorkflowContext::step`].
-#[must_use = "a step does nothing until awaited"]
-pub struct Step<'c, I, F> {
-    ctx: &'c WorkflowContext,
-    name: String,
-    input: I,
-    handler: F,
-    policy: RetryPolicy,
-    timeout: Option<Duration>,
-}
-
-impl<'c, I, F> Step<'c, I, F> {
-    /// How failures are retried (default: the workflow's
-    /// [`step_retry`](crate::WorkflowOptions::step_retry)). Each retry waits
-    /// durably: the run is parked for the backoff.
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.policy = policy;
-        self
-    }
-
-    /// Cancel an attempt that runs longer than this; it counts as a
-    /// retryable failure (default: the workflow's
-    /// [`step_timeout`](crate::WorkflowOptions::step_timeout), else none).
-    pub fn timeout(mut self, limit: Duration) -> Self {
-        self.timeout = Some(limit);
-        self
-    }
-}
-
-impl<'c, I, O, F, Fut> IntoFuture for Step<'c, I, F>
-where
-    I: Serialize + Send + 'static,
-    O: Serialize + DeserializeOwned + Send + 'static,
-    F: FnOnce(I) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
-{
-    type Output = Result<O, StepError>;
-    type IntoFuture = BoxFuture<'c, Result<O, StepError>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
-    }
-}
-
-impl<'c, I, F> Step<'c, I, F> {
-    async fn run<O, Fut>(self) -> Result<O, StepError>
-    where
-        I: Serialize + Send + 'static,
-        O: Serialize + DeserializeOwned + Send + 'static,
-        F: FnOnce(I) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
-    {
-        let ctx = self.ctx;
-        let Some(slot) = ctx.slot(&self.name) else {
-            return std::future::pending().await;
-        };
-        let mut attempt = 1;
-        if let Some(r) = slot.recorded {
-            match r.status.as_str() {
-                "completed" => {
-                    return serde_json::from_value(r.output.clone().unwrap_or_default()).map_err(
-                        |e| StepError::Decode {
-                            step: slot.key.clone(),
-                            message: format!("recorded output does not fit the expected type: {e}"),
-                        },
-                    );
-                }
-                "failed" => {
-                    return Err(StepError::Failed {
-                        step: slot.key.clone(),
-                        message: r.error.clone().unwrap_or_default(),
-                    });
-                }
-                _ => attempt = u32::try_from(r.attempts).unwrap_or(0) + 1,
-            }
-        }
-
-        let input = serde_json::to_string(&self.input).unwrap_or_else(|_| "null".into());
-        ctx.inner.running.fetch_add(1, Ordering::SeqCst);
-        let mut event = StepEvent {
-            run_id: ctx.inner.at.run,
-            workflow: ctx.inner.workflow.clone(),
-            step: slot.key.clone(),
-            attempt,
-            started: SystemTime::now(),
-            elapsed: Duration::ZERO,
-            traceparent: ctx.inner.traceparent.clone(),
-        };
-        let plugins = &ctx.inner.plugins;
-        plugins.each("before_step", |p| p.before_step(&event));
-        let clock = Instant::now();
-        let outcome = run_handler(self.handler, self.input, self.timeout).await;
-        event.elapsed = clock.elapsed();
-        let (status, output, error, retry_in) = match &outcome {
-            Ok(out) => match serde_json::to_string(out) {
-                Ok(json) => ("completed", Some(json), None, None),
-                Err(e) => (
-                    "failed",
-                    None,
-                    Some(format!("cannot serialize the output: {e}")),
-                    None,
-                ),
-            },
-            Err(e) => match self.policy.verdict(attempt, e) {
-                Verdict::Retry { delay, error } => ("retrying", None, Some(error), Some(delay)),
-                Verdict::GiveUp { error } => ("failed", None, Some(error), None),
-            },
-        };
-        let c = Checkpoint {
-            key: &slot.key,
-            seq: slot.seq,
-            kind: "step",
-            status,
-            input: Some(&input),
-            output: output.as_deref(),
-            error: error.as_deref(),
-            attempts: i32::try_from(attempt).unwrap_or(i32::MAX),
-        };
-        let written = db::checkpoint(&ctx.inner.pool, ctx.inner.at, c).await;
-        ctx.inner.running.fetch_sub(1, Ordering::SeqCst);
-        ctx.inner.changed.notify_waiters();
-        let recorded = match written {
-            Ok(Some(r)) => r,
-            Ok(None) => return ctx.abandon("lease lost", "writing a checkpoint").await,
-            Err(e) => return ctx.abandon("writing a checkpoint", e).await,
-        };
-        match (status, &error) {
-            ("completed", _) => plugins.each("after_step", |p| p.after_step(&event)),
-            (_, e) => {
-                let info = FailureInfo {
-                    message: e.clone().unwrap_or_default(),
-                    will_retry: status == "retrying",
-                };
-                plugins.each("on_step_error", |p| p.on_step_error(&event, &info));
-            }
-        }
-        // What is recorded is what the run has seen, even if another writer
-        // got there first: the stored outcome wins over this attempt's.
-        match recorded.status_now.as_str() {
-            "completed" => serde_json::from_str(recorded.output_now.as_deref().unwrap_or("null"))
-                .map_err(|e| StepError::Decode {
-                    step: slot.key,
-                    message: format!("recorded output does not fit the expected type: {e}"),
-                }),
-            "retrying" => {
-                // Another writer may have recorded the retry: its backoff then.
-                let delay = retry_in.unwrap_or_else(|| self.policy.jittered_delay_after(attempt));
-                ctx.park(Halt::Suspend {
-                    wake_at: Some(recorded.db_now + delay),
-                    waiting: false,
-                })
-                .await
-            }
-            _ => Err(StepError::Failed {
-                step: slot.key,
-                message: recorded.error_now.unwrap_or_default(),
-            }),
-        }
-    }
-}
-
-/// Runs a step's handler: a panic or an overrun is a retryable failure.
-async fn run_handler<I, O, F, Fut>(
-    handler: F,
-    input: I,
-    limit: Option<Duration>,
-) -> Result<O, HandlerError>
-where
-    F: FnOnce(I) -> Fut,
-    Fut: Future<Output = Result<O, HandlerError>>,
-{
-    let attempt = AssertUnwindSafe(handler(input)).catch_unwind();
-    let result = match limit {
-        Some(limit) => match tokio::time::timeout(limit, attempt).await {
-            Ok(r) => r,
-            Err(_) => {
-                return Err(HandlerError::retryable(format!(
-                    "step timed out after {limit:?}"
-                )));
-            }
-        },
-        None => attempt.await,
-    };
-    result.unwrap_or_else(|panic| {
-        Err(HandlerError::retryable(format!(
-            "step panicked: {}",
-            crate::worker::panic_message(panic)
-        )))
-    })
 }

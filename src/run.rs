@@ -1,0 +1,115 @@
+//! Workflow runs as callers see them: their status and what
+//! `cairn.run_status` reports.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+
+use crate::error::Error;
+
+/// Where a run is in its life. The SQL side stores the same names (the
+/// `check` list of `cairn.runs.status`; a test holds the two equal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RunStatus {
+    /// Started, not yet picked up by a worker.
+    Pending,
+    /// A worker is executing it.
+    Running,
+    /// Parked until a time (a durable sleep or a step's retry backoff).
+    Sleeping,
+    /// Parked until something happens (a signal, a child run, a step job).
+    Waiting,
+    /// Finished with an output.
+    Completed,
+    /// Finished with an error; `retry_run` can revive it.
+    Failed,
+    /// Cancelled by `cancel_run` (or with its parent).
+    Cancelled,
+}
+
+impl RunStatus {
+    /// Every status, in the order of the SQL `check` list.
+    pub const ALL: [RunStatus; 7] = [
+        RunStatus::Pending,
+        RunStatus::Running,
+        RunStatus::Sleeping,
+        RunStatus::Waiting,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Pending => "pending",
+            RunStatus::Running => "running",
+            RunStatus::Sleeping => "sleeping",
+            RunStatus::Waiting => "waiting",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Completed, failed or cancelled: nothing more happens unless a failed
+    /// run is retried.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RunStatus {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown run status {s:?}")))
+    }
+}
+
+impl TryFrom<String> for RunStatus {
+    type Error = Error;
+
+    fn try_from(s: String) -> Result<Self, Error> {
+        s.parse()
+    }
+}
+
+/// A run's state, from `cairn.run_status`.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct RunInfo {
+    /// The run's id.
+    pub id: uuid::Uuid,
+    /// The workflow's name.
+    pub workflow: String,
+    /// Where the run is.
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
+    /// The output as JSON text, once completed.
+    pub output: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When it was started.
+    pub created_at: DateTime<Utc>,
+    /// When a worker first ran it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// When a sleeping run wakes (or a waiting one times out).
+    pub wake_at: Option<DateTime<Utc>>,
+}

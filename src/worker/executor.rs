@@ -1,0 +1,195 @@
+//! Runs a claimed job: a task's handler, or the replay of the workflow run
+//! the job drives. A task's outcome goes to the [completer](super::completer)
+//! as a settlement; a run writes its own outcome (complete, park or fail).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::FutureExt;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::completer::Settle;
+use super::{QueuePlan, Running, Worker};
+use crate::db::ClaimedJob;
+use crate::error::{HandlerError, panic_message};
+use crate::plugin::{FailureInfo, TaskEvent};
+use crate::registry::{Handler, Registration};
+use crate::retry::Verdict;
+use crate::task::JobContext;
+use crate::workflow::{self, Settled, WorkflowDef};
+
+impl Worker {
+    /// Spawns the job's handler and the task that reports its outcome.
+    pub(super) fn start(
+        &self,
+        plan: &QueuePlan,
+        job: ClaimedJob,
+        permit: OwnedSemaphorePermit,
+        settle: mpsc::UnboundedSender<Settle>,
+    ) {
+        let attempt = u32::try_from(job.attempts).unwrap_or(u32::MAX);
+        let Some(reg) = plan.handlers.get(&job.task).cloned() else {
+            // The claim filters by task name, so this cannot happen; settle
+            // it loudly rather than leave it leased.
+            let _ = settle.send(Settle::fail(
+                &job,
+                format!("no handler for task {:?}", job.task),
+            ));
+            return;
+        };
+        if attempt > reg.policy.attempts() {
+            // Delivered more often than the policy allows without a result:
+            // the workers running it were lost (a crash loop). Stop here.
+            let error = format!(
+                "gave up after {} deliveries without a result (max attempts {}); the worker running it was lost each time",
+                attempt - 1,
+                reg.policy.attempts()
+            );
+            let _ = settle.send(Settle::fail(&job, error));
+            return;
+        }
+
+        let handler = match &reg.handler {
+            Handler::Task(h) => Arc::clone(h),
+            Handler::Workflow(w) => {
+                return self.start_run(&plan.name, &reg, Arc::clone(w), job, permit);
+            }
+        };
+        let cancel = CancellationToken::new();
+        let ctx = JobContext {
+            id: job.id,
+            queue: plan.name.clone(),
+            task: reg.name.clone(),
+            attempt,
+            parent_run: job.parent_run,
+            cancel: cancel.clone(),
+        };
+        let (id, lease) = (job.id, job.lease);
+        let archive = reg.archive;
+        let plugins = self.plugins.clone();
+        // Built only for plugins: no clones or clock reads per job otherwise.
+        let mut event = (!plugins.is_empty()).then(|| TaskEvent {
+            job_id: id,
+            task: reg.name.clone(),
+            queue: plan.name.clone(),
+            attempt,
+            parent_run: job.parent_run,
+            started: SystemTime::now(),
+            elapsed: Duration::ZERO,
+            traceparent: job.traceparent.clone(),
+        });
+        if let Some(e) = &event {
+            plugins.each("before_task", |p| p.before_task(e));
+        }
+        let clock = event.as_ref().map(|_| Instant::now());
+        let run =
+            AssertUnwindSafe(handler(job.payload, ctx, job.parent_run.is_some())).catch_unwind();
+        let in_flight = Arc::clone(&self.in_flight);
+        // Registered before the task can finish: the entry is in place when
+        // the task marks it settled, and the completer removes it.
+        let mut running = self.in_flight.lock();
+        let task = tokio::spawn(async move {
+            let result = match run.await {
+                Ok(result) => result,
+                Err(panic) => Err(HandlerError::retryable(format!(
+                    "handler panicked: {}",
+                    panic_message(panic)
+                ))),
+            };
+            if let Some(r) = in_flight.lock().get_mut(&id) {
+                r.abort = None; // settling now: shutdown must not release it
+            }
+            let outcome = match result {
+                Ok(output) => Settle::Done {
+                    id,
+                    lease,
+                    output,
+                    archive,
+                },
+                Err(err) => decide(id, lease, attempt, &reg, err),
+            };
+            if let (Some(event), Some(clock)) = (&mut event, clock) {
+                event.elapsed = clock.elapsed();
+                match &outcome {
+                    Settle::Done { .. } => plugins.each("after_task", |p| p.after_task(event)),
+                    Settle::Retry { error, .. } | Settle::Fail { error, .. } => {
+                        let info = FailureInfo {
+                            message: error.clone(),
+                            will_retry: matches!(outcome, Settle::Retry { .. }),
+                        };
+                        plugins.each("on_task_error", |p| p.on_task_error(event, &info));
+                    }
+                }
+            }
+            let _ = settle.send(outcome);
+            drop(permit);
+        });
+        // An aborted task (lease lost, or released at shutdown) sends nothing.
+        running.insert(
+            id,
+            Running {
+                lease,
+                started: Instant::now(),
+                cancel,
+                abort: Some(task.abort_handle()),
+            },
+        );
+    }
+
+    /// Spawns the replay of a workflow run; it writes its own outcome.
+    fn start_run(
+        &self,
+        queue: &str,
+        reg: &Registration,
+        workflow: Arc<WorkflowDef>,
+        job: ClaimedJob,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let (id, lease) = (job.id, job.lease);
+        let pool = self.app.pool().clone();
+        let name = reg.name.clone();
+        let queue = queue.to_owned();
+        let plugins = self.plugins.clone();
+        let in_flight = Arc::clone(&self.in_flight);
+        let counters = Arc::clone(&self.counters);
+        let mut running = self.in_flight.lock();
+        let task = tokio::spawn(async move {
+            let settled = workflow::execute(pool, workflow, name, queue, plugins, &job).await;
+            let counter = match settled {
+                Settled::Completed => Some(&counters.completed),
+                Settled::Failed(_) => Some(&counters.dead),
+                Settled::Suspended | Settled::Abandoned => None,
+            };
+            if let Some(c) = counter {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            in_flight.lock().remove(&id);
+            drop(permit);
+        });
+        running.insert(
+            id,
+            Running {
+                lease,
+                started: Instant::now(),
+                cancel: CancellationToken::new(),
+                abort: Some(task.abort_handle()),
+            },
+        );
+    }
+}
+
+/// Turns a handler error into a retry or a dead letter, by the task's policy.
+fn decide(id: i64, lease: i64, attempt: u32, reg: &Registration, err: HandlerError) -> Settle {
+    match reg.policy.verdict(attempt, &err) {
+        Verdict::Retry { delay, error } => Settle::Retry {
+            id,
+            lease,
+            delay,
+            error,
+        },
+        Verdict::GiveUp { error } => Settle::Fail { id, lease, error },
+    }
+}
