@@ -69,22 +69,74 @@ begin
     end if;
 end $$;
 
--- Payloads are JSON values, at most 1 MiB as stored. `'null'::jsonb` is a
--- value; SQL NULL is not.
+-- The limits every JSON value entering cairn meets: at most 1 MiB (its size
+-- as Postgres stores it, uncompressed), nested at most 64 levels, and numbers
+-- within the range of a 64-bit float. The Rust worker's decoder accepts
+-- exactly such values, so a payload that passes is never dead-lettered for
+-- its shape. Returns NULL when the value is fine, else what is wrong. Cheap
+-- for the common small value: the size is a header read, the depth scan runs
+-- only for values large enough to be that deep, and the number scan is one
+-- pass of the JSON path engine.
+create or replace function cairn.json_problem(value jsonb)
+returns text
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_size integer := pg_catalog.pg_column_size(value);
+begin
+    if pg_catalog.pg_column_compression(value) is not null then
+        -- Stored compressed: measure the value itself (the array adds 11 bytes).
+        v_size := pg_catalog.pg_column_size(pg_catalog.jsonb_build_array(value)) - 11;
+    end if;
+    if v_size > 1048576 then
+        return format('is %s bytes, above the 1 MiB limit', v_size);
+    end if;
+    -- 65 levels of containers take at least 520 bytes.
+    if v_size >= 512 and pg_catalog.jsonb_path_exists(value,
+           'strict $.**{64} ? (@.type() == "object" || @.type() == "array")') then
+        return 'is nested deeper than 64 levels';
+    end if;
+    if pg_catalog.jsonb_path_exists(value,
+           'strict $.** ? (@ > 1.7976931348623157e308 || @ < -1.7976931348623157e308)') then
+        return 'holds a number outside the range of a 64-bit float (±1.7976931348623157e308)';
+    end if;
+    return null;
+end $$;
+
+-- Raises for a NULL or out-of-limits payload: 22004, 54000 (too big) or
+-- 22023 (too deep, number out of range). `'null'::jsonb` is a value; SQL
+-- NULL is not.
 create or replace function cairn.check_payload(payload jsonb, what text default 'payload')
 returns void
 language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_problem text;
 begin
     if payload is null then
         raise exception 'cairn: % must not be NULL (use ''null''::jsonb for a JSON null)', what
             using errcode = 'null_value_not_allowed';
     end if;
-    if pg_catalog.pg_column_size(payload) > 1048576 then
-        raise exception 'cairn: % is % bytes, above the 1 MiB limit',
-            what, pg_catalog.pg_column_size(payload)
-            using errcode = 'program_limit_exceeded';
+    v_problem := cairn.json_problem(payload);
+    if v_problem is not null then
+        raise exception 'cairn: % %', what, v_problem
+            using errcode = case when v_problem like 'is % bytes%' then 'program_limit_exceeded'
+                                 else 'invalid_parameter_value' end;
+    end if;
+end $$;
+
+-- A required argument: raises 22004 naming it when it is NULL.
+create or replace function cairn.check_not_null(value anyelement, what text)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if value is null then
+        raise exception 'cairn: % must not be NULL', what
+            using errcode = 'null_value_not_allowed';
     end if;
 end $$;
 
@@ -184,3 +236,36 @@ begin
                   hint = 'W3C trace context: 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>';
     end if;
 end $$;
+
+-- Tests only: move cairn's clock forward. Only the schema owner may call it
+-- (no role is granted it); once called, cairn.now() adds the offset.
+create or replace function cairn.advance_test_clock(seconds double precision)
+returns timestamptz
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_queue text;
+begin
+    perform cairn.check_seconds(seconds, 'clock advance', 0, 315360000);
+    insert into cairn.test_clock (offset_s) values (seconds)
+    on conflict (singleton) do update set offset_s = cairn.test_clock.offset_s + excluded.offset_s;
+    execute $def$
+        create or replace function cairn.now()
+        returns timestamptz
+        language plpgsql stable
+        set search_path = pg_catalog, pg_temp
+        as $body$
+        begin
+            return pg_catalog.now()
+                 + make_interval(secs => coalesce((select t.offset_s from cairn.test_clock t), 0));
+        end $body$
+    $def$;
+    -- Wake every queue: jobs whose time has now come need no poll to run.
+    for v_queue in select q.name from cairn.queues q loop
+        perform pg_notify('cairn', v_queue);
+    end loop;
+    return cairn.now();
+end $$;
+comment on function cairn.advance_test_clock(double precision) is
+    'TESTS ONLY: advance cairn.now() by seconds. Not granted to any role.';

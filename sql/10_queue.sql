@@ -1,5 +1,10 @@
 -- cairn: the queue API.
 --
+-- Who calls it: producers send (send, send_batch, metrics); workers lease
+-- and settle (claim/read/pop, ack, archive, retry, fail, extend, set_vt,
+-- release); admins repair (purge_queue, drop_queue, delete, requeue). See
+-- 90_grants.sql.
+--
 -- The model, pgmq's with fencing added:
 --   * send() inserts a job, visible at now() + delay, and NOTIFYs channel
 --     'cairn' with the queue name (a wake-up hint only; workers also poll).
@@ -16,8 +21,25 @@
 --     retry makes it visible again later; fail dead-letters it (kept in
 --     cairn.archive, outcome 'dead', and cairn.requeue() brings it back).
 --
--- Functions are SECURITY DEFINER so callers need no table privileges; see
--- 90_grants.sql for who may call what.
+-- Jobs of workflow runs. A job whose run_id is set drives that run; only the
+-- run engine (20_run_engine.sql) creates one, and only it completes one:
+-- ack, archive, retry, set_vt and pop leave such jobs alone. A job whose
+-- parent_run is set runs one step of that run; settling it settles the step
+-- and wakes the run. Whenever a run's job leaves the table by another way
+-- (dead-lettered, deleted, purged, dropped with its queue), the run fails
+-- with the reason: nothing is left waiting for ever. These paths go through
+-- cairn.settle_jobs, which takes its locks in the engine's lock order.
+--
+-- Lock order (see 20_run_engine.sql): runs, then jobs in id order. Calls
+-- that settle several jobs take them in id order, so two of them never wait
+-- for each other in a cycle. A claim never waits (SKIP LOCKED).
+--
+-- Durability: every function here commits as the caller's transaction
+-- does. The Rust worker turns off synchronous commit for its own claim and
+-- extend transactions (losing one in a crash only lets the job be claimed
+-- again); nothing here lowers the durability of a caller's transaction.
+--
+-- Functions are SECURITY DEFINER so callers need no table privileges.
 
 create or replace function cairn.create_queue(queue text)
 returns void
@@ -31,6 +53,8 @@ end $$;
 comment on function cairn.create_queue(text) is
     'Create a queue; a no-op if it exists.';
 
+-- Drop a queue. Locks: the queue row, then (through settle_jobs) the runs of
+-- its workflow jobs, then its jobs in id order.
 create or replace function cairn.drop_queue(queue text)
 returns boolean
 language plpgsql volatile security definer
@@ -38,20 +62,22 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_qid integer;
+    v_ids bigint[];
 begin
     perform cairn.check_queue_name(queue);
-    -- Lock the queue row first so a concurrent drop serializes on it.
     select q.id into v_qid from cairn.queues q where q.name = drop_queue.queue for update;
     if not found then
         return false;
     end if;
-    delete from cairn.jobs j where j.queue_id = v_qid;
+    select array_agg(j.id) into v_ids from cairn.jobs j where j.queue_id = v_qid;
+    perform cairn.settle_jobs(coalesce(v_ids, '{}'), null, null, 'removed',
+                              format('its queue %s was dropped', queue), false);
     delete from cairn.archive a where a.queue = drop_queue.queue;
     delete from cairn.queues q where q.id = v_qid;
     return true;
 end $$;
 comment on function cairn.drop_queue(text) is
-    'Drop a queue with its live jobs, archive and dead letters. Returns false if it did not exist.';
+    'Drop a queue with its live jobs, archive and dead letters; workflow runs driven by its jobs fail. Returns false if it did not exist.';
 
 create or replace function cairn.purge_queue(queue text)
 returns bigint
@@ -59,15 +85,16 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_qid   integer := cairn.queue_id(queue);
-    v_count bigint;
+    v_qid integer := cairn.queue_id(queue);
+    v_ids bigint[];
 begin
-    delete from cairn.jobs j where j.queue_id = v_qid;
-    get diagnostics v_count = row_count;
-    return v_count;
+    select array_agg(j.id) into v_ids from cairn.jobs j where j.queue_id = v_qid;
+    return (select count(*)
+              from cairn.settle_jobs(coalesce(v_ids, '{}'), null, null, 'removed',
+                                     format('its queue %s was purged', queue), false));
 end $$;
 comment on function cairn.purge_queue(text) is
-    'Delete every live job (ready, delayed or leased) of a queue; returns how many.';
+    'Delete every live job (ready, delayed or leased) of a queue; returns how many. Workflow runs driven by those jobs fail, and steps run as those jobs fail.';
 
 create or replace function cairn.send(
     queue       text,
@@ -81,9 +108,10 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_now timestamptz := cairn.now();
-    v_qid integer;
-    v_id  bigint;
+    v_now  timestamptz := cairn.now();
+    v_qid  integer;
+    v_task text := coalesce(task, queue);
+    v_id   bigint;
 begin
     -- The hot path tests inline and calls the checks (which raise) only when
     -- a value is wrong: each call of a function with a SET clause costs.
@@ -91,7 +119,7 @@ begin
     if not found then
         perform cairn.queue_id(queue);
     end if;
-    if payload is null or pg_column_size(payload) > 1048576 then
+    if payload is null or cairn.json_problem(payload) is not null then
         perform cairn.check_payload(payload);
     end if;
     if delay is null or not (delay >= 0 and delay <= 315360000) then
@@ -106,9 +134,10 @@ begin
     if traceparent is not null then
         perform cairn.check_traceparent(traceparent);
     end if;
+    perform cairn.check_not_workflow(v_task);
 
     insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at, traceparent)
-    values (v_qid, coalesce(send.task, send.queue), send.payload, send.priority,
+    values (v_qid, v_task, send.payload, send.priority,
             v_now + make_interval(secs => send.delay), v_now, send.traceparent)
     returning id into v_id;
 
@@ -118,7 +147,7 @@ begin
     return v_id;
 end $$;
 comment on function cairn.send(text, jsonb, double precision, integer, text, text) is
-    'Enqueue one job; delay in seconds (0 to 10 years); lower priority runs first; task defaults to the queue name; traceparent (W3C) continues the producer''s trace. Returns the job id.';
+    'Enqueue one job; delay in seconds (0 to 10 years); lower priority runs first; task defaults to the queue name (a workflow''s name is refused: start runs with start_workflow); traceparent (W3C) continues the producer''s trace. Returns the job id.';
 
 create or replace function cairn.send_batch(
     queue    text,
@@ -142,7 +171,7 @@ begin
     perform cairn.check_batch(cardinality(payloads), 'batch size', 100000);
     select u.n into v_bad
       from unnest(payloads) with ordinality as u(p, n)
-     where u.p is null or pg_column_size(u.p) > 1048576
+     where u.p is null or cairn.json_problem(u.p) is not null
      limit 1;
     if found then
         perform cairn.check_payload(payloads[v_bad], format('payloads[%s]', v_bad));
@@ -150,6 +179,7 @@ begin
     perform cairn.check_seconds(delay, 'delay', 0, 315360000);
     perform cairn.check_priority(priority);
     perform cairn.check_task_name(task);
+    perform cairn.check_not_workflow(coalesce(task, queue));
 
     return query
     insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at)
@@ -175,7 +205,7 @@ create or replace function cairn.claim(
     tasks text[] default null)
 returns table (id bigint, task text, payload jsonb, attempts integer, lease bigint,
                enqueued_at timestamptz, visible_at timestamptz, parent_run uuid,
-               traceparent text)
+               traceparent text, run_id uuid)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -196,9 +226,6 @@ begin
         perform cairn.check_batch(qty, 'qty', 10000);
     end if;
     v_lease := pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint;
-    -- A claim need not survive a crash (the job would simply be claimable
-    -- again), so its commit does not wait for the WAL flush.
-    perform pg_catalog.set_config('synchronous_commit', 'off', true);
 
     return query
     with c as materialized (
@@ -218,22 +245,23 @@ begin
       from c
      where j.id = c.id
     returning j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
-              j.parent_run, j.traceparent;
+              j.parent_run, j.traceparent, j.run_id;
 end $$;
 comment on function cairn.claim(text, double precision, integer, text[]) is
-    'Lease up to qty visible jobs for vt seconds (optionally only the given tasks). Each returned row carries the lease token that fenced calls must name, and the workflow run waiting for it, if any.';
+    'Lease up to qty visible jobs for vt seconds (optionally only the given tasks). Each returned row carries the lease token that fenced calls must name, the workflow run waiting for it (parent_run) and the run it drives (run_id), if any.';
 
 create or replace function cairn.read(queue text, vt integer, qty integer default 1)
 returns table (id bigint, task text, payload jsonb, attempts integer, lease bigint,
                enqueued_at timestamptz, visible_at timestamptz, parent_run uuid,
-               traceparent text)
+               traceparent text, run_id uuid)
 language sql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$ select * from cairn.claim(queue, vt, qty) $$;
 comment on function cairn.read(text, integer, integer) is
     'pgmq-style read: lease up to qty jobs for vt seconds.';
 
--- Read and delete at once: at-most-once delivery, no lease.
+-- Read and delete at once: at-most-once delivery, no lease. Takes plain jobs
+-- only: a workflow's jobs must be settled, never just dropped.
 create or replace function cairn.pop(queue text, qty integer default 1)
 returns table (id bigint, task text, payload jsonb, attempts integer,
                enqueued_at timestamptz)
@@ -251,6 +279,7 @@ begin
           from cairn.jobs j
          where j.queue_id = v_qid
            and j.visible_at <= v_now
+           and j.run_id is null and j.parent_run is null
          order by j.priority, j.visible_at, j.id
          limit pop.qty
            for update skip locked
@@ -258,58 +287,62 @@ begin
     delete from cairn.jobs j
      using c
      where j.id = c.id
-       and (j.parent_run is null
-            or cairn.settle_parent(j.parent_run, j.parent_step, 'completed', null, null))
     returning j.id, j.task, j.payload, j.attempts + 1, j.enqueued_at;
 end $$;
 comment on function cairn.pop(text, integer) is
-    'Take up to qty visible jobs and delete them in the same statement (at-most-once).';
+    'Take up to qty visible plain jobs and delete them in the same statement (at-most-once). Jobs of workflow runs are left for claim.';
 
-create or replace function cairn.ack(ids bigint[], leases bigint[])
-returns setof bigint
-language plpgsql volatile security definer
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    if ids is null or leases is null or cardinality(ids) <> cardinality(leases) then
-        perform cairn.check_pairs(ids, leases);
-    end if;
-    return query
-    delete from cairn.jobs j
-     using unnest(ids, leases) as u(id, lease)
-     where j.id = u.id and j.lease = u.lease
-       and (j.parent_run is null
-            or cairn.settle_parent(j.parent_run, j.parent_step, 'completed', null, null))
-    returning j.id;
-end $$;
-comment on function cairn.ack(bigint[], bigint[]) is
-    'Complete (delete) leased jobs. Returns the ids whose lease still matched; the others were re-leased or settled and are left alone.';
-
--- With outputs: a job run as a workflow step hands its output to the step.
+-- Complete leased jobs. The hot path deletes plain jobs in one statement, in
+-- id order; a workflow's step jobs go through settle_jobs (their run is
+-- locked first). Jobs that drive a run are never acked: the run engine
+-- completes them.
 create or replace function cairn.ack(ids bigint[], leases bigint[], outputs jsonb[])
 returns setof bigint
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_done bigint[];
 begin
-    perform cairn.check_pairs(ids, leases);
-    perform cairn.check_outputs(ids, coalesce(outputs, '{}'));
-    return query
-    delete from cairn.jobs j
-     using unnest(ids, leases, outputs) as u(id, lease, output)
-     where j.id = u.id and j.lease = u.lease
-       and (j.parent_run is null
-            or cairn.settle_parent(j.parent_run, j.parent_step, 'completed', u.output, null))
-    returning j.id;
+    if ids is null or leases is null or cardinality(ids) <> cardinality(leases) then
+        perform cairn.check_pairs(ids, leases);
+    end if;
+    if outputs is not null then
+        perform cairn.check_outputs(ids, outputs);
+    end if;
+    with d as (
+        delete from cairn.jobs j
+         using (select u.id, u.lease from unnest(ids, leases) as u(id, lease) order by u.id) u
+         where j.id = u.id and j.lease = u.lease
+           and j.run_id is null and j.parent_run is null
+        returning j.id
+    )
+    select array_agg(d.id) into v_done from d;
+    if coalesce(cardinality(v_done), 0) < cardinality(ids) then
+        -- Some were not plain jobs (or their lease was lost): settle the
+        -- workflow steps among them.
+        v_done := coalesce(v_done, '{}') || array(
+            select s.id
+              from cairn.settle_jobs(ids, leases, outputs, 'completed', null, false) s);
+    end if;
+    return query select unnest(coalesce(v_done, '{}'));
 end $$;
 comment on function cairn.ack(bigint[], bigint[], jsonb[]) is
-    'Complete leased jobs with their outputs, which go to the workflow step a job was run for.';
+    'Complete leased jobs; outputs, when given, pair up with the ids and go to the workflow steps the jobs were run for. Returns the ids whose lease still matched; the others were re-leased or settled and are left alone.';
+
+create or replace function cairn.ack(ids bigint[], leases bigint[])
+returns setof bigint
+language sql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$ select * from cairn.ack(ids, leases, null) $$;
+comment on function cairn.ack(bigint[], bigint[]) is
+    'Complete (delete) leased jobs. Returns the ids whose lease still matched; the others were re-leased or settled and are left alone.';
 
 create or replace function cairn.ack(id bigint, lease bigint)
 returns boolean
 language sql volatile security definer
 set search_path = pg_catalog, pg_temp
-as $$ select exists (select from cairn.ack(array[id], array[lease])) $$;
+as $$ select exists (select from cairn.ack(array[id], array[lease], null)) $$;
 comment on function cairn.ack(bigint, bigint) is
     'Complete (delete) one leased job; false if the lease no longer matches.';
 
@@ -318,27 +351,10 @@ returns setof bigint
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
-declare
-    v_now timestamptz := cairn.now();
 begin
     perform cairn.check_pairs(ids, leases);
     perform cairn.check_outputs(ids, outputs);
-    return query
-    with d as (
-        delete from cairn.jobs j
-         using unnest(ids, leases, coalesce(outputs, array_fill(null::jsonb, array[cardinality(ids)])))
-               as u(id, lease, output)
-         where j.id = u.id and j.lease = u.lease
-           and (j.parent_run is null
-                or cairn.settle_parent(j.parent_run, j.parent_step, 'completed', u.output, null))
-        returning j.*, u.output
-    )
-    insert into cairn.archive as a (id, queue, task, payload, priority, attempts, enqueued_at,
-                                    archived_at, outcome, output, last_error)
-    select d.id, q.name, d.task, d.payload, d.priority, d.attempts, d.enqueued_at,
-           v_now, 'completed', d.output, d.last_error
-      from d join cairn.queues q on q.id = d.queue_id
-    returning a.id;
+    return query select s.id from cairn.settle_jobs(ids, leases, outputs, 'completed', null, true) s;
 end $$;
 comment on function cairn.archive(bigint[], bigint[], jsonb[]) is
     'Complete leased jobs and keep them, with their outputs, in cairn.archive. Returns the ids whose lease still matched.';
@@ -362,11 +378,11 @@ begin
        set visible_at = cairn.now() + make_interval(secs => retry.delay),
            lease      = null,
            last_error = left(retry.error, 4096)
-     where j.id = retry.id and j.lease = retry.lease;
+     where j.id = retry.id and j.lease = retry.lease and j.run_id is null;
     return found;
 end $$;
 comment on function cairn.retry(bigint, bigint, double precision, text) is
-    'Give a leased job back to be delivered again after delay seconds, recording the error. False if the lease no longer matches.';
+    'Give a leased job back to be delivered again after delay seconds, recording the error. False if the lease no longer matches (or the job drives a workflow run: the engine schedules those).';
 
 create or replace function cairn.fail(id bigint, lease bigint, error text)
 returns boolean
@@ -374,22 +390,14 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    with d as (
-        delete from cairn.jobs j
-         where j.id = fail.id and j.lease = fail.lease
-           and (j.parent_run is null
-                or cairn.settle_parent(j.parent_run, j.parent_step, 'failed', null, fail.error))
-        returning j.*
-    )
-    insert into cairn.archive (id, queue, task, payload, priority, attempts, enqueued_at,
-                               archived_at, outcome, last_error)
-    select d.id, q.name, d.task, d.payload, d.priority, d.attempts, d.enqueued_at,
-           cairn.now(), 'dead', left(fail.error, 4096)
-      from d join cairn.queues q on q.id = d.queue_id;
-    return found;
+    if id is null or lease is null then
+        perform cairn.check_pairs(array[id], array[lease]);
+    end if;
+    return exists (select from cairn.settle_jobs(array[id], array[lease], null, 'dead',
+                                                 coalesce(error, 'failed'), true));
 end $$;
 comment on function cairn.fail(bigint, bigint, text) is
-    'Dead-letter a leased job with an error: it moves to cairn.archive (outcome dead), where cairn.requeue() can bring it back. False if the lease no longer matches.';
+    'Dead-letter a leased job with an error: it moves to cairn.archive (outcome dead), where cairn.requeue() can bring it back. A job that drives a workflow run fails the run; a job run as a step fails the step. False if the lease no longer matches.';
 
 create or replace function cairn.extend(ids bigint[], leases bigint[], vt double precision)
 returns setof bigint
@@ -399,12 +407,10 @@ as $$
 begin
     perform cairn.check_pairs(ids, leases);
     perform cairn.check_seconds(vt, 'visibility timeout', 0.001, 86400);
-    -- Losing an extension in a crash is harmless: the crash ended the lease.
-    perform pg_catalog.set_config('synchronous_commit', 'off', true);
     return query
     update cairn.jobs j
        set visible_at = cairn.now() + make_interval(secs => extend.vt)
-      from unnest(ids, leases) as u(id, lease)
+      from (select u.id, u.lease from unnest(ids, leases) as u(id, lease) order by u.id) u
      where j.id = u.id and j.lease = u.lease
     returning j.id;
 end $$;
@@ -422,14 +428,15 @@ begin
     perform cairn.check_seconds(vt, 'visibility timeout', 0, 86400);
     update cairn.jobs j
        set visible_at = cairn.now() + make_interval(secs => set_vt.vt)
-     where j.id = set_vt.id and j.lease = set_vt.lease
+     where j.id = set_vt.id and j.lease = set_vt.lease and j.run_id is null
     returning j.visible_at into v_visible;
     return v_visible;
 end $$;
 comment on function cairn.set_vt(bigint, bigint, double precision) is
-    'Set a leased job to become visible vt seconds from now (0 gives it back at once). Returns the new visible_at, or NULL if the lease no longer matches.';
+    'Set a leased job to become visible vt seconds from now (0 gives it back at once). Returns the new visible_at, or NULL if the lease no longer matches (or the job drives a workflow run).';
 
--- Give jobs back without counting the delivery (graceful shutdown).
+-- Give jobs back without counting the delivery (graceful shutdown). A run's
+-- job may be released too: the run is picked up again from its checkpoints.
 create or replace function cairn.release(ids bigint[], leases bigint[])
 returns setof bigint
 language plpgsql volatile security definer
@@ -446,7 +453,7 @@ begin
            set visible_at = cairn.now(),
                lease      = null,
                attempts   = greatest(j.attempts - 1, 0)
-          from unnest(ids, leases) as u(id, lease)
+          from (select u.id, u.lease from unnest(ids, leases) as u(id, lease) order by u.id) u
          where j.id = u.id and j.lease = u.lease
         returning j.id, j.queue_id
     )
@@ -467,23 +474,53 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_qid integer := cairn.queue_id(queue);
-    v_id  bigint := id;
 begin
-    delete from cairn.jobs j where j.queue_id = v_qid and j.id = v_id;
-    return found;
+    perform cairn.check_not_null(id, 'id');
+    if not exists (select from cairn.jobs j where j.queue_id = v_qid and j.id = delete.id) then
+        return false;
+    end if;
+    return exists (select from cairn.settle_jobs(array[id], null, null, 'removed',
+                                                 'its job was deleted by an operator', false));
 end $$;
 comment on function cairn.delete(text, bigint) is
-    'Operator delete of a live job, leased or not (unfenced, like pgmq.delete).';
+    'Operator delete of a live job, leased or not (unfenced, like pgmq.delete). A workflow run driven by it fails; a step run as it fails.';
 
+-- Put a dead letter back. A run's dead driver job revives the run (the
+-- retry_run protocol); a dead step job is refused: retry its run instead.
 create or replace function cairn.requeue(queue text, id bigint)
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_now timestamptz := cairn.now();
-    v_qid integer := cairn.queue_id(queue);
+    v_now  timestamptz := cairn.now();
+    v_qid  integer := cairn.queue_id(queue);
+    v_dead record;
+    v_run  record;
 begin
+    perform cairn.check_not_null(id, 'id');
+    select a.run_id, a.parent_run, a.parent_step into v_dead
+      from cairn.archive a
+     where a.queue = requeue.queue and a.id = requeue.id and a.outcome = 'dead';
+    if not found then
+        return false;
+    end if;
+    if v_dead.parent_run is not null then
+        raise exception 'cairn: job % ran step % of run %; requeueing it alone would not reach the run',
+                        id, v_dead.parent_step, v_dead.parent_run
+            using errcode = 'object_not_in_prerequisite_state',
+                  hint = format('retry the run: select cairn.retry_run(%L)', v_dead.parent_run);
+    end if;
+    if v_dead.run_id is not null then
+        select r.status, r.job_id into v_run from cairn.runs r where r.id = v_dead.run_id;
+        if found and v_run.status = 'failed' and v_run.job_id = requeue.id then
+            return cairn.retry_run(v_dead.run_id);
+        end if;
+        raise exception 'cairn: job % drove run %, which is %; there is nothing to requeue',
+                        id, v_dead.run_id, coalesce(v_run.status, 'gone')
+            using errcode = 'object_not_in_prerequisite_state',
+                  hint = 'only the dead job of a failed run can be requeued (it revives the run, as cairn.retry_run does)';
+    end if;
     with d as (
         delete from cairn.archive a
          where a.queue = requeue.queue and a.id = requeue.id and a.outcome = 'dead'
@@ -500,7 +537,7 @@ begin
     return found;
 end $$;
 comment on function cairn.requeue(text, bigint) is
-    'Put a dead-lettered job back on its queue with a fresh attempt count. False if no such dead letter.';
+    'Put a dead-lettered job back on its queue with a fresh attempt count. The dead job of a failed workflow run revives the run (like retry_run); a dead step job is refused (retry its run). False if no such dead letter.';
 
 create or replace function cairn.metrics_all()
 returns table (queue_name text, ready bigint, delayed bigint, in_flight bigint, dead bigint,

@@ -4,13 +4,18 @@
 -- grants its functions to three NOLOGIN group roles. Give an application's
 -- login role membership of the one it needs:
 --   cairn_producer  send, send_batch, metrics, start_workflow, send_signal,
---                   run_status, list_runs, run_steps
+--                   run_status, list_runs, run_steps, run_history
 --   cairn_worker    producer + claim/read/pop, the fenced ack/archive/retry/
---                   fail/extend/set_vt/release, create_queue, and the
---                   workflow engine's worker calls
+--                   fail/extend/set_vt/release, create_queue, and the run
+--                   engine's worker calls (40_worker.sql)
 --   cairn_admin     worker + drop_queue, purge_queue, delete, requeue,
 --                   cancel_run, retry_run, and
 --                   SELECT on the tables
+-- The engine's internal functions (00_base.sql checks, 20_run_engine.sql)
+-- are granted to no one: only cairn's SECURITY DEFINER functions call them.
+-- Every install starts from nothing: whatever was granted on cairn's objects
+-- to anyone else (PUBLIC, other roles, or the three roles beyond their
+-- lists) is revoked first.
 -- None of them can read or write cairn's tables directly (admin can read):
 -- the functions are SECURITY DEFINER, owned by the role that ran initialize().
 -- Roles are cluster-wide; they are created when the initializing role may
@@ -19,7 +24,34 @@
 revoke all on all functions in schema cairn from public;
 revoke all on all tables in schema cairn from public;
 revoke all on all sequences in schema cairn from public;
+revoke all on schema cairn from public;
 alter default privileges in schema cairn revoke execute on functions from public;
+
+-- Revoke what any other role holds on cairn's objects (the owner keeps its
+-- rights; the three roles are granted their lists again below).
+do $$
+declare
+    v_role text;
+begin
+    for v_role in
+        select distinct pg_catalog.pg_get_userbyid(a.grantee)
+          from (select p.proacl as acl, p.proowner as owner
+                  from pg_catalog.pg_proc p where p.pronamespace = 'cairn'::regnamespace
+                union all
+                select c.relacl, c.relowner
+                  from pg_catalog.pg_class c where c.relnamespace = 'cairn'::regnamespace
+                union all
+                select n.nspacl, n.nspowner
+                  from pg_catalog.pg_namespace n where n.nspname = 'cairn') o,
+               lateral pg_catalog.aclexplode(o.acl) a
+         where a.grantee <> 0 and a.grantee <> o.owner
+    loop
+        execute format('revoke all on all functions in schema cairn from %I', v_role);
+        execute format('revoke all on all tables in schema cairn from %I', v_role);
+        execute format('revoke all on all sequences in schema cairn from %I', v_role);
+        execute format('revoke all on schema cairn from %I', v_role);
+    end loop;
+end $$;
 
 do $$
 declare
@@ -47,17 +79,19 @@ declare
         'cairn.send_batch(text, jsonb[], double precision, integer, text)',
         'cairn.metrics(text)',
         'cairn.metrics_all()',
-        'cairn.start_workflow(text, jsonb, text, text, integer, double precision, text)',
+        'cairn.start_workflow(text, jsonb, text, text, integer, double precision, text, text)',
         'cairn.send_signal(uuid, text, jsonb)',
         'cairn.run_status(uuid)',
         'cairn.list_runs(text, text, integer)',
-        'cairn.run_steps(uuid)'];
+        'cairn.run_steps(uuid)',
+        'cairn.run_history(uuid)'];
     v_worker constant text[] := v_producer || array[
         'cairn.create_queue(text)',
         'cairn.claim(text, double precision, integer, text[])',
         'cairn.read(text, integer, integer)',
         'cairn.pop(text, integer)',
         'cairn.ack(bigint[], bigint[])',
+        'cairn.ack(bigint[], bigint[], jsonb[])',
         'cairn.ack(bigint, bigint)',
         'cairn.archive(bigint[], bigint[], jsonb[])',
         'cairn.archive(bigint, bigint, jsonb)',
@@ -68,15 +102,15 @@ declare
         'cairn.release(bigint[], bigint[])',
         'cairn.register_workflow(text, text)',
         'cairn.load_run(uuid, bigint, bigint)',
-        'cairn.checkpoint(uuid, bigint, bigint, text, integer, text, text, jsonb, jsonb, text, integer)',
-        'cairn.sleep_step(uuid, bigint, bigint, text, integer, double precision)',
-        'cairn.await_signal(uuid, bigint, bigint, text, integer, text, double precision)',
-        'cairn.suspend_run(uuid, bigint, bigint, timestamptz, text)',
-        'cairn.complete_run(uuid, bigint, bigint, jsonb)',
-        'cairn.fail_run(uuid, bigint, bigint, text)',
-        'cairn.start_child(uuid, bigint, bigint, text, integer, text, jsonb)',
-        'cairn.start_task_step(uuid, bigint, bigint, text, integer, text, text, jsonb)',
-        'cairn.ack(bigint[], bigint[], jsonb[])'];
+        'cairn.begin_step(uuid, bigint, bigint, jsonb, text, integer, text, jsonb)',
+        'cairn.record_steps(uuid, bigint, bigint, jsonb)',
+        'cairn.sleep_step(uuid, bigint, bigint, jsonb, text, integer, double precision)',
+        'cairn.await_signal(uuid, bigint, bigint, jsonb, text, integer, text, double precision)',
+        'cairn.start_child(uuid, bigint, bigint, jsonb, text, integer, text, text, jsonb)',
+        'cairn.start_task_step(uuid, bigint, bigint, jsonb, text, integer, text, text, text, jsonb)',
+        'cairn.suspend_run(uuid, bigint, bigint, jsonb, timestamptz, double precision, text)',
+        'cairn.complete_run(uuid, bigint, bigint, jsonb, jsonb)',
+        'cairn.fail_run(uuid, bigint, bigint, jsonb, text)'];
     v_admin constant text[] := v_worker || array[
         'cairn.drop_queue(text)',
         'cairn.purge_queue(text)',

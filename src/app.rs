@@ -1,23 +1,27 @@
 //! [`App`]: the handle to a cairn database, and its builder.
 
-use std::future::{Future, IntoFuture};
-use std::sync::{Arc, RwLock};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
-use crate::BoxFuture;
+use crate::call::Call;
 use crate::db;
+use crate::enqueue::{Enqueue, EnqueueBatch};
 use crate::error::{DbContext, Error, HandlerError, Result};
+use crate::json;
 use crate::migrate::{self, MigrationReport};
 use crate::plugin::{Plugin, Plugins};
 use crate::queue::{QueueMetrics, validate_queue_name};
 use crate::registry::{Registration, Registry};
-use crate::run::{RunInfo, RunStatus};
+use crate::run::{RunEvent, RunInfo, RunStatus};
+use crate::start::Start;
 use crate::task::{JobContext, Task};
 use crate::worker::WorkerBuilder;
 use crate::workflow::{self, WorkflowContext, WorkflowOptions};
@@ -33,6 +37,8 @@ struct Inner {
     pool: PgPool,
     registry: RwLock<Registry>,
     plugins: RwLock<Vec<Arc<dyn Plugin>>>,
+    /// Workflows this app has announced to the database.
+    announced: Mutex<HashSet<String>>,
 }
 
 /// Builds an [`App`]: give it a database URL or an existing pool.
@@ -91,6 +97,7 @@ impl AppBuilder {
                 pool,
                 registry: RwLock::new(Registry::default()),
                 plugins: RwLock::new(Vec::new()),
+                announced: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -107,38 +114,103 @@ impl App {
         &self.inner.pool
     }
 
-    /// Creates or upgrades schema `cairn`. Safe to call from many processes
-    /// at once (they serialize on an advisory lock), a no-op when current.
-    /// Fails with [`Error::SchemaTooNew`] when the database was migrated by a
-    /// newer cairn, and with [`Error::MigrationEdited`] when a released
-    /// migration was changed.
+    /// Creates or upgrades schema `cairn`, and announces the workflows
+    /// registered so far (so producers can start them before any worker
+    /// has run). Safe to call from many processes at once (they serialize
+    /// on an advisory lock), a no-op when current.
+    ///
+    /// It refuses a schema `cairn` that another role owns or has put
+    /// objects in ([`Error::UnsafeSchema`]), a database migrated by a newer
+    /// cairn ([`Error::SchemaTooNew`], [`Error::FunctionsTooNew`]), and a
+    /// released migration that was changed ([`Error::MigrationEdited`]).
+    /// What it finds changed since the last install — a function's body,
+    /// settings or grants, a dropped function or index, a trigger someone
+    /// added — it puts back, and says so in [`MigrationReport::repaired`].
     pub async fn initialize(&self) -> Result<MigrationReport> {
-        let mut conn = self
+        let report = {
+            let mut conn = self
+                .inner
+                .pool
+                .acquire()
+                .await
+                .db("connecting for migration")?;
+            migrate::run(&mut conn).await?
+        };
+        self.register_workflows().await?;
+        Ok(report)
+    }
+
+    /// Announces this app's workflows to the database (creating their
+    /// queues), so `cairn.start_workflow` accepts their names.
+    /// [`initialize`](Self::initialize) and workers do it; call it yourself
+    /// after registering workflows later. Needs the `cairn_worker` role.
+    pub async fn register_workflows(&self) -> Result<()> {
+        for w in self.workflows() {
+            db::create_queue(self.pool(), &w.queue).await?;
+            db::register_workflow(self.pool(), &w.name, &w.queue).await?;
+            self.announced(&w.name);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn announced(&self, workflow: &str) {
+        self.inner
+            .announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(workflow.to_owned());
+    }
+
+    /// Whether this app defines `workflow` but has not announced it yet.
+    pub(crate) fn unannounced(&self, workflow: &str) -> bool {
+        let known = self
             .inner
-            .pool
-            .acquire()
-            .await
-            .db("connecting for migration")?;
-        migrate::run(&mut conn).await
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_workflow(workflow);
+        known
+            && !self
+                .inner
+                .announced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(workflow)
     }
 
     /// Creates a queue; a no-op if it exists.
-    pub async fn create_queue(&self, queue: &str) -> Result<()> {
-        validate_queue_name(queue)?;
-        db::create_queue(self.pool(), queue).await
+    pub fn create_queue(&self, queue: &str) -> Call<'_, ()> {
+        let queue = queue.to_owned();
+        self.call(validate_queue_name(&queue), move |conn| {
+            Box::pin(async move { db::create_queue(conn, &queue).await })
+        })
     }
 
-    /// Drops a queue with its jobs, archive and dead letters. False if it
-    /// did not exist.
-    pub async fn drop_queue(&self, queue: &str) -> Result<bool> {
-        validate_queue_name(queue)?;
-        db::drop_queue(self.pool(), queue).await
+    /// Drops a queue with its jobs, archive and dead letters; runs driven by
+    /// its jobs fail. False if it did not exist.
+    pub fn drop_queue(&self, queue: &str) -> Call<'_, bool> {
+        let queue = queue.to_owned();
+        self.call(validate_queue_name(&queue), move |conn| {
+            Box::pin(async move { db::drop_queue(conn, &queue).await })
+        })
     }
 
-    /// Deletes every live job of a queue; returns how many.
-    pub async fn purge_queue(&self, queue: &str) -> Result<i64> {
-        validate_queue_name(queue)?;
-        db::purge_queue(self.pool(), queue).await
+    /// Deletes every live job of a queue; returns how many. Runs driven by
+    /// those jobs fail, and steps run as those jobs fail.
+    pub fn purge_queue(&self, queue: &str) -> Call<'_, i64> {
+        let queue = queue.to_owned();
+        self.call(validate_queue_name(&queue), move |conn| {
+            Box::pin(async move { db::purge_queue(conn, &queue).await })
+        })
+    }
+
+    /// Deletes one live job, leased or not (an operator's tool). A run it
+    /// drives fails; a step it runs fails. False if there is no such job.
+    pub fn delete_job(&self, queue: &str, id: i64) -> Call<'_, bool> {
+        let queue = queue.to_owned();
+        self.call(validate_queue_name(&queue), move |conn| {
+            Box::pin(async move { db::delete(conn, &queue, id).await })
+        })
     }
 
     /// One queue's counters.
@@ -153,10 +225,15 @@ impl App {
     }
 
     /// Puts a dead-lettered job back on its queue with a fresh attempt count.
-    /// False if there is no such dead letter.
-    pub async fn requeue(&self, queue: &str, id: i64) -> Result<bool> {
-        validate_queue_name(queue)?;
-        db::requeue(self.pool(), queue, id).await
+    /// The dead job of a failed run revives the run (as
+    /// [`retry_run`](Self::retry_run) does); a dead step job is refused with
+    /// [`Error::InvalidState`] (retry its run). False if there is no such
+    /// dead letter.
+    pub fn requeue(&self, queue: &str, id: i64) -> Call<'_, bool> {
+        let queue = queue.to_owned();
+        self.call(validate_queue_name(&queue), move |conn| {
+            Box::pin(async move { db::requeue(conn, &queue, id).await })
+        })
     }
 
     /// Registers the handler of task `T`, whose type the closure's first
@@ -265,17 +342,7 @@ impl App {
         workflow: &'a str,
         input: &'a I,
     ) -> Start<'a, I> {
-        Start {
-            app: self,
-            workflow,
-            input,
-            key: None,
-            queue: None,
-            priority: 0,
-            delay: Duration::ZERO,
-            run_at: None,
-            traceparent: None,
-        }
+        Start::new(self, workflow, input)
     }
 
     /// Waits until the run ends; its output, or [`Error::RunFailed`] /
@@ -312,56 +379,56 @@ impl App {
         db::run_status(self.pool(), run).await
     }
 
-    /// Delivers signal `name` with `payload` to a run. Fails with
-    /// [`Error::NotFound`] for an unknown run and [`Error::InvalidState`] for
-    /// a finished one.
-    pub async fn send_signal<P: Serialize>(
-        &self,
-        run: Uuid,
-        name: &str,
-        payload: &P,
-    ) -> Result<i64> {
-        let payload = serde_json::to_string(payload).map_err(|source| Error::Serialize {
-            what: "the signal's payload",
-            source,
-        })?;
-        db::send_signal(self.pool(), run, name, &payload).await
+    /// A run's history, oldest first: every step attempt with its start, end,
+    /// outcome and error, and the run's suspends, resumes, signals, failures,
+    /// retries and cancellation. Nothing is erased by a retry.
+    pub async fn run_history(&self, run: Uuid) -> Result<Vec<RunEvent>> {
+        db::run_history(self.pool(), run).await
     }
 
-    /// Cancels a run and its child runs; returns how many were still active.
-    pub async fn cancel_run(&self, run: Uuid) -> Result<i32> {
-        db::cancel_run(self.pool(), run).await
+    /// Delivers signal `name` with `payload` to a run; resolves to the
+    /// signal's id. Fails with [`Error::NotFound`] for an unknown run and
+    /// [`Error::InvalidState`] for a finished one.
+    pub fn send_signal<P: Serialize>(&self, run: Uuid, name: &str, payload: &P) -> Call<'_, i64> {
+        let payload = serialize(payload, "the signal's payload");
+        let name = name.to_owned();
+        match payload {
+            Ok(payload) => Call::new(self.pool(), move |conn| {
+                Box::pin(async move { db::send_signal(conn, run, &name, &payload).await })
+            }),
+            Err(e) => Call::failed(self.pool(), e),
+        }
+    }
+
+    /// Cancels a run and its child runs; resolves to how many were still
+    /// active. Once it commits, no step of theirs starts; one already running
+    /// is stopped within a heartbeat.
+    pub fn cancel_run(&self, run: Uuid) -> Call<'_, i32> {
+        Call::new(self.pool(), move |conn| {
+            Box::pin(async move { db::cancel_run(conn, run).await })
+        })
     }
 
     /// Runs a failed run again from its failed step (completed steps are
-    /// kept). False if the run is not failed.
-    pub async fn retry_run(&self, run: Uuid) -> Result<bool> {
-        db::retry_run(self.pool(), run).await
+    /// kept; the failure stays in its history). False if the run is not
+    /// failed.
+    pub fn retry_run(&self, run: Uuid) -> Call<'_, bool> {
+        Call::new(self.pool(), move |conn| {
+            Box::pin(async move { db::retry_run(conn, run).await })
+        })
     }
 
     /// Enqueues one job of task `T`. Await it to enqueue on the pool, or
     /// call [`execute`](Enqueue::execute) with your own transaction so the job
     /// exists if and only if your transaction commits.
     pub fn enqueue<'a, T: Task>(&'a self, task: &'a T) -> Enqueue<'a, T> {
-        Enqueue {
-            app: self,
-            tasks: std::slice::from_ref(task),
-            delay: Duration::ZERO,
-            priority: 0,
-            traceparent: None,
-        }
+        Enqueue::new(self, std::slice::from_ref(task))
     }
 
     /// Enqueues many jobs of task `T` in one round trip per 10,000 jobs;
     /// resolves to their ids in order. Same options as [`enqueue`](Self::enqueue).
     pub fn enqueue_batch<'a, T: Task>(&'a self, tasks: &'a [T]) -> EnqueueBatch<'a, T> {
-        EnqueueBatch(Enqueue {
-            app: self,
-            tasks,
-            delay: Duration::ZERO,
-            priority: 0,
-            traceparent: None,
-        })
+        EnqueueBatch::new(self, tasks)
     }
 
     /// Adds a plugin; its hooks run after those of plugins added before.
@@ -388,6 +455,19 @@ impl App {
     pub fn worker(&self) -> WorkerBuilder {
         WorkerBuilder::new(self.clone())
     }
+
+    fn call<T: Send + 'static>(
+        &self,
+        checked: Result<()>,
+        op: impl for<'c> FnOnce(&'c mut sqlx::PgConnection) -> crate::BoxFuture<'c, Result<T>>
+        + Send
+        + 'static,
+    ) -> Call<'_, T> {
+        match checked {
+            Ok(()) => Call::new(self.pool(), op),
+            Err(e) => Call::failed(self.pool(), e),
+        }
+    }
 }
 
 impl std::fmt::Debug for App {
@@ -396,245 +476,11 @@ impl std::fmt::Debug for App {
     }
 }
 
-/// A pending enqueue of one job; see [`App::enqueue`].
-#[must_use = "an enqueue does nothing until awaited or executed"]
-pub struct Enqueue<'a, T> {
-    app: &'a App,
-    tasks: &'a [T],
-    delay: Duration,
-    priority: i16,
-    traceparent: Option<String>,
-}
-
-impl<'a, T: Task> Enqueue<'a, T> {
-    /// Make the job visible only after `delay` (default none; at most 10 years).
-    pub fn delay(mut self, delay: Duration) -> Self {
-        self.delay = delay;
-        self
+/// Serializes a value bound for the database, and checks the JSON limits.
+pub(crate) fn serialize<T: Serialize + ?Sized>(value: &T, what: &'static str) -> Result<String> {
+    let text = serde_json::to_string(value).map_err(|source| Error::Serialize { what, source })?;
+    match json::problem(&text) {
+        None => Ok(text),
+        Some(problem) => Err(Error::InvalidArgument(format!("{what} {problem}"))),
     }
-
-    /// Lower runs first (default 0).
-    pub fn priority(mut self, priority: i16) -> Self {
-        self.priority = priority;
-        self
-    }
-
-    /// The producer's W3C trace context (`00-<trace>-<span>-<flags>`), so
-    /// the trace continues in the worker that runs the job. With the `otel`
-    /// feature it defaults to the current OpenTelemetry context.
-    pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
-        self.traceparent = Some(traceparent.into());
-        self
-    }
-
-    /// Enqueues on the given executor: a pool, a connection, or `&mut *tx`.
-    pub async fn execute(self, executor: impl PgExecutor<'_>) -> Result<i64> {
-        let payload = serde_json::to_string(&self.tasks[0]).map_err(|source| Error::Serialize {
-            what: "the job's arguments",
-            source,
-        })?;
-        let traceparent = self.traceparent.or_else(current_traceparent);
-        db::send(
-            executor,
-            T::QUEUE,
-            T::NAME,
-            &payload,
-            self.delay,
-            self.priority,
-            traceparent.as_deref(),
-        )
-        .await
-    }
-
-    fn payloads(&self) -> Result<Vec<String>> {
-        self.tasks
-            .iter()
-            .map(|t| {
-                serde_json::to_string(t).map_err(|source| Error::Serialize {
-                    what: "the job's arguments",
-                    source,
-                })
-            })
-            .collect()
-    }
-}
-
-impl<'a, T: Task + Sync> IntoFuture for Enqueue<'a, T> {
-    type Output = Result<i64>;
-    type IntoFuture = BoxFuture<'a, Result<i64>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let pool = self.app.pool().clone();
-            self.execute(&pool).await
-        })
-    }
-}
-
-/// A pending enqueue of many jobs; see [`App::enqueue_batch`].
-#[must_use = "an enqueue does nothing until awaited or executed"]
-pub struct EnqueueBatch<'a, T>(Enqueue<'a, T>);
-
-/// The largest batch sent in one call.
-const BATCH_CHUNK: usize = 10_000;
-
-impl<'a, T: Task> EnqueueBatch<'a, T> {
-    /// Make the jobs visible only after `delay`.
-    pub fn delay(self, delay: Duration) -> Self {
-        Self(self.0.delay(delay))
-    }
-
-    /// Lower runs first (default 0).
-    pub fn priority(self, priority: i16) -> Self {
-        Self(self.0.priority(priority))
-    }
-
-    /// Enqueues on the given connection or transaction (`&mut *tx`). Batches
-    /// above 10,000 jobs take one call per 10,000; pass a transaction to make
-    /// them all-or-nothing.
-    pub async fn execute(self, conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
-        let payloads = self.0.payloads()?;
-        let mut ids = Vec::with_capacity(payloads.len());
-        for chunk in payloads.chunks(BATCH_CHUNK) {
-            ids.extend(
-                db::send_batch(
-                    &mut *conn,
-                    T::QUEUE,
-                    T::NAME,
-                    chunk,
-                    self.0.delay,
-                    self.0.priority,
-                )
-                .await?,
-            );
-        }
-        Ok(ids)
-    }
-}
-
-impl<'a, T: Task + Sync> IntoFuture for EnqueueBatch<'a, T> {
-    type Output = Result<Vec<i64>>;
-    type IntoFuture = BoxFuture<'a, Result<Vec<i64>>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            if self.0.tasks.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut tx = self
-                .0
-                .app
-                .pool()
-                .begin()
-                .await
-                .db("starting a transaction")?;
-            let ids = self.execute(&mut tx).await?;
-            tx.commit().await.db("committing a batch enqueue")?;
-            Ok(ids)
-        })
-    }
-}
-
-/// A pending start of a workflow run; see [`App::start`].
-#[must_use = "a start does nothing until awaited or executed"]
-pub struct Start<'a, I> {
-    app: &'a App,
-    workflow: &'a str,
-    input: &'a I,
-    key: Option<&'a str>,
-    queue: Option<&'a str>,
-    priority: i16,
-    delay: Duration,
-    run_at: Option<chrono::DateTime<chrono::Utc>>,
-    traceparent: Option<String>,
-}
-
-impl<'a, I: Serialize + Sync> Start<'a, I> {
-    /// Starting again with the same key returns the same run and starts no
-    /// second one (per workflow; 1 to 512 characters).
-    pub fn idempotency_key(mut self, key: &'a str) -> Self {
-        self.key = Some(key);
-        self
-    }
-
-    /// The queue for this run's job (default: the workflow's, `workflows`).
-    pub fn queue(mut self, queue: &'a str) -> Self {
-        self.queue = Some(queue);
-        self
-    }
-
-    /// Lower runs first (default 0).
-    pub fn priority(mut self, priority: i16) -> Self {
-        self.priority = priority;
-        self
-    }
-
-    /// Start only after `delay`.
-    pub fn delay(mut self, delay: Duration) -> Self {
-        self.delay = delay;
-        self
-    }
-
-    /// Start at `time` (measured against this machine's clock when the call
-    /// is made; the database clock decides from then on). A past time starts
-    /// at once.
-    pub fn run_at(mut self, time: chrono::DateTime<chrono::Utc>) -> Self {
-        self.run_at = Some(time);
-        self
-    }
-
-    /// The producer's W3C trace context; the run's spans continue it. With
-    /// the `otel` feature it defaults to the current OpenTelemetry context.
-    pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
-        self.traceparent = Some(traceparent.into());
-        self
-    }
-
-    /// Starts the run on the given executor: a pool, a connection, or
-    /// `&mut *tx` — the run exists if and only if your transaction commits.
-    pub async fn execute(self, executor: impl PgExecutor<'_>) -> Result<Uuid> {
-        let input = serde_json::to_string(self.input).map_err(|source| Error::Serialize {
-            what: "the workflow's input",
-            source,
-        })?;
-        let delay = match self.run_at {
-            Some(t) => (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO),
-            None => self.delay,
-        };
-        let traceparent = self.traceparent.or_else(current_traceparent);
-        db::start_workflow(
-            executor,
-            self.workflow,
-            &input,
-            self.key,
-            self.queue,
-            self.priority,
-            delay,
-            traceparent.as_deref(),
-        )
-        .await
-    }
-}
-
-impl<'a, I: Serialize + Sync> IntoFuture for Start<'a, I> {
-    type Output = Result<Uuid>;
-    type IntoFuture = BoxFuture<'a, Result<Uuid>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let pool = self.app.pool().clone();
-            self.execute(&pool).await
-        })
-    }
-}
-
-/// The current OpenTelemetry context as a W3C `traceparent`, if it has a span.
-#[cfg(feature = "otel")]
-fn current_traceparent() -> Option<String> {
-    crate::otel::traceparent_of(&opentelemetry::Context::current())
-}
-
-#[cfg(not(feature = "otel"))]
-fn current_traceparent() -> Option<String> {
-    None
 }

@@ -1,7 +1,10 @@
 //! The only place with SQL text: one small function per stored function.
 //!
 //! Every state change is one call of one `cairn.*` function (one round trip);
-//! nothing here reads, modifies and writes back.
+//! nothing here reads, modifies and writes back. Calls whose loss in a crash
+//! is harmless (a claim, a lease extension, beginning an execution or a step
+//! that carries no outcome) turn off synchronous commit for their own
+//! transaction; the SQL functions never do it for a caller's transaction.
 
 use std::time::Duration;
 
@@ -10,7 +13,8 @@ use sqlx::{PgExecutor, PgPool};
 
 use crate::error::{DbContext, Result};
 use crate::queue::QueueMetrics;
-use crate::run::RunInfo;
+use crate::run::{RunEvent, RunInfo};
+use crate::workflow::StepStatus;
 
 /// A job handed out by a claim, with the lease that fences it.
 #[derive(Debug, sqlx::FromRow)]
@@ -24,6 +28,8 @@ pub(crate) struct ClaimedJob {
     pub parent_run: Option<uuid::Uuid>,
     /// The producer's W3C trace context.
     pub traceparent: Option<String>,
+    /// The workflow run this job drives, if it is a run's job.
+    pub run_id: Option<uuid::Uuid>,
 }
 
 pub(crate) fn secs(d: Duration) -> f64 {
@@ -104,8 +110,9 @@ pub(crate) async fn claim(
     tasks: &[String],
 ) -> Result<Vec<ClaimedJob>> {
     sqlx::query_as(
-        "select id, task, payload::text as payload, attempts, lease, parent_run, traceparent \
-         from cairn.claim($1, $2, $3, $4)",
+        "select set_config('synchronous_commit', 'off', true) as async_commit, \
+                id, task, payload::text as payload, attempts, lease, parent_run, traceparent, run_id \
+           from cairn.claim($1, $2, $3, $4)",
     )
     .bind(queue)
     .bind(secs(lease))
@@ -189,13 +196,16 @@ pub(crate) async fn extend(
     leases: &[i64],
     lease: Duration,
 ) -> Result<Vec<i64>> {
-    sqlx::query_scalar("select cairn.extend($1, $2, $3)")
-        .bind(ids)
-        .bind(leases)
-        .bind(secs(lease))
-        .fetch_all(db)
-        .await
-        .db("extending leases")
+    sqlx::query_scalar(
+        "select e from cairn.extend($1, $2, $3) e \
+          where set_config('synchronous_commit', 'off', true) is not null",
+    )
+    .bind(ids)
+    .bind(leases)
+    .bind(secs(lease))
+    .fetch_all(db)
+    .await
+    .db("extending leases")
 }
 
 pub(crate) async fn release(db: &PgPool, ids: &[i64], leases: &[i64]) -> Result<Vec<i64>> {
@@ -205,6 +215,15 @@ pub(crate) async fn release(db: &PgPool, ids: &[i64], leases: &[i64]) -> Result<
         .fetch_all(db)
         .await
         .db("releasing jobs")
+}
+
+pub(crate) async fn delete(db: impl PgExecutor<'_>, queue: &str, id: i64) -> Result<bool> {
+    sqlx::query_scalar("select cairn.delete($1, $2)")
+        .bind(queue)
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .db("deleting a job")
 }
 
 pub(crate) async fn requeue(db: impl PgExecutor<'_>, queue: &str, id: i64) -> Result<bool> {
@@ -231,28 +250,13 @@ pub(crate) async fn metrics_all(db: impl PgExecutor<'_>) -> Result<Vec<QueueMetr
         .db("reading queue metrics")
 }
 
-// ---- workflows -------------------------------------------------------------
+// ---- workflow runs: the API -------------------------------------------------
 
-/// A run's state for a replay, from `cairn.load_run`.
-#[derive(Debug, sqlx::FromRow)]
-pub(crate) struct LoadedRun {
-    pub status: String,
-    pub input: String,
-    pub db_now: DateTime<Utc>,
-    pub steps: String,
-    pub created_at: DateTime<Utc>,
-    pub traceparent: Option<String>,
-}
-
-/// Where a run is: its id, job and lease.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct RunLease {
-    pub run: uuid::Uuid,
-    pub job: i64,
-    pub lease: i64,
-}
-
-pub(crate) async fn register_workflow(db: &PgPool, workflow: &str, queue: &str) -> Result<()> {
+pub(crate) async fn register_workflow(
+    db: impl PgExecutor<'_>,
+    workflow: &str,
+    queue: &str,
+) -> Result<()> {
     sqlx::query("select cairn.register_workflow($1, $2)")
         .bind(workflow)
         .bind(queue)
@@ -262,172 +266,33 @@ pub(crate) async fn register_workflow(db: &PgPool, workflow: &str, queue: &str) 
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn start_workflow(
-    db: impl PgExecutor<'_>,
-    workflow: &str,
-    input: &str,
-    idempotency_key: Option<&str>,
-    queue: Option<&str>,
-    priority: i16,
-    delay: Duration,
-    traceparent: Option<&str>,
-) -> Result<uuid::Uuid> {
-    sqlx::query_scalar("select cairn.start_workflow($1, $2::jsonb, $3, $4, $5, $6, $7)")
-        .bind(workflow)
-        .bind(input)
-        .bind(idempotency_key)
-        .bind(queue)
-        .bind(i32::from(priority))
-        .bind(secs(delay))
-        .bind(traceparent)
+/// A run to start: what `cairn.start_workflow` takes.
+pub(crate) struct NewRun<'a> {
+    pub workflow: &'a str,
+    pub input: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub queue: Option<&'a str>,
+    pub priority: i16,
+    pub delay: Duration,
+    pub traceparent: Option<&'a str>,
+    /// `reject` or `return`: what an idempotency key that names a run with
+    /// another input means.
+    pub conflict: &'static str,
+}
+
+pub(crate) async fn start_workflow(db: impl PgExecutor<'_>, run: NewRun<'_>) -> Result<uuid::Uuid> {
+    sqlx::query_scalar("select cairn.start_workflow($1, $2::jsonb, $3, $4, $5, $6, $7, $8)")
+        .bind(run.workflow)
+        .bind(run.input)
+        .bind(run.idempotency_key)
+        .bind(run.queue)
+        .bind(i32::from(run.priority))
+        .bind(secs(run.delay))
+        .bind(run.traceparent)
+        .bind(run.conflict)
         .fetch_one(db)
         .await
         .db("starting a workflow")
-}
-
-pub(crate) async fn load_run(db: &PgPool, at: RunLease) -> Result<Option<LoadedRun>> {
-    sqlx::query_as(
-        "select status, input::text as input, db_now, steps::text as steps, created_at, \
-         traceparent from cairn.load_run($1, $2, $3)",
-    )
-    .bind(at.run)
-    .bind(at.job)
-    .bind(at.lease)
-    .fetch_optional(db)
-    .await
-    .db("loading a run")
-}
-
-/// A checkpoint to write.
-pub(crate) struct Checkpoint<'a> {
-    pub key: &'a str,
-    pub seq: i32,
-    pub kind: &'static str,
-    pub status: &'static str,
-    pub input: Option<&'a str>,
-    pub output: Option<&'a str>,
-    pub error: Option<&'a str>,
-    pub attempts: i32,
-}
-
-/// What a checkpoint left recorded: the database time, and the step's
-/// status, output and error as stored (another writer's, if it won).
-#[derive(Debug, sqlx::FromRow)]
-pub(crate) struct Recorded {
-    pub db_now: DateTime<Utc>,
-    pub status_now: String,
-    pub output_now: Option<String>,
-    pub error_now: Option<String>,
-}
-
-/// `None` when the lease was lost.
-pub(crate) async fn checkpoint(
-    db: &PgPool,
-    at: RunLease,
-    c: Checkpoint<'_>,
-) -> Result<Option<Recorded>> {
-    sqlx::query_as(
-        "select db_now, status_now, output_now::text as output_now, error_now \
-         from cairn.checkpoint($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11)",
-    )
-    .bind(at.run)
-    .bind(at.job)
-    .bind(at.lease)
-    .bind(c.key)
-    .bind(c.seq)
-    .bind(c.kind)
-    .bind(c.status)
-    .bind(c.input)
-    .bind(c.output)
-    .bind(c.error)
-    .bind(c.attempts)
-    .fetch_optional(db)
-    .await
-    .db("writing a checkpoint")
-}
-
-/// `(wake_at, done)`, or `None` when the lease was lost.
-pub(crate) async fn sleep_step(
-    db: &PgPool,
-    at: RunLease,
-    key: &str,
-    seq: i32,
-    duration: Duration,
-) -> Result<Option<(DateTime<Utc>, bool)>> {
-    sqlx::query_as("select wake_at, done from cairn.sleep_step($1, $2, $3, $4, $5, $6)")
-        .bind(at.run)
-        .bind(at.job)
-        .bind(at.lease)
-        .bind(key)
-        .bind(seq)
-        .bind(secs(duration))
-        .fetch_optional(db)
-        .await
-        .db("recording a sleep")
-}
-
-/// `(done, output, wake_at)`, or `None` when the lease was lost.
-pub(crate) async fn await_signal(
-    db: &PgPool,
-    at: RunLease,
-    key: &str,
-    seq: i32,
-    name: &str,
-    timeout: Option<Duration>,
-) -> Result<Option<(bool, Option<String>, Option<DateTime<Utc>>)>> {
-    sqlx::query_as(
-        "select done, output::text, wake_at from cairn.await_signal($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(at.run)
-    .bind(at.job)
-    .bind(at.lease)
-    .bind(key)
-    .bind(seq)
-    .bind(name)
-    .bind(timeout.map(secs))
-    .fetch_optional(db)
-    .await
-    .db("waiting for a signal")
-}
-
-pub(crate) async fn suspend_run(
-    db: &PgPool,
-    at: RunLease,
-    wake_at: Option<DateTime<Utc>>,
-    status: &str,
-) -> Result<bool> {
-    sqlx::query_scalar("select cairn.suspend_run($1, $2, $3, $4, $5)")
-        .bind(at.run)
-        .bind(at.job)
-        .bind(at.lease)
-        .bind(wake_at)
-        .bind(status)
-        .fetch_one(db)
-        .await
-        .db("suspending a run")
-}
-
-pub(crate) async fn complete_run(db: &PgPool, at: RunLease, output: &str) -> Result<bool> {
-    sqlx::query_scalar("select cairn.complete_run($1, $2, $3, $4::jsonb)")
-        .bind(at.run)
-        .bind(at.job)
-        .bind(at.lease)
-        .bind(output)
-        .fetch_one(db)
-        .await
-        .db("completing a run")
-}
-
-pub(crate) async fn fail_run(db: &PgPool, at: RunLease, error: &str) -> Result<bool> {
-    sqlx::query_scalar("select cairn.fail_run($1, $2, $3, $4)")
-        .bind(at.run)
-        .bind(at.job)
-        .bind(at.lease)
-        .bind(error)
-        .fetch_one(db)
-        .await
-        .db("failing a run")
 }
 
 pub(crate) async fn send_signal(
@@ -445,7 +310,7 @@ pub(crate) async fn send_signal(
         .db("sending a signal")
 }
 
-pub(crate) async fn cancel_run(db: &PgPool, run: uuid::Uuid) -> Result<i32> {
+pub(crate) async fn cancel_run(db: impl PgExecutor<'_>, run: uuid::Uuid) -> Result<i32> {
     sqlx::query_scalar("select cairn.cancel_run($1)")
         .bind(run)
         .fetch_one(db)
@@ -453,7 +318,7 @@ pub(crate) async fn cancel_run(db: &PgPool, run: uuid::Uuid) -> Result<i32> {
         .db("cancelling a run")
 }
 
-pub(crate) async fn retry_run(db: &PgPool, run: uuid::Uuid) -> Result<bool> {
+pub(crate) async fn retry_run(db: impl PgExecutor<'_>, run: uuid::Uuid) -> Result<bool> {
     sqlx::query_scalar("select cairn.retry_run($1)")
         .bind(run)
         .fetch_one(db)
@@ -461,7 +326,7 @@ pub(crate) async fn retry_run(db: &PgPool, run: uuid::Uuid) -> Result<bool> {
         .db("retrying a run")
 }
 
-pub(crate) async fn run_status(db: &PgPool, run: uuid::Uuid) -> Result<RunInfo> {
+pub(crate) async fn run_status(db: impl PgExecutor<'_>, run: uuid::Uuid) -> Result<RunInfo> {
     sqlx::query_as(
         "select id, workflow, status, output::text as output, error, created_at, started_at, \
          finished_at, wake_at from cairn.run_status($1)",
@@ -472,56 +337,357 @@ pub(crate) async fn run_status(db: &PgPool, run: uuid::Uuid) -> Result<RunInfo> 
     .db("reading a run's status")
 }
 
-/// `(done, output, error)` of a child run or step job; `None` when the lease
-/// was lost.
-pub(crate) type Started = Option<(bool, Option<String>, Option<String>)>;
-
-pub(crate) async fn start_child(
-    db: &PgPool,
-    at: RunLease,
-    key: &str,
-    seq: i32,
-    workflow: &str,
-    input: &str,
-) -> Result<Started> {
+pub(crate) async fn run_history(db: impl PgExecutor<'_>, run: uuid::Uuid) -> Result<Vec<RunEvent>> {
     sqlx::query_as(
-        "select done, output::text, error from cairn.start_child($1, $2, $3, $4, $5, $6, $7::jsonb)",
+        "select at, ended_at, event, step, attempt, outcome, error, detail::text as detail \
+           from cairn.run_history($1)",
+    )
+    .bind(run)
+    .fetch_all(db)
+    .await
+    .db("reading a run's history")
+}
+
+// ---- workflow runs: the worker's calls -------------------------------------
+
+/// Where a run is: its id, job and lease.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RunLease {
+    pub run: uuid::Uuid,
+    pub job: i64,
+    pub lease: i64,
+}
+
+/// A run's state for a replay, from `cairn.load_run`.
+#[derive(Debug)]
+pub(crate) struct LoadedRun {
+    /// Why the job was refused (not the run's job): it was dead-lettered.
+    pub refused: Option<String>,
+    pub input: String,
+    pub db_now: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub traceparent: Option<String>,
+    pub steps: Vec<crate::workflow::Recorded>,
+}
+
+#[derive(sqlx::FromRow)]
+struct LoadedRow {
+    refused: Option<String>,
+    input: Option<String>,
+    db_now: Option<DateTime<Utc>>,
+    created_at: Option<DateTime<Utc>>,
+    traceparent: Option<String>,
+    key: Option<String>,
+    seq: Option<i32>,
+    status: Option<String>,
+    output: Option<String>,
+    error: Option<String>,
+    wake_at: Option<DateTime<Utc>>,
+    fingerprint: Option<String>,
+}
+
+/// `None` when the lease no longer holds the run's job.
+pub(crate) async fn load_run(db: &PgPool, at: RunLease) -> Result<Option<LoadedRun>> {
+    let rows: Vec<LoadedRow> = sqlx::query_as(
+        "select set_config('synchronous_commit', 'off', true) as async_commit, refused, \
+                input::text as input, db_now, created_at, traceparent, key, seq, status, \
+                output::text as output, error, wake_at, fingerprint \
+           from cairn.load_run($1, $2, $3)",
     )
     .bind(at.run)
     .bind(at.job)
     .bind(at.lease)
+    .fetch_all(db)
+    .await
+    .db("loading a run")?;
+    let mut rows = rows.into_iter();
+    let Some(run) = rows.next() else {
+        return Ok(None);
+    };
+    let steps = rows
+        .filter_map(|r| {
+            Some(crate::workflow::Recorded {
+                key: r.key?,
+                seq: r.seq?,
+                status: StepStatus::parse(r.status.as_deref()?)?,
+                output: r.output,
+                error: r.error,
+                wake_at: r.wake_at,
+                fingerprint: r.fingerprint,
+            })
+        })
+        .collect();
+    Ok(Some(LoadedRun {
+        refused: run.refused,
+        input: run.input.unwrap_or_else(|| "null".into()),
+        db_now: run.db_now.unwrap_or_else(Utc::now),
+        created_at: run.created_at.unwrap_or_else(Utc::now),
+        traceparent: run.traceparent,
+        steps,
+    }))
+}
+
+/// What `cairn.begin_step` answered.
+#[derive(Debug)]
+pub(crate) enum Begun {
+    /// The attempt with this number began.
+    Started(i32),
+    /// The step was already settled (by another writer): use this.
+    Recorded {
+        status: StepStatus,
+        output: Option<String>,
+        error: Option<String>,
+    },
+    /// The key was recorded with another input fingerprint.
+    Mismatch,
+}
+
+/// Writes `done`, then begins an attempt of step `key`. `None` when the
+/// lease was lost. Without outcomes to write (`durable` false) the commit
+/// does not wait for the WAL flush: losing a begun attempt in a crash of the
+/// database only loses the count of that attempt.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn begin_step(
+    db: &PgPool,
+    at: RunLease,
+    done: &str,
+    durable: bool,
+    key: &str,
+    seq: i32,
+    fingerprint: Option<&str>,
+    input: &str,
+) -> Result<Option<Begun>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        outcome: String,
+        attempt: Option<i32>,
+        output: Option<String>,
+        error: Option<String>,
+    }
+    let row: Option<Row> = sqlx::query_as(
+        "select outcome, attempt, output::text, error \
+           from cairn.begin_step($1, $2, $3, $4::jsonb, $5, $6, $7, $8::jsonb) \
+          where $9 or set_config('synchronous_commit', 'off', true) is not null",
+    )
+    .bind(at.run)
+    .bind(at.job)
+    .bind(at.lease)
+    .bind(done)
     .bind(key)
     .bind(seq)
+    .bind(fingerprint)
+    .bind(input)
+    .bind(durable)
+    .fetch_optional(db)
+    .await
+    .db("beginning a step")?;
+    Ok(row.map(|r| match r.outcome.as_str() {
+        "started" => Begun::Started(r.attempt.unwrap_or(1)),
+        "mismatch" => Begun::Mismatch,
+        other => Begun::Recorded {
+            status: StepStatus::parse(other).unwrap_or(StepStatus::Failed),
+            output: r.output,
+            error: r.error,
+        },
+    }))
+}
+
+/// Writes `done`; false when the lease was lost.
+pub(crate) async fn record_steps(db: &PgPool, at: RunLease, done: &str) -> Result<bool> {
+    sqlx::query_scalar("select cairn.record_steps($1, $2, $3, $4::jsonb)")
+        .bind(at.run)
+        .bind(at.job)
+        .bind(at.lease)
+        .bind(done)
+        .fetch_one(db)
+        .await
+        .db("recording finished steps")
+}
+
+/// `(wake_at, done)`, or `None` when the lease was lost.
+pub(crate) async fn sleep_step(
+    db: &PgPool,
+    at: RunLease,
+    done: &str,
+    key: &str,
+    seq: i32,
+    duration: Duration,
+) -> Result<Option<(DateTime<Utc>, bool)>> {
+    sqlx::query_as(
+        "select wake_at, passed from cairn.sleep_step($1, $2, $3, $4::jsonb, $5, $6, $7)",
+    )
+    .bind(at.run)
+    .bind(at.job)
+    .bind(at.lease)
+    .bind(done)
+    .bind(key)
+    .bind(seq)
+    .bind(secs(duration))
+    .fetch_optional(db)
+    .await
+    .db("recording a sleep")
+}
+
+/// `(done, output, wake_at)`, or `None` when the lease was lost.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn await_signal(
+    db: &PgPool,
+    at: RunLease,
+    done: &str,
+    key: &str,
+    seq: i32,
+    name: &str,
+    timeout: Option<Duration>,
+) -> Result<Option<(bool, Option<String>, Option<DateTime<Utc>>)>> {
+    sqlx::query_as(
+        "select settled, output::text, wake_at \
+           from cairn.await_signal($1, $2, $3, $4::jsonb, $5, $6, $7, $8)",
+    )
+    .bind(at.run)
+    .bind(at.job)
+    .bind(at.lease)
+    .bind(done)
+    .bind(key)
+    .bind(seq)
+    .bind(name)
+    .bind(timeout.map(secs))
+    .fetch_optional(db)
+    .await
+    .db("waiting for a signal")
+}
+
+/// The state of a step that starts a child run or a step job.
+#[derive(Debug)]
+pub(crate) struct Started {
+    pub status: StepStatus,
+    pub output: Option<String>,
+    pub error: Option<String>,
+    /// The key was recorded with another input fingerprint.
+    pub mismatch: bool,
+}
+
+fn started(row: (String, Option<String>, Option<String>)) -> Started {
+    let (outcome, output, error) = row;
+    Started {
+        status: StepStatus::parse(&outcome).unwrap_or(StepStatus::Waiting),
+        output,
+        error,
+        mismatch: outcome == "mismatch",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn start_child(
+    db: &PgPool,
+    at: RunLease,
+    done: &str,
+    key: &str,
+    seq: i32,
+    fingerprint: Option<&str>,
+    workflow: &str,
+    input: &str,
+) -> Result<Option<Started>> {
+    let row = sqlx::query_as(
+        "select outcome, output::text, error \
+           from cairn.start_child($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9::jsonb)",
+    )
+    .bind(at.run)
+    .bind(at.job)
+    .bind(at.lease)
+    .bind(done)
+    .bind(key)
+    .bind(seq)
+    .bind(fingerprint)
     .bind(workflow)
     .bind(input)
     .fetch_optional(db)
     .await
-    .db("starting a child run")
+    .db("starting a child run")?;
+    Ok(row.map(started))
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_task_step(
     db: &PgPool,
     at: RunLease,
+    done: &str,
     key: &str,
     seq: i32,
+    fingerprint: Option<&str>,
     queue: &str,
     task: &str,
     payload: &str,
-) -> Result<Started> {
-    sqlx::query_as(
-        "select done, output::text, error \
-         from cairn.start_task_step($1, $2, $3, $4, $5, $6, $7, $8::jsonb)",
+) -> Result<Option<Started>> {
+    let row = sqlx::query_as(
+        "select outcome, output::text, error \
+           from cairn.start_task_step($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10::jsonb)",
     )
     .bind(at.run)
     .bind(at.job)
     .bind(at.lease)
+    .bind(done)
     .bind(key)
     .bind(seq)
+    .bind(fingerprint)
     .bind(queue)
     .bind(task)
     .bind(payload)
     .fetch_optional(db)
     .await
-    .db("starting a step job")
+    .db("starting a step job")?;
+    Ok(row.map(started))
+}
+
+pub(crate) async fn suspend_run(
+    db: &PgPool,
+    at: RunLease,
+    done: &str,
+    wake_at: Option<DateTime<Utc>>,
+    retry_in: Option<Duration>,
+    status: &str,
+) -> Result<bool> {
+    sqlx::query_scalar("select cairn.suspend_run($1, $2, $3, $4::jsonb, $5, $6, $7)")
+        .bind(at.run)
+        .bind(at.job)
+        .bind(at.lease)
+        .bind(done)
+        .bind(wake_at)
+        .bind(retry_in.map(secs))
+        .bind(status)
+        .fetch_one(db)
+        .await
+        .db("suspending a run")
+}
+
+/// `Some(true)` completed, `Some(false)` failed (its output broke the JSON
+/// limits), `None` when the lease was lost.
+pub(crate) async fn complete_run(
+    db: &PgPool,
+    at: RunLease,
+    done: &str,
+    output: &str,
+) -> Result<Option<bool>> {
+    let status: Option<String> =
+        sqlx::query_scalar("select cairn.complete_run($1, $2, $3, $4::jsonb, $5::jsonb)")
+            .bind(at.run)
+            .bind(at.job)
+            .bind(at.lease)
+            .bind(done)
+            .bind(output)
+            .fetch_one(db)
+            .await
+            .db("completing a run")?;
+    Ok(status.map(|s| s == "completed"))
+}
+
+pub(crate) async fn fail_run(db: &PgPool, at: RunLease, done: &str, error: &str) -> Result<bool> {
+    sqlx::query_scalar("select cairn.fail_run($1, $2, $3, $4::jsonb, $5)")
+        .bind(at.run)
+        .bind(at.job)
+        .bind(at.lease)
+        .bind(done)
+        .bind(error)
+        .fetch_one(db)
+        .await
+        .db("failing a run")
 }

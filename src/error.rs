@@ -22,6 +22,12 @@ pub enum Error {
     #[error("{0}")]
     InvalidState(String),
 
+    /// An idempotency key already names a run started with another input,
+    /// queue or priority (SQLSTATE 23505). The message names the run and
+    /// what differs.
+    #[error("{0}")]
+    Conflict(String),
+
     /// The awaited run failed.
     #[error("run {run} failed: {error}")]
     RunFailed {
@@ -66,6 +72,26 @@ pub enum Error {
         name: String,
     },
 
+    /// Schema `cairn` (or something in it) belongs to another role: cairn
+    /// will not install there.
+    #[error("{0}")]
+    UnsafeSchema(String),
+
+    /// The database holds functions installed by a newer cairn release.
+    #[error(
+        "the database has the functions of cairn {installed}, newer than this binary's {ours}; upgrade cairn"
+    )]
+    FunctionsTooNew {
+        /// The release that installed them.
+        installed: String,
+        /// This binary's release.
+        ours: String,
+    },
+
+    /// Schema `cairn` was changed in a way cairn cannot put back.
+    #[error("schema cairn has drifted: {0}")]
+    Drift(String),
+
     /// A payload or output could not be serialized to JSON.
     #[error("cannot serialize {what} to JSON: {source}")]
     Serialize {
@@ -104,6 +130,7 @@ impl Error {
             match db.code().as_deref() {
                 Some("42704") => return Error::NotFound(message),
                 Some("55000") => return Error::InvalidState(message),
+                Some("23505") => return Error::Conflict(message),
                 Some("22004" | "22023" | "54000" | "22P02" | "22P05") => {
                     return Error::InvalidArgument(message);
                 }
@@ -111,6 +138,16 @@ impl Error {
             }
         }
         Error::Database { context, source }
+    }
+}
+
+impl Error {
+    /// The database refused outcomes that conflict with what another worker
+    /// recorded (SQLSTATE CA001, raised by `cairn.record_outcomes`): the
+    /// execution must replay from the record.
+    pub(crate) fn is_replay_conflict(&self) -> bool {
+        matches!(self, Error::Database { source, .. }
+            if source.as_database_error().and_then(|e| e.code()).as_deref() == Some("CA001"))
     }
 }
 

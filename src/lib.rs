@@ -41,8 +41,11 @@
 #![warn(missing_docs)]
 
 mod app;
+mod call;
 mod db;
+mod enqueue;
 mod error;
+mod json;
 mod migrate;
 #[cfg(feature = "otel")]
 pub mod otel;
@@ -51,11 +54,15 @@ mod queue;
 mod registry;
 mod retry;
 mod run;
+mod start;
 mod task;
+mod trace;
 mod worker;
 mod workflow;
 
-pub use app::{App, AppBuilder, Enqueue, EnqueueBatch, Start};
+pub use app::{App, AppBuilder};
+pub use call::Call;
+pub use enqueue::{Enqueue, EnqueueBatch};
 pub use error::{Error, HandlerError, HandlerErrorKind, Result, ResultExt, StepError};
 pub use migrate::{MigrationReport, latest_version};
 pub use plugin::{
@@ -63,7 +70,8 @@ pub use plugin::{
 };
 pub use queue::QueueMetrics;
 pub use retry::{Backoff, RetryPolicy};
-pub use run::{RunInfo, RunStatus};
+pub use run::{RunEvent, RunInfo, RunStatus};
+pub use start::{OnConflict, Start};
 pub use task::{JobContext, Task};
 pub use uuid::Uuid;
 pub use worker::{WorkerBuilder, WorkerStats};

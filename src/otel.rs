@@ -25,7 +25,6 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTracerProvider};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
 use crate::error::{Error, Result};
 use crate::plugin::{FailureInfo, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent};
 use crate::queue::QueueMetrics;
@@ -46,7 +45,7 @@ pub struct OtelPluginBuilder {
     endpoint: Option<String>,
     protocol: Option<Protocol>,
     service_name: Option<String>,
-    queues: Option<(App, Duration)>,
+    queues: Option<(sqlx::PgPool, Duration)>,
     metrics_interval: Option<Duration>,
 }
 
@@ -75,9 +74,10 @@ impl OtelPluginBuilder {
 
     /// Also report each queue's depth (`cairn.queue.depth`, by state) and the
     /// age of its oldest ready job (`cairn.queue.oldest_age`), read from
-    /// `cairn.metrics_all()` every `every`. Needs a Tokio runtime at `build`.
-    pub fn queue_metrics(mut self, app: &App, every: Duration) -> Self {
-        self.queues = Some((app.clone(), every));
+    /// `cairn.metrics_all()` on `pool` (for example [`App::pool`](crate::App::pool))
+    /// every `every`. Needs a Tokio runtime at `build`.
+    pub fn queue_metrics(mut self, pool: &sqlx::PgPool, every: Duration) -> Self {
+        self.queues = Some((pool.clone(), every));
         self
     }
 
@@ -295,7 +295,7 @@ impl Instruments {
 /// Polls the queues' counters into a snapshot the gauges read, until
 /// [`OtelPlugin::shutdown`] (or the plugin's last clone is dropped).
 fn watch_queues(
-    app: App,
+    pool: sqlx::PgPool,
     every: Duration,
 ) -> Result<(Arc<Mutex<Vec<QueueMetrics>>>, CancellationToken)> {
     let handle = tokio::runtime::Handle::try_current().map_err(|_| {
@@ -309,7 +309,7 @@ fn watch_queues(
         loop {
             let read = tokio::select! {
                 _ = stopped.cancelled() => return,
-                r = app.metrics_all() => r,
+                r = crate::db::metrics_all(&pool) => r,
             };
             match read {
                 Ok(m) => match weak.upgrade() {

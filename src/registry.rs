@@ -121,6 +121,13 @@ impl Registry {
             .collect()
     }
 
+    /// Whether `name` is a registered workflow.
+    pub fn is_workflow(&self, name: &str) -> bool {
+        self.tasks
+            .get(name)
+            .is_some_and(|r| matches!(r.handler, Handler::Workflow(_)))
+    }
+
     /// Every registered workflow.
     pub fn workflows(&self) -> Vec<Arc<Registration>> {
         self.tasks

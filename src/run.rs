@@ -113,3 +113,28 @@ pub struct RunInfo {
     /// When a sleeping run wakes (or a waiting one times out).
     pub wake_at: Option<DateTime<Utc>>,
 }
+
+/// One entry of a run's history, from `cairn.run_history` (oldest first).
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct RunEvent {
+    /// When it happened (for an attempt: when it began).
+    pub at: DateTime<Utc>,
+    /// When an attempt ended (`None` while it runs, or if it was cut short).
+    pub ended_at: Option<DateTime<Utc>>,
+    /// What happened: `created`, `started`, `attempt` (a step attempt),
+    /// `sleep`, `signal`, `child`, `task`, `value` (durable calls),
+    /// `suspended`, `resumed`, `failed`, `retried`, `cancelled`, `completed`.
+    pub event: String,
+    /// The step's key, for step events.
+    pub step: Option<String>,
+    /// The attempt's number, from 1.
+    pub attempt: Option<i32>,
+    /// How an attempt ended: `completed`, `running`, `waiting`, `retrying`,
+    /// `failed`, `lost` (cut short by a lost worker) or `cancelled`.
+    pub outcome: Option<String>,
+    /// The error, for failures.
+    pub error: Option<String>,
+    /// More about it, as JSON text (a signal's name, a suspend's wake time).
+    pub detail: Option<String>,
+}

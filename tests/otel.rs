@@ -303,7 +303,7 @@ async fn start_receiver(
     pool: &PgPool,
     mode: &str,
     tag: &str,
-) -> (std::process::Child, u16, std::path::PathBuf) {
+) -> (common::ChildGuard, u16, std::path::PathBuf) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -457,15 +457,17 @@ async fn spans_from_a_sql_producer_through_a_crash_to_the_last_step(pool: PgPool
         assert_eq!(s["attributes"]["cairn.replayed"], false);
     }
     let ship: Vec<&&Value> = steps.iter().filter(|s| s["name"] == "step ship").collect();
+    // Attempt 1 was cut short by the kill (counted, but it reported no span);
+    // the resumed worker's attempts are 2 (failed) and 3.
     let failed = ship
         .iter()
-        .find(|s| s["attributes"]["cairn.attempt"] == 1)
+        .find(|s| s["attributes"]["cairn.attempt"] == 2)
         .unwrap();
     assert_eq!(failed["status"], 2, "error status on the failed attempt");
     assert_eq!(failed["events"], json!(["exception"]));
     let ok = ship
         .iter()
-        .find(|s| s["attributes"]["cairn.attempt"] == 2)
+        .find(|s| s["attributes"]["cairn.attempt"] == 3)
         .unwrap();
     assert_eq!(ok["status"], 1);
     let _ = std::io::stdout().flush();
@@ -541,7 +543,7 @@ async fn metrics_count_outcomes_time_steps_and_watch_queues(pool: PgPool) {
     let (mut receiver, port, file) = start_receiver(&pool, "receiver", "cairn-metrics").await;
     let otel = OtelPlugin::builder()
         .endpoint(format!("http://127.0.0.1:{port}"))
-        .queue_metrics(&app, Duration::from_millis(50))
+        .queue_metrics(app.pool(), Duration::from_millis(50))
         .build()
         .unwrap();
     app.plugin(otel.clone());

@@ -146,9 +146,9 @@ async fn bad_arguments_are_rejected_before_anything_is_written(pool: PgPool) {
             "must not be NULL",
         ),
         (
-            "select cairn.ack(array[1]::bigint[], array[1]::bigint[], null::jsonb[])",
+            "select cairn.ack(array[1,2]::bigint[], array[1,1]::bigint[], array['1']::jsonb[])",
             "22023",
-            "1 ids but 0 outputs",
+            "2 ids but 1 outputs",
         ),
         (
             "select cairn.archive(array[1,2]::bigint[], array[1,1]::bigint[], array['1']::jsonb[])",

@@ -13,13 +13,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::completer::Settle;
 use super::{QueuePlan, Running, Worker};
-use crate::db::ClaimedJob;
+use crate::db::{ClaimedJob, RunLease};
 use crate::error::{HandlerError, panic_message};
 use crate::plugin::{FailureInfo, TaskEvent};
 use crate::registry::{Handler, Registration};
 use crate::retry::Verdict;
 use crate::task::JobContext;
-use crate::workflow::{self, Settled, WorkflowDef};
+use crate::workflow::{self, Execution, Settled, WorkflowDef};
 
 impl Worker {
     /// Spawns the job's handler and the task that reports its outcome.
@@ -55,7 +55,7 @@ impl Worker {
         let handler = match &reg.handler {
             Handler::Task(h) => Arc::clone(h),
             Handler::Workflow(w) => {
-                return self.start_run(&plan.name, &reg, Arc::clone(w), job, permit);
+                return self.start_run(&plan.name, &reg, Arc::clone(w), job, permit, settle);
             }
         };
         let cancel = CancellationToken::new();
@@ -147,20 +147,39 @@ impl Worker {
         workflow: Arc<WorkflowDef>,
         job: ClaimedJob,
         permit: OwnedSemaphorePermit,
+        settle: mpsc::UnboundedSender<Settle>,
     ) {
         let (id, lease) = (job.id, job.lease);
-        let pool = self.app.pool().clone();
-        let name = reg.name.clone();
-        let queue = queue.to_owned();
-        let plugins = self.plugins.clone();
+        let Some(run) = job.run_id else {
+            // A job with a workflow's name that drives no run: sent by hand.
+            let error = format!(
+                "job {id} has the name of workflow {:?} but drives no run: a run's job is made by the run engine only (start runs with cairn.start_workflow)",
+                reg.name
+            );
+            let _ = settle.send(Settle::fail(&job, error));
+            return;
+        };
+        let cancel = CancellationToken::new();
+        let execution = Execution {
+            pool: self.app.pool().clone(),
+            workflow,
+            name: reg.name.clone(),
+            queue: queue.to_owned(),
+            plugins: self.plugins.clone(),
+            at: RunLease {
+                run,
+                job: id,
+                lease,
+            },
+            cancel: cancel.clone(),
+        };
         let in_flight = Arc::clone(&self.in_flight);
         let counters = Arc::clone(&self.counters);
         let mut running = self.in_flight.lock();
         let task = tokio::spawn(async move {
-            let settled = workflow::execute(pool, workflow, name, queue, plugins, &job).await;
-            let counter = match settled {
+            let counter = match workflow::execute(execution).await {
                 Settled::Completed => Some(&counters.completed),
-                Settled::Failed(_) => Some(&counters.dead),
+                Settled::Failed(_) | Settled::Refused(_) => Some(&counters.dead),
                 Settled::Suspended | Settled::Abandoned => None,
             };
             if let Some(c) = counter {
@@ -174,7 +193,7 @@ impl Worker {
             Running {
                 lease,
                 started: Instant::now(),
-                cancel: CancellationToken::new(),
+                cancel,
                 abort: Some(task.abort_handle()),
             },
         );

@@ -2,6 +2,7 @@
 //! [context](context) a workflow function gets, its [steps](step), and the
 //! [replay](replay) that runs one execution of a run.
 
+mod checkpoint;
 mod context;
 mod replay;
 mod step;
@@ -13,9 +14,26 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub(crate) use checkpoint::{Recorded, StepStatus};
 pub use context::WorkflowContext;
-pub(crate) use replay::{Settled, execute};
+pub(crate) use replay::{Execution, Settled, execute};
 pub use step::Step;
+
+/// The names of step statuses and kinds, for the test that holds them equal
+/// to the SQL `check` lists.
+#[cfg(test)]
+pub(crate) fn checkpoint_enums() -> (Vec<&'static str>, Vec<&'static str>) {
+    (
+        checkpoint::StepStatus::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect(),
+        checkpoint::StepKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect(),
+    )
+}
 
 use crate::BoxFuture;
 use crate::error::HandlerError;

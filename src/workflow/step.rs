@@ -1,38 +1,60 @@
-//! A step: its handler run inline in the worker, with its retry policy and
-//! timeout, and its checkpoint. On replay a completed step returns its
+//! A step: its handler, run inline in the worker with its retry policy and
+//! timeout, and its checkpoint.
+//!
+//! An attempt is *begun* in the database before its handler runs
+//! (`cairn.begin_step`), so an attempt cut short by a crash is counted, and
+//! no step starts once its run is cancelled. Its outcome goes to the
+//! [outbox](super::checkpoint::Outbox) and is written by the execution's next
+//! call: one round trip per step. On replay a completed step returns its
 //! recorded output without calling the handler.
 
 use std::future::{Future, IntoFuture};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use tracing::Instrument;
 
-use super::context::{Halt, WorkflowContext};
+use super::checkpoint::{Outcome, StepKind, StepStatus};
+use super::context::{Halt, Slot, WorkflowContext, preview};
 use crate::BoxFuture;
-use crate::db::{self, Checkpoint};
+use crate::db::{self, Begun};
 use crate::error::{HandlerError, StepError, panic_message};
+use crate::json;
 use crate::plugin::{FailureInfo, StepEvent};
 use crate::retry::{RetryPolicy, Verdict};
 
 /// A step about to run; await it. See [`WorkflowContext::step`].
 #[must_use = "a step does nothing until awaited"]
 pub struct Step<'c, I, F> {
-    pub(super) ctx: &'c WorkflowContext,
-    pub(super) name: String,
-    pub(super) input: I,
-    pub(super) handler: F,
-    pub(super) policy: RetryPolicy,
-    pub(super) timeout: Option<Duration>,
+    ctx: &'c WorkflowContext,
+    name: String,
+    input: I,
+    handler: F,
+    policy: RetryPolicy,
+    timeout: Option<Duration>,
 }
 
 impl<'c, I, F> Step<'c, I, F> {
+    pub(super) fn new(ctx: &'c WorkflowContext, name: &str, input: I, handler: F) -> Self {
+        Self {
+            ctx,
+            name: name.to_owned(),
+            input,
+            handler,
+            policy: ctx.inner.step_retry,
+            timeout: ctx.inner.step_timeout,
+        }
+    }
+
     /// How failures are retried (default: the workflow's
     /// [`step_retry`](crate::WorkflowOptions::step_retry)). Each retry waits
-    /// durably: the run is parked for the backoff.
+    /// durably: the run is parked for the backoff. Attempts cut short by a
+    /// lost worker count too, so a step that crashes its worker every time
+    /// gives up.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.policy = policy;
         self
@@ -57,13 +79,24 @@ where
     type Output = Result<O, StepError>;
     type IntoFuture = BoxFuture<'c, Result<O, StepError>>;
 
+    /// Takes the step's key now, so steps made in a fixed order get the same
+    /// keys on every replay whatever order they are first polled in.
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
+        let input = serde_json::to_string(&self.input);
+        let slot = match &input {
+            Ok(json) => self.ctx.slot(&self.name, Some((&self.name, json))),
+            Err(_) => self.ctx.slot(&self.name, None),
+        };
+        Box::pin(self.run(slot, input))
     }
 }
 
 impl<'c, I, F> Step<'c, I, F> {
-    async fn run<O, Fut>(self) -> Result<O, StepError>
+    async fn run<O, Fut>(
+        self,
+        slot: Option<Slot<'c>>,
+        input: serde_json::Result<String>,
+    ) -> Result<O, StepError>
     where
         I: Serialize + Send + 'static,
         O: Serialize + DeserializeOwned + Send + 'static,
@@ -71,112 +104,199 @@ impl<'c, I, F> Step<'c, I, F> {
         Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
     {
         let ctx = self.ctx;
-        let Some(slot) = ctx.slot(&self.name) else {
+        let Some(slot) = slot else {
             return std::future::pending().await;
         };
-        let mut attempt = 1;
         if let Some(r) = slot.recorded {
-            match r.status.as_str() {
-                "completed" => {
-                    return serde_json::from_value(r.output.clone().unwrap_or_default()).map_err(
-                        |e| StepError::Decode {
-                            step: slot.key.clone(),
-                            message: format!("recorded output does not fit the expected type: {e}"),
-                        },
-                    );
-                }
-                "failed" => {
+            match r.status {
+                StepStatus::Completed => return decode(&slot.key, r.output.as_deref()),
+                StepStatus::Failed => {
                     return Err(StepError::Failed {
                         step: slot.key.clone(),
                         message: r.error.clone().unwrap_or_default(),
                     });
                 }
-                _ => attempt = u32::try_from(r.attempts).unwrap_or(0) + 1,
+                // Backing off: wait out the rest of the backoff.
+                StepStatus::Retrying if r.wake_at.is_some_and(|w| w > ctx.db_now()) => {
+                    return ctx
+                        .park(Halt::Suspend {
+                            wake_at: r.wake_at,
+                            retry_in: None,
+                            waiting: false,
+                        })
+                        .await;
+                }
+                _ => {}
             }
+        }
+        let input = match input {
+            Ok(json) => json,
+            Err(e) => {
+                return Err(StepError::Failed {
+                    step: slot.key,
+                    message: format!("cannot serialize the step's input: {e}"),
+                });
+            }
+        };
+        if ctx.halted() {
+            return std::future::pending().await;
+        }
+        let inner = &ctx.inner;
+        let (pool, at, key, fp, input_ref) = (
+            &inner.pool,
+            inner.at,
+            &slot.key,
+            slot.fingerprint.as_deref(),
+            &input,
+        );
+        let begun = ctx
+            .call("beginning a step", |done, durable| async move {
+                db::begin_step(pool, at, &done, durable, key, slot.seq, fp, input_ref).await
+            })
+            .await;
+        let attempt = match begun {
+            Begun::Started(attempt) => attempt,
+            Begun::Recorded {
+                status: StepStatus::Completed,
+                output,
+                ..
+            } => return decode(&slot.key, output.as_deref()),
+            Begun::Recorded { error, .. } => {
+                return Err(StepError::Failed {
+                    step: slot.key,
+                    message: error.unwrap_or_default(),
+                });
+            }
+            Begun::Mismatch => {
+                let message = format!(
+                    "non-determinism in workflow {}: step {} was recorded for another input than this replay gives it ({})",
+                    inner.workflow,
+                    slot.key,
+                    preview(&input)
+                );
+                return ctx.park(Halt::Fail(message)).await;
+            }
+        };
+        let attempt_u32 = u32::try_from(attempt).unwrap_or(u32::MAX);
+        let outcome = |status, output, error, retry_in| Outcome {
+            key: slot.key.clone(),
+            seq: slot.seq,
+            kind: StepKind::Step,
+            attempt,
+            status,
+            output,
+            error,
+            fingerprint: slot.fingerprint.clone(),
+            retry_in,
+        };
+        if attempt_u32 > self.policy.attempts() {
+            // Earlier attempts were all cut short: their workers were lost.
+            let error = format!(
+                "gave up: attempt {attempt} of {} began, and the {} before it never reported back (the worker running it was lost each time)",
+                self.policy.attempts(),
+                attempt - 1
+            );
+            inner
+                .outbox
+                .push(outcome(StepStatus::Failed, None, Some(error.clone()), None));
+            return Err(StepError::Failed {
+                step: slot.key,
+                message: error,
+            });
         }
 
-        let input = serde_json::to_string(&self.input).unwrap_or_else(|_| "null".into());
-        ctx.inner.running.fetch_add(1, Ordering::SeqCst);
+        let busy = ctx.busy();
         let mut event = StepEvent {
-            run_id: ctx.inner.at.run,
-            workflow: ctx.inner.workflow.clone(),
+            run_id: at.run,
+            workflow: inner.workflow.clone(),
             step: slot.key.clone(),
-            attempt,
+            attempt: attempt_u32,
             started: SystemTime::now(),
             elapsed: Duration::ZERO,
-            traceparent: ctx.inner.traceparent.clone(),
+            traceparent: inner.traceparent.clone(),
         };
-        let plugins = &ctx.inner.plugins;
+        let plugins = &inner.plugins;
         plugins.each("before_step", |p| p.before_step(&event));
+        let span = tracing::info_span!(
+            "cairn.step",
+            cairn.run_id = %at.run,
+            cairn.workflow = %inner.workflow,
+            cairn.step = %slot.key,
+            cairn.attempt = attempt
+        );
         let clock = Instant::now();
-        let outcome = run_handler(self.handler, self.input, self.timeout).await;
+        let result = run_handler(self.handler, self.input, self.timeout)
+            .instrument(span)
+            .await;
         event.elapsed = clock.elapsed();
-        let (status, output, error, retry_in) = match &outcome {
-            Ok(out) => match serde_json::to_string(out) {
-                Ok(json) => ("completed", Some(json), None, None),
-                Err(e) => (
-                    "failed",
+
+        // The outcome: the output as recorded JSON, or the failure.
+        let settled = match result {
+            Ok(out) => match serde_json::to_string(&out) {
+                Ok(text) => match json::problem(&text) {
+                    None => Ok((out, RawValue::from_string(text).ok())),
+                    Some(p) => Err((StepStatus::Failed, format!("the output {p}"), None)),
+                },
+                Err(e) => Err((
+                    StepStatus::Failed,
+                    format!("cannot serialize the output: {e}"),
                     None,
-                    Some(format!("cannot serialize the output: {e}")),
+                )),
+            },
+            Err(e) => match self.policy.verdict(attempt_u32, &e) {
+                Verdict::Retry { delay, error } => Err((StepStatus::Retrying, error, Some(delay))),
+                Verdict::GiveUp { error } => Err((StepStatus::Failed, error, None)),
+            },
+        };
+        match settled {
+            Ok((out, output)) => {
+                inner
+                    .outbox
+                    .push(outcome(StepStatus::Completed, output, None, None));
+                drop(busy);
+                plugins.each("after_step", |p| p.after_step(&event));
+                Ok(out)
+            }
+            Err((status, error, delay)) => {
+                inner.outbox.push(outcome(
+                    status,
                     None,
-                ),
-            },
-            Err(e) => match self.policy.verdict(attempt, e) {
-                Verdict::Retry { delay, error } => ("retrying", None, Some(error), Some(delay)),
-                Verdict::GiveUp { error } => ("failed", None, Some(error), None),
-            },
-        };
-        let c = Checkpoint {
-            key: &slot.key,
-            seq: slot.seq,
-            kind: "step",
-            status,
-            input: Some(&input),
-            output: output.as_deref(),
-            error: error.as_deref(),
-            attempts: i32::try_from(attempt).unwrap_or(i32::MAX),
-        };
-        let written = db::checkpoint(&ctx.inner.pool, ctx.inner.at, c).await;
-        ctx.inner.running.fetch_sub(1, Ordering::SeqCst);
-        ctx.inner.changed.notify_waiters();
-        let recorded = match written {
-            Ok(Some(r)) => r,
-            Ok(None) => return ctx.abandon("lease lost", "writing a checkpoint").await,
-            Err(e) => return ctx.abandon("writing a checkpoint", e).await,
-        };
-        match (status, &error) {
-            ("completed", _) => plugins.each("after_step", |p| p.after_step(&event)),
-            (_, e) => {
+                    Some(error.clone()),
+                    delay.map(|d| d.as_secs_f64()),
+                ));
                 let info = FailureInfo {
-                    message: e.clone().unwrap_or_default(),
-                    will_retry: status == "retrying",
+                    message: error.clone(),
+                    will_retry: delay.is_some(),
                 };
                 plugins.each("on_step_error", |p| p.on_step_error(&event, &info));
+                match delay {
+                    Some(delay) => {
+                        ctx.halt_now(Halt::Suspend {
+                            wake_at: None,
+                            retry_in: Some(delay),
+                            waiting: false,
+                        });
+                        drop(busy);
+                        std::future::pending().await
+                    }
+                    None => {
+                        drop(busy);
+                        Err(StepError::Failed {
+                            step: slot.key,
+                            message: error,
+                        })
+                    }
+                }
             }
-        }
-        // What is recorded is what the run has seen, even if another writer
-        // got there first: the stored outcome wins over this attempt's.
-        match recorded.status_now.as_str() {
-            "completed" => serde_json::from_str(recorded.output_now.as_deref().unwrap_or("null"))
-                .map_err(|e| StepError::Decode {
-                    step: slot.key,
-                    message: format!("recorded output does not fit the expected type: {e}"),
-                }),
-            "retrying" => {
-                // Another writer may have recorded the retry: its backoff then.
-                let delay = retry_in.unwrap_or_else(|| self.policy.jittered_delay_after(attempt));
-                ctx.park(Halt::Suspend {
-                    wake_at: Some(recorded.db_now + delay),
-                    waiting: false,
-                })
-                .await
-            }
-            _ => Err(StepError::Failed {
-                step: slot.key,
-                message: recorded.error_now.unwrap_or_default(),
-            }),
         }
     }
+}
+
+fn decode<O: DeserializeOwned>(key: &str, output: Option<&str>) -> Result<O, StepError> {
+    serde_json::from_str(output.unwrap_or("null")).map_err(|e| StepError::Decode {
+        step: key.to_owned(),
+        message: format!("recorded output does not fit the expected type: {e}"),
+    })
 }
 
 /// Runs a step's handler: a panic or an overrun is a retryable failure.

@@ -32,9 +32,35 @@ pub async fn app(pool: &PgPool) -> App {
     app
 }
 
+/// A child process that is killed when dropped, so a failing test leaves no
+/// worker behind.
+pub struct ChildGuard(pub Child);
+
+impl std::ops::Deref for ChildGuard {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts this test binary again as a child process running the `#[ignore]`d
 /// test `entry`, with `CAIRN_CHILD=<mode>` and `CAIRN_URL=<url>`.
-pub fn spawn_child(entry: &str, mode: &str, url: &str, env: &[(&str, String)]) -> Child {
+pub fn spawn_child(entry: &str, mode: &str, url: &str, env: &[(&str, String)]) -> ChildGuard {
     let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
     cmd.args([
         "--ignored",
@@ -51,7 +77,7 @@ pub fn spawn_child(entry: &str, mode: &str, url: &str, env: &[(&str, String)]) -
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn().expect("spawn child")
+    ChildGuard(cmd.spawn().expect("spawn child"))
 }
 
 /// The child mode this process was started in, if any.

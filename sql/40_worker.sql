@@ -1,0 +1,556 @@
+-- cairn: the worker's side of the run engine.
+--
+-- Who calls it: workers (cairn_worker), one call per durable fact. A worker
+-- that claims a run's job calls load_run, then replays the workflow function
+-- from the start: each durable call it reaches is looked up in the
+-- checkpoints load_run returned; a completed one returns its recorded output,
+-- a new one is recorded here. A step is begun with begin_step (recorded
+-- before its handler runs, so a step cut short by a crash is counted and no
+-- step starts after a cancel) and its outcome rides on the execution's next
+-- call (its outbox, `done`): the next begin_step, or the suspend, completion
+-- or failure of the run — one round trip per step. record_steps flushes the
+-- outbox when nothing else is about to.
+--
+-- Every call names the run, its job and the job's lease (fencing): hold_run
+-- refuses a job that is not the run's job, or a lease that has run out or
+-- passed to another worker, and the call then changes nothing (no row, or
+-- false). Outcomes in `done` that conflict with what another writer
+-- recorded raise CA001: the worker must replay. Lock order: see
+-- 20_run_engine.sql.
+
+create or replace function cairn.register_workflow(workflow text, queue text)
+returns void
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform cairn.check_not_null(workflow, 'workflow name');
+    perform cairn.check_task_name(workflow);
+    insert into cairn.workflows (name, queue_id)
+    values (register_workflow.workflow, cairn.queue_id(queue))
+    on conflict (name) do update set queue_id = excluded.queue_id, registered_at = pg_catalog.now();
+end $$;
+comment on function cairn.register_workflow(text, text) is
+    'Announce a workflow and its default queue (App::initialize and workers do this).';
+
+-- The run's state for a replay: a first row with the run (refused, workflow,
+-- input, the database time, created_at, traceparent), then a row per
+-- checkpoint. No row if the lease no longer holds the job. A job that is not
+-- the run's job (sent by hand with a workflow's name, or left over) is
+-- dead-lettered, and the row says why in `refused`. Locks: the run and its
+-- parent (rank 1), then the job if it is dead-lettered (rank 2).
+create or replace function cairn.load_run(run_id uuid, job_id bigint, lease bigint)
+returns table (refused text, workflow text, input jsonb, db_now timestamptz,
+               created_at timestamptz, traceparent text, key text, seq integer, kind text,
+               status text, output jsonb, error text, attempts integer, wake_at timestamptz,
+               fingerprint text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now    timestamptz := cairn.now();
+    v_run    cairn.runs;
+    v_job    record;
+    v_reason text;
+begin
+    perform from cairn.lock_runs(array[run_id]);
+    select * into v_run from cairn.runs r where r.id = load_run.run_id;
+    select j.lease, j.run_id, j.visible_at into v_job from cairn.jobs j where j.id = load_run.job_id;
+    if not found or v_job.lease is distinct from load_run.lease or v_job.visible_at <= v_now then
+        return;
+    end if;
+    if v_job.run_id is distinct from load_run.run_id or v_run.id is null then
+        v_reason := format('job %s is not the job of run %s: a run''s job is made by the run engine only',
+                           job_id, run_id);
+    elsif v_run.job_id is distinct from load_run.job_id then
+        v_reason := format('job %s no longer drives run %s', job_id, run_id);
+    elsif v_run.status in ('completed', 'failed', 'cancelled') then
+        v_reason := format('run %s is already %s', run_id, v_run.status);
+    end if;
+    if v_reason is not null then
+        perform cairn.settle_jobs(array[job_id], array[lease], null, 'dead', v_reason, true);
+        return query select v_reason, null::text, null::jsonb, v_now, null::timestamptz, null::text,
+                            null::text, null::integer, null::text, null::text, null::jsonb,
+                            null::text, null::integer, null::timestamptz, null::text;
+        return;
+    end if;
+    if v_run.status in ('sleeping', 'waiting', 'running') then
+        -- Resumed after a wait, or after an execution that never reported
+        -- back (its worker was lost).
+        insert into cairn.run_events (run_id, at, event, detail)
+        values (load_run.run_id, v_now, 'resumed', jsonb_build_object('from', v_run.status));
+    end if;
+    update cairn.runs r
+       set status = 'running', started_at = coalesce(r.started_at, v_now), updated_at = v_now,
+           wake_pending = false
+     where r.id = load_run.run_id;
+    return query
+    select null::text, v_run.workflow, v_run.input, v_now, v_run.created_at, v_run.traceparent,
+           null::text, null::integer, null::text, null::text, null::jsonb, null::text,
+           null::integer, null::timestamptz, null::text;
+    return query
+    select null::text, null::text, null::jsonb, null::timestamptz, null::timestamptz, null::text,
+           s.key, s.seq, s.kind, s.status, s.output, s.error, s.attempts, s.wake_at, s.fingerprint
+      from cairn.steps s
+     where s.run_id = load_run.run_id
+     order by s.seq;
+end $$;
+comment on function cairn.load_run(uuid, bigint, bigint) is
+    'Worker: begin an execution of a run: its input, the database time and its checkpoints.';
+
+-- Begin an attempt of the inline step `key`, after writing the outbox.
+-- Returns (outcome, attempt, output, error): 'started' with the attempt's
+-- number; 'completed' or 'failed' with the recorded outcome (another writer
+-- settled it: use that, run nothing); 'mismatch' if the key was recorded
+-- with another input fingerprint. No row if the lease no longer holds. The
+-- run is held FOR SHARE until commit, so a cancel_run either commits first
+-- (and this finds no job) or waits for the attempt to be recorded.
+create or replace function cairn.begin_step(
+    run_id      uuid,
+    job_id      bigint,
+    lease       bigint,
+    done        jsonb,
+    key         text,
+    seq         integer,
+    fingerprint text,
+    input       jsonb)
+returns table (outcome text, attempt integer, output jsonb, error text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now     timestamptz := cairn.now();
+    v_step    record;
+    v_problem text;
+begin
+    if cairn.hold_run(run_id, job_id, lease, 'share') is null then
+        return;
+    end if;
+    perform cairn.record_outcomes(run_id, done);
+    select s.status, s.attempts, s.started_at, s.output, s.error, s.fingerprint into v_step
+      from cairn.steps s
+     where s.run_id = begin_step.run_id and s.key = begin_step.key
+       for update;
+    if not found then
+        v_problem := cairn.json_problem(coalesce(input, 'null'));
+        insert into cairn.steps (run_id, key, seq, kind, status, input, fingerprint, attempts,
+                                 started_at, error, finished_at)
+        values (begin_step.run_id, begin_step.key, begin_step.seq, 'step',
+                case when v_problem is null then 'running' else 'failed' end,
+                case when v_problem is null then begin_step.input end,
+                begin_step.fingerprint, 1, v_now, 'the input ' || v_problem,
+                case when v_problem is not null then v_now end);
+        if v_problem is not null then
+            insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
+            values (begin_step.run_id, v_now, v_now, 'attempt', begin_step.key, 1, 'failed',
+                    'the input ' || v_problem);
+            return query select 'failed', 1, null::jsonb, 'the input ' || v_problem;
+            return;
+        end if;
+        return query select 'started', 1, null::jsonb, null::text;
+        return;
+    end if;
+    -- Checkpoints recorded before fingerprints existed (NULL) are trusted.
+    if v_step.fingerprint <> begin_step.fingerprint then
+        return query select 'mismatch', v_step.attempts, null::jsonb, null::text;
+        return;
+    end if;
+    if v_step.status in ('completed', 'failed') then
+        return query select v_step.status, v_step.attempts, v_step.output, v_step.error;
+        return;
+    end if;
+    if v_step.status = 'running' then
+        -- The attempt that began it never ended: its worker was lost.
+        insert into cairn.run_events (run_id, at, event, step, attempt, outcome, error)
+        values (begin_step.run_id, v_step.started_at, 'attempt', begin_step.key, v_step.attempts,
+                'lost', 'cut short: the worker running it was lost');
+    end if;
+    update cairn.steps s
+       set status = 'running', attempts = s.attempts + 1, started_at = v_now,
+           finished_at = null, error = null, wake_at = null
+     where s.run_id = begin_step.run_id and s.key = begin_step.key;
+    return query select 'started', v_step.attempts + 1, null::jsonb, null::text;
+end $$;
+comment on function cairn.begin_step(uuid, bigint, bigint, jsonb, text, integer, text, jsonb) is
+    'Worker: record the outbox, then begin an attempt of an inline step (or learn its recorded outcome).';
+
+-- Write the outbox when no other call is about to carry it. True if written;
+-- false if the lease no longer holds.
+create or replace function cairn.record_steps(run_id uuid, job_id bigint, lease bigint, done jsonb)
+returns boolean
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if cairn.hold_run(run_id, job_id, lease, 'share') is null then
+        return false;
+    end if;
+    perform cairn.record_outcomes(run_id, done);
+    return true;
+end $$;
+comment on function cairn.record_steps(uuid, bigint, bigint, jsonb) is
+    'Worker: record the outcomes of finished steps.';
+
+-- A durable sleep (or a timestamp recorded once): the first call records the
+-- wake time; returns it, and whether it has passed.
+create or replace function cairn.sleep_step(
+    run_id  uuid,
+    job_id  bigint,
+    lease   bigint,
+    done    jsonb,
+    key     text,
+    seq     integer,
+    seconds double precision)
+returns table (wake_at timestamptz, passed boolean)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now  timestamptz := cairn.now();
+    v_wake timestamptz;
+begin
+    perform cairn.check_seconds(seconds, 'sleep', 0, 315360000);
+    if cairn.hold_run(run_id, job_id, lease, 'share') is null then
+        return;
+    end if;
+    perform cairn.record_outcomes(run_id, sleep_step.done);
+    insert into cairn.steps as s (run_id, key, seq, kind, status, wake_at, started_at)
+    values (sleep_step.run_id, sleep_step.key, sleep_step.seq, 'sleep', 'waiting',
+            v_now + make_interval(secs => sleep_step.seconds), v_now)
+    on conflict on constraint steps_pkey do nothing;
+    select s.wake_at into v_wake from cairn.steps s
+     where s.run_id = sleep_step.run_id and s.key = sleep_step.key;
+    if v_wake <= v_now then
+        update cairn.steps s set status = 'completed', finished_at = coalesce(s.finished_at, v_now)
+         where s.run_id = sleep_step.run_id and s.key = sleep_step.key;
+        return query select v_wake, true;
+    else
+        return query select v_wake, false;
+    end if;
+end $$;
+comment on function cairn.sleep_step(uuid, bigint, bigint, jsonb, text, integer, double precision) is
+    'Worker: record a durable sleep; returns its wake time and whether it has passed.';
+
+-- Wait for a signal: consume the oldest pending one with that name, or record
+-- the wait (with its deadline). Output: {"payload": …} or {"timeout": true};
+-- settled is false while the run must wait.
+create or replace function cairn.await_signal(
+    run_id  uuid,
+    job_id  bigint,
+    lease   bigint,
+    done    jsonb,
+    key     text,
+    seq     integer,
+    name    text,
+    timeout double precision)
+returns table (settled boolean, output jsonb, wake_at timestamptz)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now    timestamptz := cairn.now();
+    v_step   record;
+    v_signal record;
+begin
+    if timeout is not null then
+        perform cairn.check_seconds(timeout, 'signal timeout', 0, 315360000);
+    end if;
+    if cairn.hold_run(run_id, job_id, lease, 'share') is null then
+        return;
+    end if;
+    perform cairn.record_outcomes(run_id, await_signal.done);
+    select s.status, s.output, s.wake_at into v_step from cairn.steps s
+     where s.run_id = await_signal.run_id and s.key = await_signal.key;
+    if found and v_step.status = 'completed' then
+        return query select true, v_step.output, v_step.wake_at;
+        return;
+    end if;
+
+    select g.id, g.payload into v_signal from cairn.signals g
+     where g.run_id = await_signal.run_id and g.name = await_signal.name and g.consumed_by is null
+     order by g.id limit 1
+       for update;
+    if found then
+        update cairn.signals g set consumed_by = await_signal.key where g.id = v_signal.id;
+        insert into cairn.steps as s (run_id, key, seq, kind, status, input, output,
+                                      started_at, finished_at, attempts)
+        values (await_signal.run_id, await_signal.key, await_signal.seq, 'signal', 'completed',
+                to_jsonb(await_signal.name), jsonb_build_object('payload', v_signal.payload),
+                v_now, v_now, 1)
+        on conflict on constraint steps_pkey do update
+           set status = 'completed', output = excluded.output, finished_at = v_now;
+        return query select true, jsonb_build_object('payload', v_signal.payload), null::timestamptz;
+        return;
+    end if;
+
+    if v_step is null then
+        insert into cairn.steps (run_id, key, seq, kind, status, input, wake_at, started_at, attempts)
+        values (await_signal.run_id, await_signal.key, await_signal.seq, 'signal', 'waiting',
+                to_jsonb(await_signal.name),
+                v_now + make_interval(secs => await_signal.timeout), v_now, 1);
+        select s.status, s.output, s.wake_at into v_step from cairn.steps s
+         where s.run_id = await_signal.run_id and s.key = await_signal.key;
+    end if;
+    if v_step.wake_at is not null and v_step.wake_at <= v_now then
+        update cairn.steps s
+           set status = 'completed', output = '{"timeout": true}', finished_at = v_now
+         where s.run_id = await_signal.run_id and s.key = await_signal.key;
+        return query select true, '{"timeout": true}'::jsonb, v_step.wake_at;
+        return;
+    end if;
+    return query select false, null::jsonb, v_step.wake_at;
+end $$;
+comment on function cairn.await_signal(uuid, bigint, bigint, jsonb, text, integer, text, double precision) is
+    'Worker: consume a pending signal of that name, or record the wait.';
+
+-- Internal: the recorded outcome of a step that starts something once (a
+-- child run, a step job): (outcome, output, error), outcome 'completed',
+-- 'failed', 'waiting' or 'mismatch' (recorded with another input
+-- fingerprint); no row if the step is not recorded.
+create or replace function cairn.recorded_outcome(run_id uuid, key text, fingerprint text)
+returns table (outcome text, output jsonb, error text)
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select case when s.fingerprint <> recorded_outcome.fingerprint then 'mismatch'
+                else s.status end,
+           s.output, s.error
+      from cairn.steps s
+     where s.run_id = recorded_outcome.run_id and s.key = recorded_outcome.key
+$$;
+
+-- Start a child run for the parent's step `key` (once: a replay finds the
+-- step and reports it). Returns (outcome, output, error), outcome as for
+-- recorded_outcome; 'waiting' while the child runs. An unknown workflow
+-- fails the step, not the call.
+create or replace function cairn.start_child(
+    run_id      uuid,
+    job_id      bigint,
+    lease       bigint,
+    done        jsonb,
+    key         text,
+    seq         integer,
+    fingerprint text,
+    workflow    text,
+    input       jsonb)
+returns table (outcome text, output jsonb, error text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now     timestamptz := cairn.now();
+    v_parent  cairn.runs;
+    v_qid     integer;
+    v_child   uuid;
+    v_problem text;
+begin
+    v_parent := cairn.hold_run(run_id, job_id, lease, 'share');
+    if v_parent is null then
+        return;
+    end if;
+    perform cairn.record_outcomes(run_id, start_child.done);
+    return query select * from cairn.recorded_outcome(run_id, key, fingerprint);
+    if found then
+        return;
+    end if;
+    select w.queue_id into v_qid from cairn.workflows w where w.name = start_child.workflow;
+    v_problem := case when not found then format('unknown workflow "%s"', workflow)
+                      else 'the child''s input ' || cairn.json_problem(coalesce(input, 'null')) end;
+    if v_problem is not null then
+        insert into cairn.steps (run_id, key, seq, kind, status, input, error, fingerprint,
+                                 attempts, started_at, finished_at)
+        values (start_child.run_id, start_child.key, start_child.seq, 'child', 'failed',
+                jsonb_build_object('workflow', start_child.workflow), v_problem,
+                start_child.fingerprint, 1, v_now, v_now);
+        insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
+        values (start_child.run_id, v_now, v_now, 'attempt', start_child.key, 1, 'failed', v_problem);
+        return query select 'failed', null::jsonb, v_problem;
+        return;
+    end if;
+    v_child := cairn.create_run(workflow, v_qid, input, null, v_parent.priority, v_now,
+                                v_parent.traceparent, run_id, key);
+    insert into cairn.steps (run_id, key, seq, kind, status, input, fingerprint, attempts, started_at)
+    values (start_child.run_id, start_child.key, start_child.seq, 'child', 'waiting',
+            jsonb_build_object('workflow', start_child.workflow, 'run', v_child,
+                               'input', start_child.input),
+            start_child.fingerprint, 1, v_now);
+    return query select 'waiting', null::jsonb, null::text;
+end $$;
+comment on function cairn.start_child(uuid, bigint, bigint, jsonb, text, integer, text, text, jsonb) is
+    'Worker: start a child run for a step (once), or report the step''s recorded outcome.';
+
+-- Run the parent's step `key` as a job of `task` on `queue`, on any worker
+-- serving it; its ack (with the output) or dead letter settles the step. The
+-- queue is created if it does not exist yet: the job waits for its workers.
+create or replace function cairn.start_task_step(
+    run_id      uuid,
+    job_id      bigint,
+    lease       bigint,
+    done        jsonb,
+    key         text,
+    seq         integer,
+    fingerprint text,
+    queue       text,
+    task        text,
+    payload     jsonb)
+returns table (outcome text, output jsonb, error text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now     timestamptz := cairn.now();
+    v_run     cairn.runs;
+    v_problem text;
+begin
+    v_run := cairn.hold_run(run_id, job_id, lease, 'share');
+    if v_run is null then
+        return;
+    end if;
+    perform cairn.record_outcomes(run_id, start_task_step.done);
+    return query select * from cairn.recorded_outcome(run_id, key, fingerprint);
+    if found then
+        return;
+    end if;
+    v_problem := case
+        when queue is null or queue !~ '^[a-z_][a-z0-9_]{0,62}$' then format('invalid queue name "%s"', queue)
+        when task is null or task !~ '^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$' then format('invalid task name "%s"', task)
+        when exists (select from cairn.workflows w where w.name = start_task_step.task)
+            then format('"%s" is a workflow: start it as a child run', task)
+        else 'the step''s input ' || cairn.json_problem(coalesce(payload, 'null')) end;
+    if v_problem is not null then
+        insert into cairn.steps (run_id, key, seq, kind, status, error, fingerprint, attempts,
+                                 started_at, finished_at)
+        values (start_task_step.run_id, start_task_step.key, start_task_step.seq, 'task', 'failed',
+                v_problem, start_task_step.fingerprint, 1, v_now, v_now);
+        insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
+        values (start_task_step.run_id, v_now, v_now, 'attempt', start_task_step.key, 1, 'failed',
+                v_problem);
+        return query select 'failed', null::jsonb, v_problem;
+        return;
+    end if;
+    insert into cairn.queues (name) values (start_task_step.queue) on conflict do nothing;
+    insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at, parent_run,
+                            parent_step, traceparent)
+    values (cairn.queue_id(start_task_step.queue), start_task_step.task, start_task_step.payload,
+            v_run.priority, v_now, v_now, start_task_step.run_id, start_task_step.key,
+            v_run.traceparent);
+    insert into cairn.steps (run_id, key, seq, kind, status, input, fingerprint, attempts, started_at)
+    values (start_task_step.run_id, start_task_step.key, start_task_step.seq, 'task', 'waiting',
+            start_task_step.payload, start_task_step.fingerprint, 1, v_now);
+    perform pg_notify('cairn', start_task_step.queue);
+    return query select 'waiting', null::jsonb, null::text;
+end $$;
+comment on function cairn.start_task_step(uuid, bigint, bigint, jsonb, text, integer, text, text, text, jsonb) is
+    'Worker: enqueue a step as a job of a task on its queue (once), or report the step''s recorded outcome.';
+
+-- Park the run until the earlier of wake_at and now + wake_in (both NULL:
+-- until something wakes it). If a signal, a child's end or a step job's end
+-- arrived while it ran (wake_pending), it is woken at once: this and the
+-- wakers hold the run FOR NO KEY UPDATE, so one of them always sees the
+-- other. Locks: the run (rank 1), then its job (rank 2).
+create or replace function cairn.suspend_run(
+    run_id  uuid,
+    job_id  bigint,
+    lease   bigint,
+    done    jsonb,
+    wake_at timestamptz,
+    wake_in double precision,
+    status  text)
+returns boolean
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now  timestamptz := cairn.now();
+    v_run  cairn.runs;
+    v_wake timestamptz := least(coalesce(suspend_run.wake_at, 'infinity'),
+                                case when wake_in is null then 'infinity'::timestamptz
+                                     else v_now + make_interval(secs => greatest(wake_in, 0)) end);
+begin
+    if suspend_run.status is null or suspend_run.status not in ('sleeping', 'waiting') then
+        raise exception 'cairn: cannot suspend a run as "%"', suspend_run.status
+            using errcode = 'invalid_parameter_value';
+    end if;
+    v_run := cairn.hold_run(run_id, job_id, lease, 'update');
+    if v_run is null then
+        return false;
+    end if;
+    perform cairn.record_outcomes(run_id, suspend_run.done);
+    if v_run.wake_pending then
+        v_wake := least(v_wake, v_now);
+    end if;
+    update cairn.jobs j
+       set visible_at = greatest(v_wake, v_now), lease = null, attempts = 0
+     where j.id = suspend_run.job_id;
+    update cairn.runs r
+       set status = suspend_run.status, updated_at = v_now,
+           wake_at = case when v_wake = 'infinity' then null else v_wake end
+     where r.id = suspend_run.run_id;
+    insert into cairn.run_events (run_id, at, event, detail)
+    values (suspend_run.run_id, v_now, 'suspended',
+            jsonb_strip_nulls(jsonb_build_object(
+                'status', suspend_run.status,
+                'until', case when v_wake = 'infinity' then null else v_wake end)));
+    return true;
+end $$;
+comment on function cairn.suspend_run(uuid, bigint, bigint, jsonb, timestamptz, double precision, text) is
+    'Worker: record the outbox and park the run until its wait ends.';
+
+-- The run completed with `output`. Returns 'completed', or 'failed' if the
+-- output breaks the JSON limits (the run fails saying so), or NULL if the
+-- lease no longer holds. Locks: the run's parent and the run (rank 1), the
+-- run's job and the parent's job (rank 2).
+create or replace function cairn.complete_run(
+    run_id uuid,
+    job_id bigint,
+    lease  bigint,
+    done   jsonb,
+    output jsonb)
+returns text
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_problem text := cairn.json_problem(coalesce(output, 'null'));
+begin
+    if cairn.hold_run(run_id, job_id, lease, 'family') is null then
+        return null;
+    end if;
+    perform cairn.record_outcomes(run_id, complete_run.done);
+    if v_problem is not null then
+        perform cairn.finish_run(run_id, 'failed', null, 'the run''s output ' || v_problem);
+        perform cairn.settle_jobs(array[job_id], array[lease], null, 'dead',
+                                  'the run''s output ' || v_problem, true);
+        return 'failed';
+    end if;
+    perform cairn.finish_run(run_id, 'completed', coalesce(output, 'null'), null);
+    delete from cairn.jobs j where j.id = complete_run.job_id;
+    return 'completed';
+end $$;
+comment on function cairn.complete_run(uuid, bigint, bigint, jsonb, jsonb) is
+    'Worker: record the outbox and complete the run with its output.';
+
+-- The run failed: it ends with `error` and its job is dead-lettered, so
+-- cairn.retry_run (or cairn.requeue of that job) can revive it. Locks as
+-- complete_run.
+create or replace function cairn.fail_run(
+    run_id uuid,
+    job_id bigint,
+    lease  bigint,
+    done   jsonb,
+    error  text)
+returns boolean
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if cairn.hold_run(run_id, job_id, lease, 'family') is null then
+        return false;
+    end if;
+    perform cairn.record_outcomes(run_id, fail_run.done);
+    perform cairn.finish_run(run_id, 'failed', null, coalesce(error, 'failed'));
+    perform cairn.settle_jobs(array[job_id], array[lease], null, 'dead', coalesce(error, 'failed'), true);
+    return true;
+end $$;
+comment on function cairn.fail_run(uuid, bigint, bigint, jsonb, text) is
+    'Worker: record the outbox and fail the run; its job is dead-lettered.';
