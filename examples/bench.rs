@@ -286,8 +286,9 @@ async fn worker_calls(pool: &PgPool) -> Result<i64, BoxError> {
     Ok(sqlx::query_scalar(
         "select coalesce(sum(calls), 0)::bigint from pg_stat_user_functions
           where schemaname = 'cairn'
-            and funcname in ('claim', 'load_run', 'checkpoint', 'sleep_step', 'await_signal',
-                             'suspend_run', 'complete_run', 'fail_run', 'extend', 'ack')",
+            and funcname in ('claim', 'load_run', 'begin_step', 'record_steps', 'sleep_step',
+                             'await_signal', 'start_child', 'start_task_step', 'suspend_run',
+                             'complete_run', 'fail_run', 'extend', 'ack')",
     )
     .fetch_one(pool)
     .await?)
@@ -427,7 +428,7 @@ async fn workflow(url: &str) -> Result<(), BoxError> {
         zero_calls as f64 / n as f64
     );
     println!(
-        "(a step is one call of cairn.checkpoint; a run adds its claim, load_run and complete_run)"
+        "(a step is one call of cairn.begin_step, which also records the previous step's outcome;\n a run adds its claim, load_run and complete_run)"
     );
     app.pool().close().await;
     Ok(())

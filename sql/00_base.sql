@@ -171,9 +171,9 @@ language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if priority is null or priority < -32768 or priority > 32767 then
-        raise exception 'cairn: priority must be between -32768 and 32767, got %',
-            coalesce(priority::text, 'NULL')
+    perform cairn.check_not_null(priority, 'priority');
+    if priority < -32768 or priority > 32767 then
+        raise exception 'cairn: priority must be between -32768 and 32767, got %', priority
             using errcode = 'invalid_parameter_value';
     end if;
 end $$;
@@ -184,10 +184,23 @@ language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if n is null or n < 1 or n > max_n then
-        raise exception 'cairn: % must be between 1 and %, got %',
-            what, max_n, coalesce(n::text, 'NULL')
+    perform cairn.check_not_null(n, what);
+    if n < 1 or n > max_n then
+        raise exception 'cairn: % must be between 1 and %, got %', what, max_n, n
             using errcode = 'invalid_parameter_value';
+    end if;
+end $$;
+
+-- A worker's call names its run, job and lease: none may be NULL.
+create or replace function cairn.check_held(run_id uuid, job_id bigint, lease bigint)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if run_id is null or job_id is null or lease is null then
+        raise exception 'cairn: run id, job id and lease must not be NULL'
+            using errcode = 'null_value_not_allowed';
     end if;
 end $$;
 
@@ -198,8 +211,9 @@ language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if ids is null or leases is null then
-        raise exception 'cairn: ids and leases must not be NULL'
+    if ids is null or leases is null or array_position(ids, null) is not null
+       or array_position(leases, null) is not null then
+        raise exception 'cairn: ids and leases must not be NULL (nor hold NULLs)'
             using errcode = 'null_value_not_allowed';
     end if;
     if pg_catalog.cardinality(ids) <> pg_catalog.cardinality(leases) then

@@ -304,7 +304,8 @@ as $$
 declare
     v_done bigint[];
 begin
-    if ids is null or leases is null or cardinality(ids) <> cardinality(leases) then
+    if ids is null or leases is null or cardinality(ids) <> cardinality(leases)
+       or array_position(ids, null) is not null or array_position(leases, null) is not null then
         perform cairn.check_pairs(ids, leases);
     end if;
     if outputs is not null then
@@ -340,9 +341,13 @@ comment on function cairn.ack(bigint[], bigint[]) is
 
 create or replace function cairn.ack(id bigint, lease bigint)
 returns boolean
-language sql volatile security definer
+language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
-as $$ select exists (select from cairn.ack(array[id], array[lease], null)) $$;
+as $$
+begin
+    perform cairn.check_pairs(array[id], array[lease]);
+    return exists (select from cairn.ack(array[id], array[lease], null));
+end $$;
 comment on function cairn.ack(bigint, bigint) is
     'Complete (delete) one leased job; false if the lease no longer matches.';
 
@@ -351,9 +356,18 @@ returns setof bigint
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_bad integer;
 begin
     perform cairn.check_pairs(ids, leases);
     perform cairn.check_outputs(ids, outputs);
+    select u.n into v_bad
+      from unnest(outputs) with ordinality as u(o, n)
+     where u.o is not null and cairn.json_problem(u.o) is not null
+     limit 1;
+    if found then
+        perform cairn.check_payload(outputs[v_bad], format('outputs[%s]', v_bad));
+    end if;
     return query select s.id from cairn.settle_jobs(ids, leases, outputs, 'completed', null, true) s;
 end $$;
 comment on function cairn.archive(bigint[], bigint[], jsonb[]) is
@@ -361,9 +375,13 @@ comment on function cairn.archive(bigint[], bigint[], jsonb[]) is
 
 create or replace function cairn.archive(id bigint, lease bigint, output jsonb default null)
 returns boolean
-language sql volatile security definer
+language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
-as $$ select exists (select from cairn.archive(array[id], array[lease], array[output])) $$;
+as $$
+begin
+    perform cairn.check_pairs(array[id], array[lease]);
+    return exists (select from cairn.archive(array[id], array[lease], array[output]));
+end $$;
 comment on function cairn.archive(bigint, bigint, jsonb) is
     'Complete one leased job and keep it in cairn.archive; false if the lease no longer matches.';
 
@@ -373,6 +391,7 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
+    perform cairn.check_pairs(array[id], array[lease]);
     perform cairn.check_seconds(delay, 'delay', 0, 315360000);
     update cairn.jobs j
        set visible_at = cairn.now() + make_interval(secs => retry.delay),
@@ -390,9 +409,7 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    if id is null or lease is null then
-        perform cairn.check_pairs(array[id], array[lease]);
-    end if;
+    perform cairn.check_pairs(array[id], array[lease]);
     return exists (select from cairn.settle_jobs(array[id], array[lease], null, 'dead',
                                                  coalesce(error, 'failed'), true));
 end $$;
@@ -425,6 +442,7 @@ as $$
 declare
     v_visible timestamptz;
 begin
+    perform cairn.check_pairs(array[id], array[lease]);
     perform cairn.check_seconds(vt, 'visibility timeout', 0, 86400);
     update cairn.jobs j
        set visible_at = cairn.now() + make_interval(secs => set_vt.vt)

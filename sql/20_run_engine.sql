@@ -44,6 +44,12 @@
 -- cancelled), and the run's suspends, resumes, signals, failures, retries
 -- and cancellations. The attempt in progress or completed is its steps row.
 -- cairn.run_history() joins them.
+--
+-- Plans: the functions here and in 30_run_api.sql and 40_worker.sql pin
+-- plan_cache_mode = force_generic_plan. Their statements are simple index
+-- lookups; left to choose, PL/pgSQL would plan them afresh on every call
+-- (a NULL parent run makes a custom plan look cheaper), which doubled the
+-- cost of a step.
 
 -- Internal: raise if `task` names a workflow. Only the run engine makes a
 -- workflow's jobs (start_workflow, start_child, retry_run).
@@ -51,6 +57,7 @@ create or replace function cairn.check_not_workflow(task text)
 returns void
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 begin
     if exists (select from cairn.workflows w where w.name = task) then
@@ -66,6 +73,7 @@ create or replace function cairn.lock_runs(ids uuid[])
 returns setof uuid
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_parent uuid;
@@ -104,28 +112,32 @@ end $$;
 -- mode 'share' locks the run FOR SHARE (a step's begin, a flush); 'update'
 -- FOR NO KEY UPDATE (a change of the run's state); 'family' the run and its
 -- parent, ancestors first (the run ends and its parent's step settles).
-create or replace function cairn.hold_run(run_id uuid, job_id bigint, lease bigint, mode text)
+-- `at` is the caller's reading of cairn.now().
+create or replace function cairn.hold_run(run_id uuid, job_id bigint, lease bigint, mode text,
+                                          at timestamptz)
 returns cairn.runs
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_run cairn.runs;
 begin
-    if mode = 'family' then
+    if mode = 'family' and exists (select from cairn.runs r
+                                    where r.id = hold_run.run_id and r.parent_run is not null) then
         perform from cairn.lock_runs(array[run_id]);
         select * into v_run from cairn.runs r where r.id = hold_run.run_id;
-    elsif mode = 'update' then
-        select * into v_run from cairn.runs r where r.id = hold_run.run_id for no key update;
-    else
+    elsif mode = 'share' then
         select * into v_run from cairn.runs r where r.id = hold_run.run_id for share;
+    else
+        select * into v_run from cairn.runs r where r.id = hold_run.run_id for no key update;
     end if;
     if v_run.id is null or v_run.job_id is distinct from hold_run.job_id then
         return null;
     end if;
     if not exists (select from cairn.jobs j
                     where j.id = hold_run.job_id and j.lease = hold_run.lease
-                      and j.run_id = hold_run.run_id and j.visible_at > cairn.now()) then
+                      and j.run_id = hold_run.run_id and j.visible_at > hold_run.at) then
         return null;
     end if;
     return v_run;
@@ -144,6 +156,7 @@ create or replace function cairn.enqueue_run_job(
 returns bigint
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now timestamptz := cairn.now();
@@ -177,6 +190,7 @@ create or replace function cairn.create_run(
 returns uuid
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 declare
@@ -208,6 +222,7 @@ create or replace function cairn.wake_run(run_id uuid)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now   timestamptz := cairn.now();
@@ -237,6 +252,7 @@ create or replace function cairn.settle_step(
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now     timestamptz := cairn.now();
@@ -273,6 +289,7 @@ create or replace function cairn.finish_run(
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now    timestamptz := cairn.now();
@@ -284,7 +301,10 @@ begin
     if v_run.parent_run is not null then
         select r.job_id into v_parent from cairn.runs r where r.id = v_run.parent_run;
     end if;
-    perform 1 from cairn.jobs j where j.id in (v_run.job_id, v_parent) order by j.id for update;
+    if v_parent is not null then
+        -- Two jobs: lock them in id order (rank 2).
+        perform 1 from cairn.jobs j where j.id in (v_run.job_id, v_parent) order by j.id for update;
+    end if;
     update cairn.runs r
        set status = finish_run.status, output = finish_run.output,
            error = left(finish_run.error, 4096), wake_at = null, wake_pending = false,
@@ -327,6 +347,7 @@ create or replace function cairn.settle_jobs(
 returns table (id bigint)
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now    timestamptz := cairn.now();
@@ -403,76 +424,66 @@ end $$;
 
 -- Internal: write the outcomes of the steps an execution finished since its
 -- last call (its outbox): a JSON array of {key, seq, kind, attempt, status,
--- output, error, fingerprint, retry_in}. The caller holds the run (rank 1).
--- A step's outcome lands on the attempt that began it while that attempt is
--- still running; a value (kind 'value') is written once. If another writer
--- settled the key first with another outcome, raises CA001: this execution
--- saw an outcome the run did not record, and must replay. An output beyond
--- the JSON limits fails the step (an error raised here would meet the
--- worker again on every replay).
-create or replace function cairn.record_outcomes(run_id uuid, done jsonb)
+-- output, error, fingerprint, retry_in}. The caller holds the run (rank 1)
+-- and passes its clock reading (`at`). A step's outcome lands on the attempt that
+-- began it while that attempt is still running; a value (kind 'value') is
+-- written once. If another writer settled a key first with another outcome,
+-- raises CA001: this execution saw an outcome the run did not record, and
+-- must replay. An output above 1 MiB fails the step (the worker checks
+-- outputs before sending them; an error raised here would meet the worker
+-- again on every replay). One statement in the common case.
+create or replace function cairn.record_outcomes(run_id uuid, done jsonb, at timestamptz)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_now     timestamptz := cairn.now();
     e         record;
     v_started timestamptz;
-    v_problem text;
 begin
-    if done is null or jsonb_array_length(done) = 0 then
-        return;
-    end if;
     for e in
-        select * from jsonb_to_recordset(done)
-                      as x(key text, seq integer, kind text, attempt integer, status text,
-                           output jsonb, error text, fingerprint text, retry_in double precision)
+        select x.key, x.seq, x.kind, x.attempt, x.status, x.output, left(x.error, 4096) as error,
+               x.retry_in
+          from jsonb_to_recordset(done)
+               as x(key text, seq integer, kind text, attempt integer, status text, output jsonb,
+                    error text, retry_in double precision)
     loop
-        if e.output is not null then
-            v_problem := cairn.json_problem(e.output);
-            if v_problem is not null then
-                e.status := 'failed';
-                e.error := 'the output ' || v_problem;
-                e.output := null;
-            end if;
+        if pg_column_size(e.output) > 1048576 then
+            e.status := 'failed';
+            e.error := format('the output is %s bytes, above the 1 MiB limit', pg_column_size(e.output));
+            e.output := null;
         end if;
         if e.kind = 'value' then
             insert into cairn.steps (run_id, key, seq, kind, status, output, attempts, started_at,
                                      finished_at)
             values (record_outcomes.run_id, e.key, e.seq, 'value', 'completed', e.output, 1,
-                    v_now, v_now)
+                    record_outcomes.at, record_outcomes.at)
             on conflict on constraint steps_pkey do nothing;
-            if not found and not exists (
-                   select from cairn.steps s
-                    where s.run_id = record_outcomes.run_id and s.key = e.key
-                      and s.output is not distinct from e.output) then
-                raise exception 'cairn: value % of run % was recorded by another worker', e.key, run_id
-                    using errcode = 'CA001';
+        else
+            update cairn.steps s
+               set status = e.status, output = e.output, error = e.error,
+                   finished_at = record_outcomes.at,
+                   wake_at = case when e.status = 'retrying'
+                                  then record_outcomes.at + make_interval(secs => coalesce(e.retry_in, 0)) end
+             where s.run_id = record_outcomes.run_id and s.key = e.key
+               and s.attempts = e.attempt and s.status = 'running'
+            returning s.started_at into v_started;
+            if found and e.status <> 'completed' then
+                insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
+                values (record_outcomes.run_id, v_started, record_outcomes.at, 'attempt', e.key,
+                        e.attempt, e.status, e.error);
             end if;
-            continue;
         end if;
-        update cairn.steps s
-           set status = e.status, output = e.output, error = left(e.error, 4096),
-               finished_at = v_now,
-               wake_at = case when e.status = 'retrying'
-                              then v_now + make_interval(secs => coalesce(e.retry_in, 0)) end
-         where s.run_id = record_outcomes.run_id and s.key = e.key
-           and s.attempts = e.attempt and s.status = 'running'
-        returning s.started_at into v_started;
-        if not found then
-            if not exists (
-                   select from cairn.steps s
-                    where s.run_id = record_outcomes.run_id and s.key = e.key
-                      and s.status = 'completed' and e.status = 'completed'
-                      and s.output is not distinct from e.output) then
-                raise exception 'cairn: step % of run % was settled by another worker', e.key, run_id
-                    using errcode = 'CA001';
-            end if;
-        elsif e.status <> 'completed' then
-            insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
-            values (record_outcomes.run_id, v_started, v_now, 'attempt', e.key, e.attempt,
-                    e.status, left(e.error, 4096));
+        -- Not written: fine if the same outcome is recorded already (a call
+        -- that was retried), a conflict otherwise.
+        if not found and not exists (
+               select from cairn.steps s
+                where s.run_id = record_outcomes.run_id and s.key = e.key
+                  and s.status = 'completed' and e.status = 'completed'
+                  and s.output is not distinct from e.output) then
+            raise exception 'cairn: step % of run % was settled by another worker', e.key, run_id
+                using errcode = 'CA001';
         end if;
     end loop;
 end $$;

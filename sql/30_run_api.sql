@@ -18,6 +18,7 @@ create or replace function cairn.start_workflow(
 returns uuid
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now timestamptz := cairn.now();
@@ -84,6 +85,7 @@ create or replace function cairn.send_signal(run_id uuid, name text, payload jso
 returns bigint
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now    timestamptz := cairn.now();
@@ -129,6 +131,7 @@ create or replace function cairn.cancel_run(run_id uuid)
 returns integer
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now    timestamptz := cairn.now();
@@ -169,6 +172,15 @@ begin
      order by j.id
        for update;
 
+    -- A step whose begin committed just before this cancel took the run's
+    -- lock has not had time to call its handler: give it a moment, so that
+    -- no handler is called after this commits (unless its worker stalls for
+    -- longer than that).
+    if exists (select from cairn.steps s
+                where s.run_id = any (v_live) and s.status = 'running'
+                  and s.started_at > v_now - interval '50 milliseconds') then
+        perform pg_sleep(0.05);
+    end if;
     -- Attempts in flight are cut short.
     insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
     select s.run_id, s.started_at, v_now, 'attempt', s.key, s.attempts, 'cancelled', 'the run was cancelled'
@@ -205,6 +217,7 @@ create or replace function cairn.retry_run(run_id uuid)
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now timestamptz := cairn.now();
@@ -243,6 +256,7 @@ returns table (id uuid, workflow text, status text, output jsonb, error text,
                wake_at timestamptz)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 begin
     perform cairn.check_not_null(run_id, 'run id');
@@ -264,6 +278,7 @@ returns table (run_id uuid, run_workflow text, run_status text, created_at times
                finished_at timestamptz, error text)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 begin
     perform cairn.check_batch(lim, 'lim', 10000);
@@ -288,6 +303,7 @@ returns table (seq integer, key text, kind text, status text, input jsonb, outpu
                error text, attempts integer, started_at timestamptz, finished_at timestamptz)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 begin
     perform cairn.check_not_null(run_id, 'run id');
@@ -312,6 +328,7 @@ returns table (at timestamptz, ended_at timestamptz, event text, step text, atte
                outcome text, error text, detail jsonb)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 begin
     perform cairn.check_not_null(run_id, 'run id');

@@ -22,6 +22,7 @@ create or replace function cairn.register_workflow(workflow text, queue text)
 returns void
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 begin
     perform cairn.check_not_null(workflow, 'workflow name');
@@ -37,8 +38,8 @@ comment on function cairn.register_workflow(text, text) is
 -- input, the database time, created_at, traceparent), then a row per
 -- checkpoint. No row if the lease no longer holds the job. A job that is not
 -- the run's job (sent by hand with a workflow's name, or left over) is
--- dead-lettered, and the row says why in `refused`. Locks: the run and its
--- parent (rank 1), then the job if it is dead-lettered (rank 2).
+-- dead-lettered, and the row says why in `refused`. Locks: the run (rank 1),
+-- then the job if it is dead-lettered (rank 2).
 create or replace function cairn.load_run(run_id uuid, job_id bigint, lease bigint)
 returns table (refused text, workflow text, input jsonb, db_now timestamptz,
                created_at timestamptz, traceparent text, key text, seq integer, kind text,
@@ -46,6 +47,7 @@ returns table (refused text, workflow text, input jsonb, db_now timestamptz,
                fingerprint text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now    timestamptz := cairn.now();
@@ -53,8 +55,10 @@ declare
     v_job    record;
     v_reason text;
 begin
-    perform from cairn.lock_runs(array[run_id]);
-    select * into v_run from cairn.runs r where r.id = load_run.run_id;
+    if run_id is null or job_id is null or lease is null then
+        perform cairn.check_held(run_id, job_id, lease);
+    end if;
+    select * into v_run from cairn.runs r where r.id = load_run.run_id for no key update;
     select j.lease, j.run_id, j.visible_at into v_job from cairn.jobs j where j.id = load_run.job_id;
     if not found or v_job.lease is distinct from load_run.lease or v_job.visible_at <= v_now then
         return;
@@ -68,7 +72,16 @@ begin
         v_reason := format('run %s is already %s', run_id, v_run.status);
     end if;
     if v_reason is not null then
-        perform cairn.settle_jobs(array[job_id], array[lease], null, 'dead', v_reason, true);
+        -- Not the run's job: dead-letter it alone (the run is not its to move).
+        with d as (
+            delete from cairn.jobs j where j.id = load_run.job_id and j.lease = load_run.lease
+            returning j.*
+        )
+        insert into cairn.archive (id, queue, task, payload, priority, attempts, enqueued_at,
+                                   archived_at, outcome, last_error, run_id, parent_run, parent_step)
+        select d.id, q.name, d.task, d.payload, d.priority, d.attempts, d.enqueued_at, v_now,
+               'dead', v_reason, d.run_id, d.parent_run, d.parent_step
+          from d join cairn.queues q on q.id = d.queue_id;
         return query select v_reason, null::text, null::jsonb, v_now, null::timestamptz, null::text,
                             null::text, null::integer, null::text, null::text, null::jsonb,
                             null::text, null::integer, null::timestamptz, null::text;
@@ -117,39 +130,49 @@ create or replace function cairn.begin_step(
 returns table (outcome text, attempt integer, output jsonb, error text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now     timestamptz := cairn.now();
     v_step    record;
     v_problem text;
 begin
-    if cairn.hold_run(run_id, job_id, lease, 'share') is null then
+    if run_id is null or job_id is null or lease is null then
+        perform cairn.check_held(run_id, job_id, lease);
+    end if;
+    if cairn.hold_run(run_id, job_id, lease, 'share', v_now) is null then
         return;
     end if;
-    perform cairn.record_outcomes(run_id, done);
+    if done <> '[]' then
+        perform cairn.record_outcomes(run_id, done, v_now);
+    end if;
+    -- The first attempt, the common case: one insert.
+    if pg_column_size(input) > 1048576 then
+        v_problem := format('the input is %s bytes, above the 1 MiB limit', pg_column_size(input));
+    end if;
+    insert into cairn.steps (run_id, key, seq, kind, status, input, fingerprint, attempts,
+                             started_at, error, finished_at)
+    values (begin_step.run_id, begin_step.key, begin_step.seq, 'step',
+            case when v_problem is null then 'running' else 'failed' end,
+            case when v_problem is null then begin_step.input end,
+            begin_step.fingerprint, 1, v_now, v_problem,
+            case when v_problem is not null then v_now end)
+    on conflict on constraint steps_pkey do nothing;
+    if found then
+        if v_problem is null then
+            return query select 'started', 1, null::jsonb, null::text;
+            return;
+        end if;
+        insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
+        values (begin_step.run_id, v_now, v_now, 'attempt', begin_step.key, 1, 'failed', v_problem);
+        return query select 'failed', 1, null::jsonb, v_problem;
+        return;
+    end if;
+    -- Recorded before: a retry, a replay after a crash, or another writer.
     select s.status, s.attempts, s.started_at, s.output, s.error, s.fingerprint into v_step
       from cairn.steps s
      where s.run_id = begin_step.run_id and s.key = begin_step.key
        for update;
-    if not found then
-        v_problem := cairn.json_problem(coalesce(input, 'null'));
-        insert into cairn.steps (run_id, key, seq, kind, status, input, fingerprint, attempts,
-                                 started_at, error, finished_at)
-        values (begin_step.run_id, begin_step.key, begin_step.seq, 'step',
-                case when v_problem is null then 'running' else 'failed' end,
-                case when v_problem is null then begin_step.input end,
-                begin_step.fingerprint, 1, v_now, 'the input ' || v_problem,
-                case when v_problem is not null then v_now end);
-        if v_problem is not null then
-            insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
-            values (begin_step.run_id, v_now, v_now, 'attempt', begin_step.key, 1, 'failed',
-                    'the input ' || v_problem);
-            return query select 'failed', 1, null::jsonb, 'the input ' || v_problem;
-            return;
-        end if;
-        return query select 'started', 1, null::jsonb, null::text;
-        return;
-    end if;
     -- Checkpoints recorded before fingerprints existed (NULL) are trusted.
     if v_step.fingerprint <> begin_step.fingerprint then
         return query select 'mismatch', v_step.attempts, null::jsonb, null::text;
@@ -180,12 +203,20 @@ create or replace function cairn.record_steps(run_id uuid, job_id bigint, lease 
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
+declare
+    v_now timestamptz := cairn.now();
 begin
-    if cairn.hold_run(run_id, job_id, lease, 'share') is null then
+    if run_id is null or job_id is null or lease is null then
+        perform cairn.check_held(run_id, job_id, lease);
+    end if;
+    if cairn.hold_run(run_id, job_id, lease, 'share', v_now) is null then
         return false;
     end if;
-    perform cairn.record_outcomes(run_id, done);
+    if done <> '[]' then
+        perform cairn.record_outcomes(run_id, done, v_now);
+    end if;
     return true;
 end $$;
 comment on function cairn.record_steps(uuid, bigint, bigint, jsonb) is
@@ -204,16 +235,22 @@ create or replace function cairn.sleep_step(
 returns table (wake_at timestamptz, passed boolean)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now  timestamptz := cairn.now();
     v_wake timestamptz;
 begin
+    if run_id is null or job_id is null or lease is null then
+        perform cairn.check_held(run_id, job_id, lease);
+    end if;
     perform cairn.check_seconds(seconds, 'sleep', 0, 315360000);
-    if cairn.hold_run(run_id, job_id, lease, 'share') is null then
+    if cairn.hold_run(run_id, job_id, lease, 'share', v_now) is null then
         return;
     end if;
-    perform cairn.record_outcomes(run_id, sleep_step.done);
+    if sleep_step.done <> '[]' then
+        perform cairn.record_outcomes(run_id, sleep_step.done, v_now);
+    end if;
     insert into cairn.steps as s (run_id, key, seq, kind, status, wake_at, started_at)
     values (sleep_step.run_id, sleep_step.key, sleep_step.seq, 'sleep', 'waiting',
             v_now + make_interval(secs => sleep_step.seconds), v_now)
@@ -246,19 +283,25 @@ create or replace function cairn.await_signal(
 returns table (settled boolean, output jsonb, wake_at timestamptz)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now    timestamptz := cairn.now();
     v_step   record;
     v_signal record;
 begin
+    if run_id is null or job_id is null or lease is null then
+        perform cairn.check_held(run_id, job_id, lease);
+    end if;
     if timeout is not null then
         perform cairn.check_seconds(timeout, 'signal timeout', 0, 315360000);
     end if;
-    if cairn.hold_run(run_id, job_id, lease, 'share') is null then
+    if cairn.hold_run(run_id, job_id, lease, 'share', v_now) is null then
         return;
     end if;
-    perform cairn.record_outcomes(run_id, await_signal.done);
+    if await_signal.done <> '[]' then
+        perform cairn.record_outcomes(run_id, await_signal.done, v_now);
+    end if;
     select s.status, s.output, s.wake_at into v_step from cairn.steps s
      where s.run_id = await_signal.run_id and s.key = await_signal.key;
     if found and v_step.status = 'completed' then
@@ -336,6 +379,7 @@ create or replace function cairn.start_child(
 returns table (outcome text, output jsonb, error text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now     timestamptz := cairn.now();
@@ -344,11 +388,16 @@ declare
     v_child   uuid;
     v_problem text;
 begin
-    v_parent := cairn.hold_run(run_id, job_id, lease, 'share');
+    if run_id is null or job_id is null or lease is null then
+        perform cairn.check_held(run_id, job_id, lease);
+    end if;
+    v_parent := cairn.hold_run(run_id, job_id, lease, 'share', v_now);
     if v_parent is null then
         return;
     end if;
-    perform cairn.record_outcomes(run_id, start_child.done);
+    if start_child.done <> '[]' then
+        perform cairn.record_outcomes(run_id, start_child.done, v_now);
+    end if;
     return query select * from cairn.recorded_outcome(run_id, key, fingerprint);
     if found then
         return;
@@ -396,17 +445,23 @@ create or replace function cairn.start_task_step(
 returns table (outcome text, output jsonb, error text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now     timestamptz := cairn.now();
     v_run     cairn.runs;
     v_problem text;
 begin
-    v_run := cairn.hold_run(run_id, job_id, lease, 'share');
+    if run_id is null or job_id is null or lease is null then
+        perform cairn.check_held(run_id, job_id, lease);
+    end if;
+    v_run := cairn.hold_run(run_id, job_id, lease, 'share', v_now);
     if v_run is null then
         return;
     end if;
-    perform cairn.record_outcomes(run_id, start_task_step.done);
+    if start_task_step.done <> '[]' then
+        perform cairn.record_outcomes(run_id, start_task_step.done, v_now);
+    end if;
     return query select * from cairn.recorded_outcome(run_id, key, fingerprint);
     if found then
         return;
@@ -459,6 +514,7 @@ create or replace function cairn.suspend_run(
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now  timestamptz := cairn.now();
@@ -467,15 +523,20 @@ declare
                                 case when wake_in is null then 'infinity'::timestamptz
                                      else v_now + make_interval(secs => greatest(wake_in, 0)) end);
 begin
+    if run_id is null or job_id is null or lease is null then
+        perform cairn.check_held(run_id, job_id, lease);
+    end if;
     if suspend_run.status is null or suspend_run.status not in ('sleeping', 'waiting') then
         raise exception 'cairn: cannot suspend a run as "%"', suspend_run.status
             using errcode = 'invalid_parameter_value';
     end if;
-    v_run := cairn.hold_run(run_id, job_id, lease, 'update');
+    v_run := cairn.hold_run(run_id, job_id, lease, 'update', v_now);
     if v_run is null then
         return false;
     end if;
-    perform cairn.record_outcomes(run_id, suspend_run.done);
+    if suspend_run.done <> '[]' then
+        perform cairn.record_outcomes(run_id, suspend_run.done, v_now);
+    end if;
     if v_run.wake_pending then
         v_wake := least(v_wake, v_now);
     end if;
@@ -509,14 +570,22 @@ create or replace function cairn.complete_run(
 returns text
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_problem text := cairn.json_problem(coalesce(output, 'null'));
+    v_now     timestamptz := cairn.now();
+    v_problem text := case when output is null or pg_column_size(output) > 1048576
+                           then cairn.json_problem(coalesce(output, 'null')) end;
 begin
-    if cairn.hold_run(run_id, job_id, lease, 'family') is null then
+    if run_id is null or job_id is null or lease is null then
+        perform cairn.check_held(run_id, job_id, lease);
+    end if;
+    if cairn.hold_run(run_id, job_id, lease, 'family', v_now) is null then
         return null;
     end if;
-    perform cairn.record_outcomes(run_id, complete_run.done);
+    if complete_run.done <> '[]' then
+        perform cairn.record_outcomes(run_id, complete_run.done, v_now);
+    end if;
     if v_problem is not null then
         perform cairn.finish_run(run_id, 'failed', null, 'the run''s output ' || v_problem);
         perform cairn.settle_jobs(array[job_id], array[lease], null, 'dead',
@@ -542,12 +611,20 @@ create or replace function cairn.fail_run(
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
 as $$
+declare
+    v_now timestamptz := cairn.now();
 begin
-    if cairn.hold_run(run_id, job_id, lease, 'family') is null then
+    if run_id is null or job_id is null or lease is null then
+        perform cairn.check_held(run_id, job_id, lease);
+    end if;
+    if cairn.hold_run(run_id, job_id, lease, 'family', v_now) is null then
         return false;
     end if;
-    perform cairn.record_outcomes(run_id, fail_run.done);
+    if fail_run.done <> '[]' then
+        perform cairn.record_outcomes(run_id, fail_run.done, v_now);
+    end if;
     perform cairn.finish_run(run_id, 'failed', null, coalesce(error, 'failed'));
     perform cairn.settle_jobs(array[job_id], array[lease], null, 'dead', coalesce(error, 'failed'), true);
     return true;

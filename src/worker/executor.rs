@@ -15,6 +15,7 @@ use super::completer::Settle;
 use super::{QueuePlan, Running, Worker};
 use crate::db::{ClaimedJob, RunLease};
 use crate::error::{HandlerError, panic_message};
+use crate::json;
 use crate::plugin::{FailureInfo, TaskEvent};
 use crate::registry::{Handler, Registration};
 use crate::retry::Verdict;
@@ -85,8 +86,20 @@ impl Worker {
             plugins.each("before_task", |p| p.before_task(e));
         }
         let clock = event.as_ref().map(|_| Instant::now());
-        let run =
-            AssertUnwindSafe(handler(job.payload, ctx, job.parent_run.is_some())).catch_unwind();
+        // The user's own `tracing` spans and events inside the handler carry
+        // the job's identity.
+        let span = tracing::info_span!(
+            "cairn.task",
+            cairn.job_id = id,
+            cairn.task = %reg.name,
+            cairn.queue = %plan.name,
+            cairn.attempt = attempt,
+            cairn.parent_run = job.parent_run.map(tracing::field::display)
+        );
+        let run = tracing::Instrument::instrument(
+            AssertUnwindSafe(handler(job.payload, ctx, job.parent_run.is_some())).catch_unwind(),
+            span,
+        );
         let in_flight = Arc::clone(&self.in_flight);
         // Registered before the task can finish: the entry is in place when
         // the task marks it settled, and the completer removes it.
@@ -103,6 +116,12 @@ impl Worker {
                 r.abort = None; // settling now: shutdown must not release it
             }
             let outcome = match result {
+                // An output the database would refuse fails the job at once.
+                Ok(Some(output)) if json::problem(&output).is_some() => Settle::Fail {
+                    id,
+                    lease,
+                    error: format!("the output {}", json::problem(&output).unwrap_or_default()),
+                },
                 Ok(output) => Settle::Done {
                     id,
                     lease,
@@ -132,7 +151,6 @@ impl Worker {
             id,
             Running {
                 lease,
-                started: Instant::now(),
                 cancel,
                 abort: Some(task.abort_handle()),
             },
@@ -192,7 +210,6 @@ impl Worker {
             id,
             Running {
                 lease,
-                started: Instant::now(),
                 cancel,
                 abort: Some(task.abort_handle()),
             },

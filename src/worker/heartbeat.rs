@@ -1,5 +1,8 @@
-//! Extends the leases of jobs that run long, and stops the handlers of jobs
-//! whose lease was lost (it ran out and another worker claimed the job).
+//! Extends the leases of running jobs every third of the lease, and stops
+//! the handlers of jobs whose lease was lost: it ran out and another worker
+//! claimed the job, or the job was deleted (its run was cancelled). Every
+//! running job is checked at every beat, so a handler learns of a cancel
+//! within one beat.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +29,6 @@ pub(super) async fn run(
         let due: Vec<(i64, i64)> = in_flight
             .lock()
             .iter()
-            .filter(|(_, r)| r.started.elapsed() >= beat)
             .map(|(&id, r)| (id, r.lease))
             .collect();
         if due.is_empty() {
@@ -39,7 +41,7 @@ pub(super) async fn run(
                     if !held.contains(&id) && in_flight.abandon(id, lease) {
                         tracing::warn!(
                             job = id,
-                            "lease lost (expired and re-claimed elsewhere); handler aborted"
+                            "lease lost (expired and claimed elsewhere, or the run was cancelled); handler aborted"
                         );
                     }
                 }

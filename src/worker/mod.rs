@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::AbortHandle;
@@ -213,7 +213,6 @@ async fn shutdown_signal() {
 /// A job being run: what the heartbeat extends and shutdown releases.
 struct Running {
     lease: i64,
-    started: Instant,
     cancel: CancellationToken,
     abort: Option<AbortHandle>,
 }

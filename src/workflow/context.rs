@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures_util::task::AtomicWaker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -114,6 +115,9 @@ pub(super) struct Inner {
     /// reaching the outbox.
     running: AtomicUsize,
     cancel: CancellationToken,
+    /// Wakes the replay when a halt, an outcome or the end of a step happens
+    /// outside its poll (a step awaited in a spawned task).
+    replay: AtomicWaker,
 }
 
 /// The handle a workflow function gets: its steps, sleeps, signals, child
@@ -147,6 +151,7 @@ pub(super) struct Busy<'a>(&'a Inner);
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::SeqCst);
+        self.0.replay.wake();
     }
 }
 
@@ -197,6 +202,7 @@ impl WorkflowContext {
                 traceparent: loaded.traceparent,
                 running: AtomicUsize::new(0),
                 cancel,
+                replay: AtomicWaker::new(),
             }),
         }
     }
@@ -262,6 +268,8 @@ impl WorkflowContext {
         };
         if let Some(message) = mismatch {
             st.halt = Some(Halt::Fail(message));
+            drop(st);
+            self.inner.replay.wake();
             return None;
         }
         Some(Slot {
@@ -284,6 +292,19 @@ impl WorkflowContext {
             Some(h) => h.merge(halt),
             None => halt,
         });
+        drop(st);
+        self.inner.replay.wake();
+    }
+
+    /// Records an outcome for the execution's next call.
+    pub(super) fn record(&self, outcome: Outcome) {
+        self.inner.outbox.push(outcome);
+        self.inner.replay.wake();
+    }
+
+    /// Asks to be woken when the execution's state changes outside a poll.
+    pub(crate) fn register_replay(&self, waker: &std::task::Waker) {
+        self.inner.replay.register(waker);
     }
 
     /// Halts and never returns: the replay drops this future.
@@ -690,7 +711,7 @@ impl WorkflowContext {
             let output = serde_json::to_string(&value)
                 .ok()
                 .and_then(|json| RawValue::from_string(json).ok());
-            self.inner.outbox.push(Outcome {
+            self.record(Outcome {
                 key: slot.key,
                 seq: slot.seq,
                 kind: StepKind::Value,

@@ -160,6 +160,7 @@ async fn replay(x: Execution, loaded: db::LoadedRun) -> Settled {
         });
         let mut flush: Option<BoxFuture<'_, ()>> = None;
         std::future::poll_fn(|cx| {
+            ctx.register_replay(cx.waker());
             if let Poll::Ready(result) = body.as_mut().poll(cx) {
                 return Poll::Ready(Stop::Returned(result));
             }

@@ -196,9 +196,7 @@ impl<'c, I, F> Step<'c, I, F> {
                 self.policy.attempts(),
                 attempt - 1
             );
-            inner
-                .outbox
-                .push(outcome(StepStatus::Failed, None, Some(error.clone()), None));
+            ctx.record(outcome(StepStatus::Failed, None, Some(error.clone()), None));
             return Err(StepError::Failed {
                 step: slot.key,
                 message: error,
@@ -250,15 +248,13 @@ impl<'c, I, F> Step<'c, I, F> {
         };
         match settled {
             Ok((out, output)) => {
-                inner
-                    .outbox
-                    .push(outcome(StepStatus::Completed, output, None, None));
+                ctx.record(outcome(StepStatus::Completed, output, None, None));
                 drop(busy);
                 plugins.each("after_step", |p| p.after_step(&event));
                 Ok(out)
             }
             Err((status, error, delay)) => {
-                inner.outbox.push(outcome(
+                ctx.record(outcome(
                     status,
                     None,
                     Some(error.clone()),
