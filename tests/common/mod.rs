@@ -104,3 +104,4 @@ where
 pub async fn scalar_i64(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
 }
+pub mod cluster;
