@@ -53,6 +53,44 @@ end $$;
 comment on function cairn.create_queue(text) is
     'Create a queue; a no-op if it exists.';
 
+-- Internal: delete a queue's live jobs — the workflow's jobs through
+-- settle_jobs (their runs fail, their steps fail), plain jobs in one
+-- statement. Returns how many. Locks, in the engine's order: the runs those
+-- jobs concern and their parents (rank 1), then every job of the queue and
+-- the jobs of those runs, in id order (rank 2).
+create or replace function cairn.remove_queue_jobs(queue_id integer, reason text)
+returns bigint
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_jobs   bigint[];
+    v_runs   uuid[];
+    v_locked uuid[];
+    v_count  bigint;
+    v_plain  bigint;
+begin
+    select array_agg(j.id), array_agg(distinct coalesce(j.parent_run, j.run_id)) into v_jobs, v_runs
+      from cairn.jobs j
+     where j.queue_id = remove_queue_jobs.queue_id
+       and (j.run_id is not null or j.parent_run is not null);
+    if v_runs is not null then
+        select array_agg(l) into v_locked from cairn.lock_runs(v_runs) l;
+    end if;
+    perform 1 from cairn.jobs j
+     where j.queue_id = remove_queue_jobs.queue_id
+        or j.id in (select r.job_id from cairn.runs r
+                     where r.id = any (coalesce(v_locked, '{}')) and r.job_id is not null)
+     order by j.id
+       for update;
+    v_count := (select count(*)
+                  from cairn.settle_jobs(coalesce(v_jobs, '{}'), null, null, 'removed', reason, false));
+    delete from cairn.jobs j
+     where j.queue_id = remove_queue_jobs.queue_id and j.run_id is null and j.parent_run is null;
+    get diagnostics v_plain = row_count;
+    return v_count + v_plain;
+end $$;
+
 -- Drop a queue. Locks: the queue row, then (through settle_jobs) the runs of
 -- its workflow jobs, then its jobs in id order.
 create or replace function cairn.drop_queue(queue text)
@@ -62,16 +100,13 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_qid integer;
-    v_ids bigint[];
 begin
     perform cairn.check_queue_name(queue);
     select q.id into v_qid from cairn.queues q where q.name = drop_queue.queue for update;
     if not found then
         return false;
     end if;
-    select array_agg(j.id) into v_ids from cairn.jobs j where j.queue_id = v_qid;
-    perform cairn.settle_jobs(coalesce(v_ids, '{}'), null, null, 'removed',
-                              format('its queue %s was dropped', queue), false);
+    perform cairn.remove_queue_jobs(v_qid, format('its queue %s was dropped', queue));
     delete from cairn.archive a where a.queue = drop_queue.queue;
     delete from cairn.queues q where q.id = v_qid;
     return true;
@@ -84,14 +119,8 @@ returns bigint
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
-declare
-    v_qid integer := cairn.queue_id(queue);
-    v_ids bigint[];
 begin
-    select array_agg(j.id) into v_ids from cairn.jobs j where j.queue_id = v_qid;
-    return (select count(*)
-              from cairn.settle_jobs(coalesce(v_ids, '{}'), null, null, 'removed',
-                                     format('its queue %s was purged', queue), false));
+    return cairn.remove_queue_jobs(cairn.queue_id(queue), format('its queue %s was purged', queue));
 end $$;
 comment on function cairn.purge_queue(text) is
     'Delete every live job (ready, delayed or leased) of a queue; returns how many. Workflow runs driven by those jobs fail, and steps run as those jobs fail.';
@@ -119,7 +148,12 @@ begin
     if not found then
         perform cairn.queue_id(queue);
     end if;
-    if payload is null or cairn.json_problem(payload) is not null then
+    if payload is null or pg_column_size(payload) > 1048576
+       or pg_column_compression(payload) is not null
+       or (pg_column_size(payload) >= 512
+           and jsonb_path_exists(payload, 'strict $.**{64} ? (@.type() == "object" || @.type() == "array")'))
+       or jsonb_path_exists(payload,
+              'strict $.** ? (@ > 1.7976931348623157e308 || @ < -1.7976931348623157e308)') then
         perform cairn.check_payload(payload);
     end if;
     if delay is null or not (delay >= 0 and delay <= 315360000) then
@@ -134,7 +168,9 @@ begin
     if traceparent is not null then
         perform cairn.check_traceparent(traceparent);
     end if;
-    perform cairn.check_not_workflow(v_task);
+    if exists (select from cairn.workflows w where w.name = v_task) then
+        perform cairn.check_not_workflow(v_task);
+    end if;
 
     insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at, traceparent)
     values (v_qid, v_task, send.payload, send.priority,
@@ -169,9 +205,16 @@ begin
             using errcode = 'null_value_not_allowed';
     end if;
     perform cairn.check_batch(cardinality(payloads), 'batch size', 100000);
+    -- Size and depth, inline (a function call per row would cost a third of
+    -- the batch's rate). Numbers out of range are not scanned for here: the
+    -- scan would cost as much again; such a job is dead-lettered at its
+    -- first delivery with serde's message (docs/design.md).
     select u.n into v_bad
       from unnest(payloads) with ordinality as u(p, n)
-     where u.p is null or cairn.json_problem(u.p) is not null
+     where u.p is null or pg_column_size(u.p) > 1048576
+        or pg_column_compression(u.p) is not null
+        or (pg_column_size(u.p) >= 512
+            and jsonb_path_exists(u.p, 'strict $.**{64} ? (@.type() == "object" || @.type() == "array")'))
      limit 1;
     if found then
         perform cairn.check_payload(payloads[v_bad], format('payloads[%s]', v_bad));
@@ -302,7 +345,7 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_done bigint[];
+    v_done bigint;
 begin
     if ids is null or leases is null or cardinality(ids) <> cardinality(leases)
        or array_position(ids, null) is not null or array_position(leases, null) is not null then
@@ -311,31 +354,47 @@ begin
     if outputs is not null then
         perform cairn.check_outputs(ids, outputs);
     end if;
-    with d as (
-        delete from cairn.jobs j
-         using (select u.id, u.lease from unnest(ids, leases) as u(id, lease) order by u.id) u
-         where j.id = u.id and j.lease = u.lease
-           and j.run_id is null and j.parent_run is null
-        returning j.id
-    )
-    select array_agg(d.id) into v_done from d;
-    if coalesce(cardinality(v_done), 0) < cardinality(ids) then
+    return query
+    delete from cairn.jobs j
+     using (select u.id, u.lease from unnest(ids, leases) as u(id, lease) order by u.id) u
+     where j.id = u.id and j.lease = u.lease
+       and j.run_id is null and j.parent_run is null
+    returning j.id;
+    get diagnostics v_done = row_count;
+    if v_done < cardinality(ids) then
         -- Some were not plain jobs (or their lease was lost): settle the
         -- workflow steps among them.
-        v_done := coalesce(v_done, '{}') || array(
-            select s.id
-              from cairn.settle_jobs(ids, leases, outputs, 'completed', null, false) s);
+        return query
+        select s.id from cairn.settle_jobs(ids, leases, outputs, 'completed', null, false) s;
     end if;
-    return query select unnest(coalesce(v_done, '{}'));
 end $$;
 comment on function cairn.ack(bigint[], bigint[], jsonb[]) is
     'Complete leased jobs; outputs, when given, pair up with the ids and go to the workflow steps the jobs were run for. Returns the ids whose lease still matched; the others were re-leased or settled and are left alone.';
 
 create or replace function cairn.ack(ids bigint[], leases bigint[])
 returns setof bigint
-language sql volatile security definer
+language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
-as $$ select * from cairn.ack(ids, leases, null) $$;
+as $$
+declare
+    v_done bigint;
+begin
+    if ids is null or leases is null or cardinality(ids) <> cardinality(leases)
+       or array_position(ids, null) is not null or array_position(leases, null) is not null then
+        perform cairn.check_pairs(ids, leases);
+    end if;
+    return query
+    delete from cairn.jobs j
+     using (select u.id, u.lease from unnest(ids, leases) as u(id, lease) order by u.id) u
+     where j.id = u.id and j.lease = u.lease
+       and j.run_id is null and j.parent_run is null
+    returning j.id;
+    get diagnostics v_done = row_count;
+    if v_done < cardinality(ids) then
+        return query
+        select s.id from cairn.settle_jobs(ids, leases, null, 'completed', null, false) s;
+    end if;
+end $$;
 comment on function cairn.ack(bigint[], bigint[]) is
     'Complete (delete) leased jobs. Returns the ids whose lease still matched; the others were re-leased or settled and are left alone.';
 

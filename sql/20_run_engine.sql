@@ -354,22 +354,24 @@ declare
     v_runs   uuid[];
     v_locked uuid[];
     v_gone   jsonb;
+    v_ids    bigint[];
     v_left   record;
     v_run    record;
     v_why    text;
 begin
     -- Rank 1: the runs these jobs concern (run_id and parent_run never change).
     select array_agg(distinct coalesce(j.parent_run, j.run_id)) into v_runs
-      from cairn.jobs j
-     where j.id = any (ids)
-       and (j.parent_run is not null or (j.run_id is not null and outcome <> 'completed'));
+      from cairn.jobs j join unnest(ids) as u(id) on u.id = j.id
+     where j.parent_run is not null or (j.run_id is not null and outcome <> 'completed');
     if v_runs is not null then
         select array_agg(l) into v_locked from cairn.lock_runs(v_runs) l;
     end if;
     -- Rank 2: these jobs and the jobs of the locked runs, in id order.
     perform 1 from cairn.jobs j
-     where j.id = any (ids)
-        or j.id in (select r.job_id from cairn.runs r where r.id = any (coalesce(v_locked, '{}')))
+     where j.id in (select u.id from unnest(ids) as u(id)
+                    union
+                    select r.job_id from cairn.runs r
+                     where r.id = any (coalesce(v_locked, '{}')) and r.job_id is not null)
      order by j.id
        for update;
 
@@ -390,17 +392,19 @@ begin
           from d join cairn.queues q on q.id = d.queue_id
          where keep
     )
-    select jsonb_agg(jsonb_build_object('id', d.id, 'run_id', d.run_id, 'parent_run', d.parent_run,
+    -- Plain jobs need nothing more; the workflow's jobs are settled below.
+    select array_agg(d.id),
+           jsonb_agg(jsonb_build_object('id', d.id, 'run_id', d.run_id, 'parent_run', d.parent_run,
                                         'parent_step', d.parent_step, 'output', d.output))
-      into v_gone
+               filter (where d.run_id is not null or d.parent_run is not null)
+      into v_ids, v_gone
       from d;
+    return query select unnest(coalesce(v_ids, '{}'));
 
     for v_left in
         select * from jsonb_to_recordset(coalesce(v_gone, '[]'))
                       as x(id bigint, run_id uuid, parent_run uuid, parent_step text, output jsonb)
     loop
-        id := v_left.id;
-        return next;
         if v_left.parent_run is not null then
             v_why := case when v_left.output is not null then cairn.json_problem(v_left.output) end;
             if outcome = 'completed' and v_why is null then
@@ -442,6 +446,18 @@ declare
     e         record;
     v_started timestamptz;
 begin
+    -- One completed step, the common case: a single update, no loop.
+    if jsonb_array_length(done) = 1 and done->0->>'kind' = 'step'
+       and done->0->>'status' = 'completed' and pg_column_size(done->0->'output') <= 1048576 then
+        update cairn.steps s
+           set status = 'completed', output = done->0->'output', error = null,
+               finished_at = record_outcomes.at, wake_at = null
+         where s.run_id = record_outcomes.run_id and s.key = done->0->>'key'
+           and s.attempts = (done->0->>'attempt')::integer and s.status = 'running';
+        if found then
+            return;
+        end if;
+    end if;
     for e in
         select x.key, x.seq, x.kind, x.attempt, x.status, x.output, left(x.error, 4096) as error,
                x.retry_in

@@ -140,7 +140,14 @@ begin
     if run_id is null or job_id is null or lease is null then
         perform cairn.check_held(run_id, job_id, lease);
     end if;
-    if cairn.hold_run(run_id, job_id, lease, 'share', v_now) is null then
+    -- hold_run(.., 'share'), inline on this hot path: the run FOR SHARE,
+    -- then the lease.
+    perform from cairn.runs r
+     where r.id = begin_step.run_id and r.job_id = begin_step.job_id
+       for share;
+    if not found or not exists (select from cairn.jobs j
+                                 where j.id = begin_step.job_id and j.lease = begin_step.lease
+                                   and j.visible_at > v_now) then
         return;
     end if;
     if done <> '[]' then

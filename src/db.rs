@@ -110,9 +110,10 @@ pub(crate) async fn claim(
     tasks: &[String],
 ) -> Result<Vec<ClaimedJob>> {
     sqlx::query_as(
-        "select set_config('synchronous_commit', 'off', true) as async_commit, \
-                id, task, payload::text as payload, attempts, lease, parent_run, traceparent, run_id \
-           from cairn.claim($1, $2, $3, $4)",
+        "select c.id, c.task, c.payload::text as payload, c.attempts, c.lease, c.parent_run, \
+                c.traceparent, c.run_id \
+           from (select set_config('synchronous_commit', 'off', true)) async_commit, \
+                cairn.claim($1, $2, $3, $4) c",
     )
     .bind(queue)
     .bind(secs(lease))

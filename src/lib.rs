@@ -1,11 +1,15 @@
 //! # cairn
 //!
-//! Durable queues (and, next, workflows) that live inside PostgreSQL, with a
-//! thin Rust worker. All queueing, leasing and retry scheduling are tables
-//! and stored functions in schema `cairn`; any client can enqueue with
-//! `SELECT cairn.send('emails', '{"to": "a@b.c"}')`.
+//! Durable workflows and queues that live inside PostgreSQL, with a thin
+//! Rust worker. Queueing, leasing, retries, timers, signals and checkpoints
+//! are tables and stored functions in schema `cairn`, with no extension: any
+//! client can enqueue a job with `SELECT cairn.send('emails', '{"to":
+//! "a@b.c"}')` or start a workflow with `SELECT
+//! cairn.start_workflow('greet', '"ann"')`. A run that crashed anywhere walks
+//! on from its last completed step.
 //!
 //! ```no_run
+//! use cairn::prelude::*;
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Serialize, Deserialize)]
@@ -13,31 +17,45 @@
 //!     to: String,
 //! }
 //!
-//! impl cairn::Task for SendEmail {
+//! impl Task for SendEmail {
 //!     const QUEUE: &'static str = "emails";
 //!     type Output = ();
 //! }
 //!
 //! # async fn demo() -> cairn::Result<()> {
-//! let app = cairn::App::builder()
+//! let app = App::builder()
 //!     .database_url("postgres://postgres@127.0.0.1/postgres")
 //!     .build()
 //!     .await?;
-//! app.initialize().await?; // creates or upgrades schema `cairn`
-//! app.create_queue("emails").await?;
+//! // A task: a typed job on a queue.
 //! app.task(|email: SendEmail, _ctx| async move {
 //!     println!("sending to {}", email.to);
 //!     Ok(())
 //! })?;
+//! // A workflow: an async function whose steps are checkpointed.
+//! app.workflow("greet", |ctx: WorkflowContext, name: String| async move {
+//!     let text: String = ctx
+//!         .step("compose", name, |n| async move { Ok(format!("hello {n}")) })
+//!         .await?;
+//!     ctx.sleep(std::time::Duration::from_secs(60)).await; // durable
+//!     ctx.task(&SendEmail { to: "a@b.c".into() }).await?;  // a step on another queue
+//!     Ok(text)
+//! })?;
+//! app.initialize().await?; // creates or upgrades schema `cairn`
 //! app.enqueue(&SendEmail { to: "a@b.c".into() }).await?;
-//! app.worker().queues(["emails"]).concurrency(32).run().await?;
+//! let run = app.start("greet", &"ann").idempotency_key("greet-ann").await?;
+//! app.worker().queues(["emails", "workflows"]).concurrency(32).run().await?;
+//! let greeting: String = app.result(run).await?;
 //! # Ok(()) }
 //! ```
 //!
 //! Delivery is at-least-once: a job whose worker dies runs again once its
 //! lease runs out, so give outside systems [`JobContext::idempotency_key`].
-//! Completions are fenced by the lease, so a worker that lost its lease can
-//! never complete a job someone else now holds.
+//! Every settlement and every workflow call is fenced by the lease, so a
+//! worker that lost its lease can never complete a job or move a run that
+//! someone else now holds. A workflow step that completed never runs again;
+//! a replay returns its recorded output, or fails loudly if the code now
+//! reaches another call at that place (see [`WorkflowContext`]).
 #![warn(missing_docs)]
 
 mod app;

@@ -99,6 +99,12 @@ async fn run(cli: Cli) -> cairn::Result<()> {
                     }
                 );
             }
+            for line in &report.repaired {
+                println!("repaired: {line}");
+            }
+            for line in &report.noticed {
+                println!("noticed: {line}");
+            }
         }
         Command::Queue { action } => match action {
             QueueAction::Create { name } => {
