@@ -13,8 +13,7 @@ use sqlx::{PgExecutor, PgPool};
 
 use crate::error::{DbContext, Result};
 use crate::queue::QueueMetrics;
-use crate::run::{RunEvent, RunInfo};
-use crate::workflow::StepStatus;
+use crate::run::{RunEvent, RunInfo, StepStatus};
 
 /// A job handed out by a claim, with the lease that fences it.
 #[derive(Debug, sqlx::FromRow)]
@@ -359,6 +358,19 @@ pub(crate) struct RunLease {
     pub lease: i64,
 }
 
+/// One checkpoint as `cairn.load_run` returns it.
+#[derive(Debug)]
+pub(crate) struct RecordedStep {
+    pub key: String,
+    pub seq: i32,
+    pub status: StepStatus,
+    /// The output as JSON text, decoded once into the type the code asks for.
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub wake_at: Option<DateTime<Utc>>,
+    pub fingerprint: Option<String>,
+}
+
 /// A run's state for a replay, from `cairn.load_run`.
 #[derive(Debug)]
 pub(crate) struct LoadedRun {
@@ -368,7 +380,7 @@ pub(crate) struct LoadedRun {
     pub db_now: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub traceparent: Option<String>,
-    pub steps: Vec<crate::workflow::Recorded>,
+    pub steps: Vec<RecordedStep>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -407,7 +419,7 @@ pub(crate) async fn load_run(db: &PgPool, at: RunLease) -> Result<Option<LoadedR
     };
     let steps = rows
         .filter_map(|r| {
-            Some(crate::workflow::Recorded {
+            Some(RecordedStep {
                 key: r.key?,
                 seq: r.seq?,
                 status: StepStatus::parse(r.status.as_deref()?)?,

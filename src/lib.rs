@@ -59,9 +59,7 @@
 #![warn(missing_docs)]
 
 mod app;
-mod call;
 mod db;
-mod enqueue;
 mod error;
 mod json;
 mod migrate;
@@ -72,15 +70,12 @@ mod queue;
 mod registry;
 mod retry;
 mod run;
-mod start;
 mod task;
 mod trace;
 mod worker;
 mod workflow;
 
-pub use app::{App, AppBuilder};
-pub use call::Call;
-pub use enqueue::{Enqueue, EnqueueBatch};
+pub use app::{App, AppBuilder, Call, Enqueue, EnqueueBatch, OnConflict, Start};
 pub use error::{Error, HandlerError, HandlerErrorKind, Result, ResultExt, StepError};
 pub use migrate::{MigrationReport, latest_version};
 pub use plugin::{
@@ -89,7 +84,6 @@ pub use plugin::{
 pub use queue::QueueMetrics;
 pub use retry::{Backoff, RetryPolicy};
 pub use run::{RunEvent, RunInfo, RunStatus};
-pub use start::{OnConflict, Start};
 pub use task::{JobContext, Task};
 pub use uuid::Uuid;
 pub use worker::{WorkerBuilder, WorkerStats};

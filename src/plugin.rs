@@ -6,7 +6,7 @@
 //! plugins after it.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 /// One execution of a workflow run: a worker picked the run up and replays
@@ -118,6 +118,29 @@ pub trait Plugin: Send + Sync + 'static {
     fn after_task(&self, event: &TaskEvent) {}
     /// A task's attempt failed.
     fn on_task_error(&self, event: &TaskEvent, error: &FailureInfo) {}
+}
+
+/// The plugins an app has, shared with its workers (each takes a snapshot
+/// when it starts).
+#[derive(Clone, Default)]
+pub(crate) struct PluginList(Arc<RwLock<Vec<Arc<dyn Plugin>>>>);
+
+impl PluginList {
+    pub fn add(&self, plugin: impl Plugin) {
+        self.0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Arc::new(plugin));
+    }
+
+    pub fn snapshot(&self) -> Plugins {
+        Plugins::new(
+            self.0
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
+        )
+    }
 }
 
 /// The registered plugins, called in order, each isolated from the others.

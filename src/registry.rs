@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::BoxFuture;
 use crate::error::{Error, HandlerError, Result};
@@ -34,6 +34,24 @@ pub(crate) struct Registration {
     /// Keep completed jobs in the archive (`Task::ARCHIVE`).
     pub archive: bool,
     pub handler: Handler,
+}
+
+/// The registry an app and its workers share.
+#[derive(Clone, Default)]
+pub(crate) struct Handlers(Arc<RwLock<Registry>>);
+
+impl Handlers {
+    pub fn read(&self) -> RwLockReadGuard<'_, Registry> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn write(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Task and workflow names → registrations (one name space: a job's task

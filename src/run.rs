@@ -5,6 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 
 use crate::error::Error;
 
@@ -137,4 +138,88 @@ pub struct RunEvent {
     pub error: Option<String>,
     /// More about it, as JSON text (a signal's name, a suspend's wake time).
     pub detail: Option<String>,
+}
+
+/// A step's state, as `cairn.steps.status` stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum StepStatus {
+    /// An attempt began and has not reported back.
+    Running,
+    /// Done; its output is final.
+    Completed,
+    /// Failed for good.
+    Failed,
+    /// Failed; another attempt comes after the backoff.
+    Retrying,
+    /// Waits for a timer, a signal, a child run or a step job.
+    Waiting,
+}
+
+/// What a durable call was, as `cairn.steps.kind` stores it. The worker
+/// writes steps and values; the SQL functions write the other kinds (listed
+/// so that a test holds this enum equal to the `check` list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum StepKind {
+    /// `ctx.step`: a handler run inline.
+    Step,
+    /// `ctx.sleep`.
+    Sleep,
+    /// `ctx.wait_for_signal`.
+    Signal,
+    /// `ctx.now`, `ctx.random`, `ctx.uuid`.
+    Value,
+    /// `ctx.child`.
+    Child,
+    /// `ctx.task`.
+    Task,
+}
+
+impl StepStatus {
+    pub(crate) const ALL: [StepStatus; 5] = [
+        StepStatus::Running,
+        StepStatus::Completed,
+        StepStatus::Failed,
+        StepStatus::Retrying,
+        StepStatus::Waiting,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Running => "running",
+            StepStatus::Completed => "completed",
+            StepStatus::Failed => "failed",
+            StepStatus::Retrying => "retrying",
+            StepStatus::Waiting => "waiting",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl StepKind {
+    pub(crate) const ALL: [StepKind; 6] = [
+        StepKind::Step,
+        StepKind::Sleep,
+        StepKind::Signal,
+        StepKind::Value,
+        StepKind::Child,
+        StepKind::Task,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Step => "step",
+            StepKind::Sleep => "sleep",
+            StepKind::Signal => "signal",
+            StepKind::Value => "value",
+            StepKind::Child => "child",
+            StepKind::Task => "task",
+        }
+    }
 }

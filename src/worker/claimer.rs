@@ -55,7 +55,7 @@ impl Worker {
                 let plan = &self.queues[(next_queue + i) % self.queues.len()];
                 self.counters.claims.fetch_add(1, Ordering::Relaxed);
                 match db::claim(
-                    self.app.pool(),
+                    &self.pool,
                     &plan.name,
                     self.lease,
                     permits.len(),

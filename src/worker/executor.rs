@@ -179,7 +179,7 @@ impl Worker {
         };
         let cancel = CancellationToken::new();
         let execution = Execution {
-            pool: self.app.pool().clone(),
+            pool: self.pool.clone(),
             workflow,
             name: reg.name.clone(),
             queue: queue.to_owned(),

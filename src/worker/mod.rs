@@ -24,16 +24,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
 use crate::db;
 use crate::error::{Error, Result};
-use crate::plugin::Plugins;
+use crate::plugin::{PluginList, Plugins};
 use crate::queue::validate_queue_name;
-use crate::registry::Registration;
+use crate::registry::{Handlers, Registration};
 
 /// Configures and runs a worker; from [`App::worker`].
 ///
@@ -43,14 +43,27 @@ use crate::registry::Registration;
 /// println!("{} jobs completed", stats.completed);
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
 pub struct WorkerBuilder {
-    app: App,
+    pool: PgPool,
+    handlers: Handlers,
+    plugins: PluginList,
     queues: Vec<String>,
     concurrency: usize,
     lease: Duration,
     poll_interval: Duration,
     shutdown_timeout: Duration,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("queues", &self.queues)
+            .field("concurrency", &self.concurrency)
+            .field("lease", &self.lease)
+            .field("poll_interval", &self.poll_interval)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a worker did, returned when it stops.
@@ -74,9 +87,11 @@ pub struct WorkerStats {
 }
 
 impl WorkerBuilder {
-    pub(crate) fn new(app: App) -> Self {
+    pub(crate) fn new(pool: PgPool, handlers: Handlers, plugins: PluginList) -> Self {
         Self {
-            app,
+            pool,
+            handlers,
+            plugins,
             queues: Vec::new(),
             concurrency: 16,
             lease: Duration::from_secs(30),
@@ -134,11 +149,12 @@ impl WorkerBuilder {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerStats> {
         let plan = self.plan()?;
         for q in &plan {
-            db::create_queue(self.app.pool(), &q.name).await?;
+            db::create_queue(&self.pool, &q.name).await?;
         }
-        for w in self.app.workflows() {
-            db::create_queue(self.app.pool(), &w.queue).await?;
-            db::register_workflow(self.app.pool(), &w.name, &w.queue).await?;
+        let workflows = self.handlers.read().workflows();
+        for w in workflows {
+            db::create_queue(&self.pool, &w.queue).await?;
+            db::register_workflow(&self.pool, &w.name, &w.queue).await?;
         }
         Worker::new(self, plan).run(shutdown).await
     }
@@ -159,8 +175,9 @@ impl WorkerBuilder {
         for name in &self.queues {
             validate_queue_name(name)?;
             let handlers: HashMap<String, Arc<Registration>> = self
-                .app
-                .registrations_for(name)
+                .handlers
+                .read()
+                .for_queue(name)
                 .into_iter()
                 .map(|r| (r.name.clone(), r))
                 .collect();
@@ -271,7 +288,7 @@ impl Counters {
 }
 
 struct Worker {
-    app: App,
+    pool: PgPool,
     queues: Vec<QueuePlan>,
     concurrency: usize,
     lease: Duration,
@@ -284,9 +301,9 @@ struct Worker {
 
 impl Worker {
     fn new(b: WorkerBuilder, queues: Vec<QueuePlan>) -> Self {
-        let plugins = b.app.plugins();
+        let plugins = b.plugins.snapshot();
         Self {
-            app: b.app,
+            pool: b.pool,
             queues,
             concurrency: b.concurrency,
             lease: b.lease,
@@ -299,7 +316,7 @@ impl Worker {
     }
 
     async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerStats> {
-        let pool = self.app.pool().clone();
+        let pool = self.pool.clone();
         let stop = CancellationToken::new();
         let wake = Arc::new(Notify::new());
         let names = self.queues.iter().map(|q| q.name.clone()).collect();

@@ -14,107 +14,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-/// A step's state, as `cairn.steps.status` stores it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum StepStatus {
-    /// An attempt began and has not reported back.
-    Running,
-    /// Done; its output is final.
-    Completed,
-    /// Failed for good.
-    Failed,
-    /// Failed; another attempt comes after the backoff.
-    Retrying,
-    /// Waits for a timer, a signal, a child run or a step job.
-    Waiting,
-}
-
-/// What a durable call was, as `cairn.steps.kind` stores it. The worker
-/// writes steps and values; the SQL functions write the other kinds (listed
-/// so that a test holds this enum equal to the `check` list).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-#[cfg_attr(not(test), allow(dead_code))]
-pub(crate) enum StepKind {
-    /// `ctx.step`: a handler run inline.
-    Step,
-    /// `ctx.sleep`.
-    Sleep,
-    /// `ctx.wait_for_signal`.
-    Signal,
-    /// `ctx.now`, `ctx.random`, `ctx.uuid`.
-    Value,
-    /// `ctx.child`.
-    Child,
-    /// `ctx.task`.
-    Task,
-}
-
-impl StepStatus {
-    pub(crate) const ALL: [StepStatus; 5] = [
-        StepStatus::Running,
-        StepStatus::Completed,
-        StepStatus::Failed,
-        StepStatus::Retrying,
-        StepStatus::Waiting,
-    ];
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            StepStatus::Running => "running",
-            StepStatus::Completed => "completed",
-            StepStatus::Failed => "failed",
-            StepStatus::Retrying => "retrying",
-            StepStatus::Waiting => "waiting",
-        }
-    }
-
-    pub(crate) fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|v| v.as_str() == s)
-    }
-}
-
-#[cfg_attr(not(test), allow(dead_code))]
-impl StepKind {
-    pub(crate) const ALL: [StepKind; 6] = [
-        StepKind::Step,
-        StepKind::Sleep,
-        StepKind::Signal,
-        StepKind::Value,
-        StepKind::Child,
-        StepKind::Task,
-    ];
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            StepKind::Step => "step",
-            StepKind::Sleep => "sleep",
-            StepKind::Signal => "signal",
-            StepKind::Value => "value",
-            StepKind::Child => "child",
-            StepKind::Task => "task",
-        }
-    }
-}
-
-/// One checkpoint as `cairn.load_run` returns it.
-#[derive(Debug)]
-pub(crate) struct Recorded {
-    pub key: String,
-    pub seq: i32,
-    pub status: StepStatus,
-    /// The output as JSON text, decoded once into the type the code asks for.
-    pub output: Option<String>,
-    pub error: Option<String>,
-    pub wake_at: Option<DateTime<Utc>>,
-    pub fingerprint: Option<String>,
-}
+pub(crate) use crate::db::RecordedStep as Recorded;
+use crate::run::{StepKind, StepStatus};
 
 /// A finished attempt (or a recorded value), waiting in the outbox.
 #[derive(Debug, Serialize)]

@@ -26,12 +26,13 @@ use serde_json::value::RawValue;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::{Outbox, Outcome, Recorded, StepKind, StepStatus, fingerprint};
+use super::checkpoint::{Outbox, Outcome, Recorded, fingerprint};
 use super::step::Step;
 use crate::db::{self, RunLease, Started};
 use crate::error::{HandlerError, StepError};
 use crate::plugin::Plugins;
 use crate::retry::RetryPolicy;
+use crate::run::{StepKind, StepStatus};
 
 /// The longest durable sleep or signal timeout (10 years), as in SQL.
 const MAX_WAIT: Duration = Duration::from_secs(315_360_000);

@@ -14,26 +14,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub(crate) use checkpoint::{Recorded, StepStatus};
 pub use context::WorkflowContext;
 pub(crate) use replay::{Execution, Settled, execute};
 pub use step::Step;
-
-/// The names of step statuses and kinds, for the test that holds them equal
-/// to the SQL `check` lists.
-#[cfg(test)]
-pub(crate) fn checkpoint_enums() -> (Vec<&'static str>, Vec<&'static str>) {
-    (
-        checkpoint::StepStatus::ALL
-            .iter()
-            .map(|s| s.as_str())
-            .collect(),
-        checkpoint::StepKind::ALL
-            .iter()
-            .map(|k| k.as_str())
-            .collect(),
-    )
-}
 
 use crate::BoxFuture;
 use crate::error::HandlerError;

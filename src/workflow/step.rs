@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use tracing::Instrument;
 
-use super::checkpoint::{Outcome, StepKind, StepStatus};
+use super::checkpoint::Outcome;
 use super::context::{Halt, Slot, WorkflowContext, preview};
 use crate::BoxFuture;
 use crate::db::{self, Begun};
@@ -26,6 +26,7 @@ use crate::error::{HandlerError, StepError, panic_message};
 use crate::json;
 use crate::plugin::{FailureInfo, StepEvent};
 use crate::retry::{RetryPolicy, Verdict};
+use crate::run::{StepKind, StepStatus};
 
 /// A step about to run; await it. See [`WorkflowContext::step`].
 #[must_use = "a step does nothing until awaited"]

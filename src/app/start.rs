@@ -7,8 +7,8 @@ use serde::Serialize;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use super::{App, serialize};
 use crate::BoxFuture;
-use crate::app::{App, serialize};
 use crate::db::{self, NewRun};
 use crate::error::Result;
 use crate::trace::current_traceparent;

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use sqlx::PgExecutor;
 
+use super::{App, serialize};
 use crate::BoxFuture;
-use crate::app::{App, serialize};
 use crate::db;
 use crate::error::{DbContext, Result};
 use crate::task::Task;

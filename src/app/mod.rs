@@ -1,8 +1,18 @@
-//! [`App`]: the handle to a cairn database, and its builder.
+//! The public API: [`App`], the handle to a cairn database, and its
+//! builder; the pending writes it returns ([`Enqueue`], [`Start`], [`Call`])
+//! live in the files beside this one.
+
+mod call;
+mod enqueue;
+mod start;
+
+pub use call::Call;
+pub use enqueue::{Enqueue, EnqueueBatch};
+pub use start::{OnConflict, Start};
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -11,17 +21,14 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 
-use crate::call::Call;
 use crate::db;
-use crate::enqueue::{Enqueue, EnqueueBatch};
 use crate::error::{DbContext, Error, HandlerError, Result};
 use crate::json;
 use crate::migrate::{self, MigrationReport};
-use crate::plugin::{Plugin, Plugins};
+use crate::plugin::{Plugin, PluginList};
 use crate::queue::{QueueMetrics, validate_queue_name};
-use crate::registry::{Registration, Registry};
+use crate::registry::{Handlers, Registration};
 use crate::run::{RunEvent, RunInfo, RunStatus};
-use crate::start::Start;
 use crate::task::{JobContext, Task};
 use crate::worker::WorkerBuilder;
 use crate::workflow::{self, WorkflowContext, WorkflowOptions};
@@ -35,8 +42,8 @@ pub struct App {
 
 struct Inner {
     pool: PgPool,
-    registry: RwLock<Registry>,
-    plugins: RwLock<Vec<Arc<dyn Plugin>>>,
+    registry: Handlers,
+    plugins: PluginList,
     /// Workflows this app has announced to the database.
     announced: Mutex<HashSet<String>>,
 }
@@ -95,8 +102,8 @@ impl AppBuilder {
         Ok(App {
             inner: Arc::new(Inner {
                 pool,
-                registry: RwLock::new(Registry::default()),
-                plugins: RwLock::new(Vec::new()),
+                registry: Handlers::default(),
+                plugins: PluginList::default(),
                 announced: Mutex::new(HashSet::new()),
             }),
         })
@@ -163,12 +170,7 @@ impl App {
 
     /// Whether this app defines `workflow` but has not announced it yet.
     pub(crate) fn unannounced(&self, workflow: &str) -> bool {
-        let known = self
-            .inner
-            .registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_workflow(workflow);
+        let known = self.inner.registry.read().is_workflow(workflow);
         known
             && !self
                 .inner
@@ -257,19 +259,7 @@ impl App {
         F: Fn(T, JobContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T::Output, HandlerError>> + Send + 'static,
     {
-        self.inner
-            .registry
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .register(handler)
-    }
-
-    pub(crate) fn registrations_for(&self, queue: &str) -> Vec<Arc<Registration>> {
-        self.inner
-            .registry
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .for_queue(queue)
+        self.inner.registry.write().register(handler)
     }
 
     /// Registers workflow `name`: an async function of a [`WorkflowContext`]
@@ -317,19 +307,11 @@ impl App {
             run: workflow::erase(name, f),
             options,
         };
-        self.inner
-            .registry
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .register_workflow(name, def)
+        self.inner.registry.write().register_workflow(name, def)
     }
 
     pub(crate) fn workflows(&self) -> Vec<Arc<Registration>> {
-        self.inner
-            .registry
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .workflows()
+        self.inner.registry.read().workflows()
     }
 
     /// Starts a run of `workflow` with `input`; resolves to its id. Options:
@@ -434,26 +416,16 @@ impl App {
     /// Adds a plugin; its hooks run after those of plugins added before.
     /// Workers started afterwards call it.
     pub fn plugin(&self, plugin: impl Plugin) {
-        self.inner
-            .plugins
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(Arc::new(plugin));
-    }
-
-    pub(crate) fn plugins(&self) -> Plugins {
-        Plugins::new(
-            self.inner
-                .plugins
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clone(),
-        )
+        self.inner.plugins.add(plugin);
     }
 
     /// A worker over this app's registered tasks; see [`WorkerBuilder`].
     pub fn worker(&self) -> WorkerBuilder {
-        WorkerBuilder::new(self.clone())
+        WorkerBuilder::new(
+            self.pool().clone(),
+            self.inner.registry.clone(),
+            self.inner.plugins.clone(),
+        )
     }
 
     fn call<T: Send + 'static>(
