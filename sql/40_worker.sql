@@ -369,6 +369,40 @@ as $$
      where s.run_id = recorded_outcome.run_id and s.key = recorded_outcome.key
 $$;
 
+-- Internal: record the step `key` that starts a child run or a step job:
+-- 'waiting' while that runs, or 'failed' at once with `problem` (its attempt
+-- goes to the history). Returns (outcome, output, error) for the worker.
+create or replace function cairn.open_step(
+    run_id      uuid,
+    key         text,
+    seq         integer,
+    kind        text,
+    input       jsonb,
+    fingerprint text,
+    at          timestamptz,
+    problem     text)
+returns table (outcome text, output jsonb, error text)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
+as $$
+begin
+    insert into cairn.steps (run_id, key, seq, kind, status, input, error, fingerprint, attempts,
+                             started_at, finished_at)
+    values (open_step.run_id, open_step.key, open_step.seq, open_step.kind,
+            case when problem is null then 'waiting' else 'failed' end, open_step.input, problem,
+            open_step.fingerprint, 1, open_step.at,
+            case when problem is not null then open_step.at end);
+    if problem is null then
+        return query select 'waiting', null::jsonb, null::text;
+        return;
+    end if;
+    insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
+    values (open_step.run_id, open_step.at, open_step.at, 'attempt', open_step.key, 1, 'failed',
+            problem);
+    return query select 'failed', null::jsonb, problem;
+end $$;
+
 -- Start a child run for the parent's step `key` (once: a replay finds the
 -- step and reports it). Returns (outcome, output, error), outcome as for
 -- recorded_outcome; 'waiting' while the child runs. An unknown workflow
@@ -412,25 +446,16 @@ begin
     select w.queue_id into v_qid from cairn.workflows w where w.name = start_child.workflow;
     v_problem := case when not found then format('unknown workflow "%s"', workflow)
                       else 'the child''s input ' || cairn.json_problem(coalesce(input, 'null')) end;
-    if v_problem is not null then
-        insert into cairn.steps (run_id, key, seq, kind, status, input, error, fingerprint,
-                                 attempts, started_at, finished_at)
-        values (start_child.run_id, start_child.key, start_child.seq, 'child', 'failed',
-                jsonb_build_object('workflow', start_child.workflow), v_problem,
-                start_child.fingerprint, 1, v_now, v_now);
-        insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
-        values (start_child.run_id, v_now, v_now, 'attempt', start_child.key, 1, 'failed', v_problem);
-        return query select 'failed', null::jsonb, v_problem;
-        return;
+    if v_problem is null then
+        v_child := cairn.create_run(workflow, v_qid, input, null, v_parent.priority, v_now,
+                                    v_parent.traceparent, run_id, key);
     end if;
-    v_child := cairn.create_run(workflow, v_qid, input, null, v_parent.priority, v_now,
-                                v_parent.traceparent, run_id, key);
-    insert into cairn.steps (run_id, key, seq, kind, status, input, fingerprint, attempts, started_at)
-    values (start_child.run_id, start_child.key, start_child.seq, 'child', 'waiting',
-            jsonb_build_object('workflow', start_child.workflow, 'run', v_child,
-                               'input', start_child.input),
-            start_child.fingerprint, 1, v_now);
-    return query select 'waiting', null::jsonb, null::text;
+    return query
+    select * from cairn.open_step(
+        run_id, key, seq, 'child',
+        jsonb_strip_nulls(jsonb_build_object('workflow', start_child.workflow, 'run', v_child,
+                                             'input', case when v_problem is null then input end)),
+        fingerprint, v_now, v_problem);
 end $$;
 comment on function cairn.start_child(uuid, bigint, bigint, jsonb, text, integer, text, text, jsonb) is
     'Worker: start a child run for a step (once), or report the step''s recorded outcome.';
@@ -480,14 +505,8 @@ begin
             then format('"%s" is a workflow: start it as a child run', task)
         else 'the step''s input ' || cairn.json_problem(coalesce(payload, 'null')) end;
     if v_problem is not null then
-        insert into cairn.steps (run_id, key, seq, kind, status, error, fingerprint, attempts,
-                                 started_at, finished_at)
-        values (start_task_step.run_id, start_task_step.key, start_task_step.seq, 'task', 'failed',
-                v_problem, start_task_step.fingerprint, 1, v_now, v_now);
-        insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
-        values (start_task_step.run_id, v_now, v_now, 'attempt', start_task_step.key, 1, 'failed',
-                v_problem);
-        return query select 'failed', null::jsonb, v_problem;
+        return query
+        select * from cairn.open_step(run_id, key, seq, 'task', null, fingerprint, v_now, v_problem);
         return;
     end if;
     insert into cairn.queues (name) values (start_task_step.queue) on conflict do nothing;
@@ -496,11 +515,9 @@ begin
     values (cairn.queue_id(start_task_step.queue), start_task_step.task, start_task_step.payload,
             v_run.priority, v_now, v_now, start_task_step.run_id, start_task_step.key,
             v_run.traceparent);
-    insert into cairn.steps (run_id, key, seq, kind, status, input, fingerprint, attempts, started_at)
-    values (start_task_step.run_id, start_task_step.key, start_task_step.seq, 'task', 'waiting',
-            start_task_step.payload, start_task_step.fingerprint, 1, v_now);
     perform pg_notify('cairn', start_task_step.queue);
-    return query select 'waiting', null::jsonb, null::text;
+    return query
+    select * from cairn.open_step(run_id, key, seq, 'task', payload, fingerprint, v_now, null);
 end $$;
 comment on function cairn.start_task_step(uuid, bigint, bigint, jsonb, text, integer, text, text, text, jsonb) is
     'Worker: enqueue a step as a job of a task on its queue (once), or report the step''s recorded outcome.';

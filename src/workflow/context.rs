@@ -542,40 +542,22 @@ impl WorkflowContext {
     /// The child is started once (a replay finds it); if it fails or is
     /// cancelled, this returns [`StepError::Failed`]. Cancelling the parent
     /// cancels the child.
-    pub fn child<'c, I: Serialize, O: DeserializeOwned + 'c>(
+    pub fn child<'c, I: Serialize, O: DeserializeOwned + Send + 'c>(
         &'c self,
         workflow: &'c str,
         input: &I,
     ) -> impl Future<Output = Result<O, StepError>> + Send + 'c {
-        let input = serde_json::to_string(input);
-        let slot = match &input {
-            Ok(json) => self.slot(&format!("child:{workflow}"), Some((workflow, json))),
-            Err(_) => self.slot(&format!("child:{workflow}"), None),
-        };
-        async move {
-            let Some(slot) = slot else {
-                return std::future::pending().await;
-            };
-            if let Some(known) = known_outcome(&slot) {
-                return self.settled(slot, known).await;
-            }
-            let input = input.map_err(|e| StepError::Failed {
-                step: slot.key.clone(),
-                message: format!("cannot serialize the child's input: {e}"),
-            })?;
-            let (pool, at, key, fp) = (
-                &self.inner.pool,
-                self.inner.at,
-                &slot.key,
-                slot.fingerprint.as_deref(),
-            );
-            let started = self
-                .call("starting a child run", |done, _| async move {
-                    db::start_child(pool, at, &done, key, slot.seq, fp, workflow, &input).await
-                })
-                .await;
-            self.settled(slot, started).await
-        }
+        let (pool, at) = (&self.inner.pool, self.inner.at);
+        self.elsewhere(
+            format!("child:{workflow}"),
+            workflow,
+            serde_json::to_string(input),
+            "the child's input",
+            move |s| async move {
+                let fp = s.fingerprint.as_deref();
+                db::start_child(pool, at, &s.done, &s.key, s.seq, fp, workflow, &s.input).await
+            },
+        )
     }
 
     /// A step that runs as a job of task `T` on `T::QUEUE`, on any worker
@@ -590,10 +572,48 @@ impl WorkflowContext {
         T: crate::Task,
         T::Output: DeserializeOwned,
     {
-        let payload = serde_json::to_string(job);
-        let name = format!("task:{}", T::NAME);
-        let slot = match &payload {
-            Ok(json) => self.slot(&name, Some((T::NAME, json))),
+        let (pool, at) = (&self.inner.pool, self.inner.at);
+        self.elsewhere(
+            format!("task:{}", T::NAME),
+            T::NAME,
+            serde_json::to_string(job),
+            "the task's arguments",
+            move |s| async move {
+                let fp = s.fingerprint.as_deref();
+                db::start_task_step(
+                    pool,
+                    at,
+                    &s.done,
+                    &s.key,
+                    s.seq,
+                    fp,
+                    T::QUEUE,
+                    T::NAME,
+                    &s.input,
+                )
+                .await
+            },
+        )
+    }
+
+    /// A durable call that starts something elsewhere once — a child run, a
+    /// step job — and waits for its outcome: a replay finds it started (or
+    /// ended) and starts nothing.
+    fn elsewhere<'c, O, F, Fut>(
+        &'c self,
+        name: String,
+        input_name: &'c str,
+        input: serde_json::Result<String>,
+        what: &'static str,
+        start: F,
+    ) -> impl Future<Output = Result<O, StepError>> + Send + 'c
+    where
+        O: DeserializeOwned + Send + 'c,
+        F: FnOnce(Starting) -> Fut + Send + 'c,
+        Fut: Future<Output = crate::Result<Option<Started>>> + Send + 'c,
+    {
+        let slot = match &input {
+            Ok(json) => self.slot(&name, Some((input_name, json))),
             Err(_) => self.slot(&name, None),
         };
         async move {
@@ -603,30 +623,20 @@ impl WorkflowContext {
             if let Some(known) = known_outcome(&slot) {
                 return self.settled(slot, known).await;
             }
-            let payload = payload.map_err(|e| StepError::Failed {
+            let input = input.map_err(|e| StepError::Failed {
                 step: slot.key.clone(),
-                message: format!("cannot serialize the task's arguments: {e}"),
+                message: format!("cannot serialize {what}: {e}"),
             })?;
-            let (pool, at, key, fp) = (
-                &self.inner.pool,
-                self.inner.at,
-                &slot.key,
-                slot.fingerprint.as_deref(),
-            );
+            let (key, seq, fingerprint) = (slot.key.clone(), slot.seq, slot.fingerprint.clone());
             let started = self
-                .call("starting a step job", |done, _| async move {
-                    db::start_task_step(
-                        pool,
-                        at,
-                        &done,
+                .call("starting a child run or step job", |done, _| {
+                    start(Starting {
+                        done,
                         key,
-                        slot.seq,
-                        fp,
-                        T::QUEUE,
-                        T::NAME,
-                        &payload,
-                    )
-                    .await
+                        seq,
+                        fingerprint,
+                        input,
+                    })
                 })
                 .await;
             self.settled(slot, started).await
@@ -745,6 +755,15 @@ pub(super) fn preview(json: &str) -> String {
     } else {
         json.to_owned()
     }
+}
+
+/// What a call that starts a child run or a step job sends.
+struct Starting {
+    done: String,
+    key: String,
+    seq: i32,
+    fingerprint: Option<String>,
+    input: String,
 }
 
 /// What the loaded checkpoints already say about a child run or step job,
