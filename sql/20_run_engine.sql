@@ -347,6 +347,7 @@ create or replace function cairn.settle_jobs(
 returns table (id bigint)
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off  -- by primary key, whatever the statistics say
 set plan_cache_mode = force_generic_plan
 as $$
 declare

@@ -42,6 +42,11 @@ const MIGRATIONS: &[Script] = &[
         name: "0003_integrity.sql",
         sql: include_str!("../migrations/0003_integrity.sql"),
     },
+    Script {
+        version: 4,
+        name: "0004_claim_index.sql",
+        sql: include_str!("../migrations/0004_claim_index.sql"),
+    },
 ];
 
 const FUNCTIONS: &[&str] = &[

@@ -45,7 +45,6 @@ impl Worker {
                 permits.push(p);
             }
 
-            let wanted = permits.len();
             let mut claimed = 0;
             let mut failed = false;
             for i in 0..self.queues.len() {
@@ -79,9 +78,11 @@ impl Worker {
             next_queue = (next_queue + 1) % self.queues.len();
             drop(permits);
 
-            if claimed < wanted || failed {
+            if claimed == 0 || failed {
                 // The queues are drained (or the database is unreachable):
                 // sleep until a notification, the poll timer or shutdown.
+                // A short claim is no sign of that: other claimers may hold
+                // the rows it skipped, so it claims again at once.
                 let pause = jittered(self.poll_interval);
                 tokio::select! {
                     biased;

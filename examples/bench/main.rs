@@ -1,0 +1,90 @@
+//! Benchmarks, printed as figures and as ratios to a reference measured in
+//! the same run on the same database (this machine is shared and noisy).
+//!
+//! ```text
+//! cargo run --release --example bench -- queue [--long]
+//! cargo run --release --example bench -- workflow
+//! cargo run --release --example bench -- otel
+//! ```
+//!
+//! Uses a scratch database `cairn_bench` on the server of DATABASE_URL
+//! (default the local Postgres), created fresh and dropped at the end. The
+//! queue benchmark installs pgmq's SQL there too (through the `pgmq` crate,
+//! no extension needed) and measures it in the same run, on the same server.
+//! `--long` adds the cases that take minutes: a 1,000,000-job backlog and
+//! a drain while another transaction holds its snapshot for two minutes.
+
+mod otel;
+mod peer;
+mod queue;
+mod workflow;
+
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let mut args = std::env::args().skip(1);
+    let what = args.next().unwrap_or_else(|| "queue".into());
+    let long = args.any(|a| a == "--long");
+    let server = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut admin = PgConnection::connect(&server).await?;
+    admin
+        .execute("drop database if exists cairn_bench with (force)")
+        .await?;
+    admin.execute("create database cairn_bench").await?;
+    let url = match server.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/cairn_bench"),
+        None => return Err("DATABASE_URL must name a database".into()),
+    };
+    let result = match what.as_str() {
+        "queue" => queue::run(&url, long).await,
+        "workflow" => workflow::run(&url).await,
+        "otel" => otel::run(&url).await,
+        other => Err(format!("unknown benchmark {other:?}; try: queue, workflow, otel").into()),
+    };
+    admin
+        .execute("drop database if exists cairn_bench with (force)")
+        .await?;
+    result
+}
+
+/// The reference: bare single-row UPDATE transactions, one after another,
+/// from one connection. Returns (transactions/s, p50 round trip).
+async fn reference(pool: &PgPool, n: usize) -> Result<(f64, Duration), BoxError> {
+    sqlx::query("create table if not exists bench_ref (id int primary key, n bigint)")
+        .execute(pool)
+        .await?;
+    sqlx::query("insert into bench_ref values (1, 0) on conflict do nothing")
+        .execute(pool)
+        .await?;
+    let mut conn = pool.acquire().await?;
+    let mut times = Vec::with_capacity(n);
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        sqlx::query("update bench_ref set n = n + 1 where id = 1")
+            .execute(&mut *conn)
+            .await?;
+        times.push(t.elapsed());
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    times.sort();
+    Ok((rate, times[n / 2]))
+}
+
+fn secs(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn redact(url: &str) -> &str {
+    url.rsplit_once('@').map_or(url, |(_, host)| host)
+}

@@ -1,0 +1,385 @@
+//! The queue: enqueue and drain rates against pgmq measured in the same run,
+//! drains after what a queue in continuous use goes through (dead rows, a
+//! purge, a mass delete, a held snapshot), and pickup latency.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cairn::prelude::*;
+use serde::{Deserialize, Serialize};
+use sqlx::{Executor, PgPool};
+use tokio::sync::{Notify, mpsc};
+
+use super::peer::Pgmq;
+use super::{BoxError, ms, redact, reference, secs};
+
+#[derive(Serialize, Deserialize)]
+struct Noop {
+    n: u32,
+}
+impl Task for Noop {
+    const QUEUE: &'static str = "bench";
+    type Output = ();
+}
+
+/// Jobs per drain.
+const N: usize = 20_000;
+/// cairn's side: an app with a no-op task that counts what it ran.
+struct Cairn {
+    app: App,
+    pool: PgPool,
+    done: Arc<AtomicUsize>,
+    all_done: Arc<Notify>,
+    target: Arc<AtomicUsize>,
+    picked: mpsc::UnboundedReceiver<Instant>,
+}
+
+impl Cairn {
+    async fn install(url: &str) -> Result<Self, BoxError> {
+        let app = App::builder()
+            .database_url(url)
+            .max_connections(16)
+            .build()
+            .await?;
+        app.initialize().await?;
+        app.create_queue("bench").await?;
+        let done = Arc::new(AtomicUsize::new(0));
+        let all_done = Arc::new(Notify::new());
+        let target = Arc::new(AtomicUsize::new(usize::MAX));
+        let (picked_tx, picked) = mpsc::unbounded_channel::<Instant>();
+        {
+            let (done, all_done, target) = (done.clone(), all_done.clone(), target.clone());
+            app.task(move |_job: Noop, _ctx| {
+                let (done, all_done, target, picked) = (
+                    done.clone(),
+                    all_done.clone(),
+                    target.clone(),
+                    picked_tx.clone(),
+                );
+                async move {
+                    let _ = picked.send(Instant::now());
+                    if done.fetch_add(1, Ordering::Relaxed) + 1 == target.load(Ordering::Relaxed) {
+                        all_done.notify_one();
+                    }
+                    Ok(())
+                }
+            })?;
+        }
+        let pool = app.pool().clone();
+        Ok(Self {
+            app,
+            pool,
+            done,
+            all_done,
+            target,
+            picked,
+        })
+    }
+
+    /// Enqueues `n` jobs, 1,000 per call, in one transaction: a running
+    /// worker sees the whole backlog at once, at the commit.
+    async fn fill(&self, n: usize) -> Result<(), BoxError> {
+        let batch: Vec<Noop> = (0..1_000).map(|n| Noop { n }).collect();
+        let mut tx = self.pool.begin().await?;
+        let mut left = n;
+        while left > 0 {
+            let take = left.min(batch.len());
+            self.app
+                .enqueue_batch(&batch[..take])
+                .execute(&mut tx)
+                .await?;
+            left -= take;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Starts a worker serving the queue; it runs until `stop` is notified.
+    fn start_worker(&self, concurrency: usize) -> Running {
+        let stop = Arc::new(Notify::new());
+        let w = self.app.worker().queues(["bench"]).concurrency(concurrency);
+        let handle = {
+            let stop = stop.clone();
+            tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
+        };
+        Running { stop, handle }
+    }
+
+    /// Enqueues `n` jobs at once for a running, idle worker and times their
+    /// drain: from the commit to the last acknowledgement landing.
+    async fn drain(&self, n: usize) -> Result<f64, BoxError> {
+        self.done.store(0, Ordering::Relaxed);
+        self.target.store(n, Ordering::Relaxed);
+        self.fill(n).await?;
+        let start = Instant::now();
+        self.all_done.notified().await;
+        while sqlx::query_scalar::<_, bool>("select exists (select from cairn.jobs)")
+            .fetch_one(&self.pool)
+            .await?
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(n as f64 / secs(start))
+    }
+
+    async fn vacuum(&self) -> Result<(), BoxError> {
+        self.pool.execute("vacuum analyze cairn.jobs").await?;
+        Ok(())
+    }
+}
+
+/// A worker running in the background.
+struct Running {
+    stop: Arc<Notify>,
+    handle: tokio::task::JoinHandle<cairn::Result<cairn::WorkerStats>>,
+}
+
+impl Running {
+    /// Stops the worker; returns how many jobs it took per claim.
+    async fn stop(self) -> Result<f64, BoxError> {
+        self.stop.notify_one();
+        let stats = self.handle.await??;
+        Ok(stats.completed as f64 / stats.claims.max(1) as f64)
+    }
+}
+
+/// One drain figure: cairn, pgmq and the ratio.
+fn compare(label: &str, cairn: f64, pgmq: f64) {
+    println!(
+        "{label:<46} {cairn:>9.0} /s  pgmq {pgmq:>9.0} /s   {:>5.2} x",
+        cairn / pgmq
+    );
+}
+
+pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
+    let mut cairn = Cairn::install(url).await?;
+    let pgmq = Pgmq::install(url).await?;
+    let pool = cairn.pool.clone();
+
+    println!(
+        "cairn queue benchmark against pgmq, same run (PostgreSQL at {})",
+        redact(url)
+    );
+    let (ref_rate, ref_p50) = reference(&pool, 5_000).await?;
+    println!(
+        "{:<46} {ref_rate:>9.0} /s   (p50 round trip {:.3} ms)",
+        "reference: single-row UPDATE transactions",
+        ms(ref_p50)
+    );
+
+    // Enqueue, one by one and batched.
+    let n = 3_000;
+    let start = Instant::now();
+    for i in 0..n {
+        cairn.app.enqueue(&Noop { n: i }).await?;
+    }
+    let one = f64::from(n) / secs(start);
+    compare(
+        "enqueue one by one (3,000)",
+        one,
+        pgmq.send_one_by_one(n as usize).await?,
+    );
+    let batch: Vec<Noop> = (0..1_000).map(|n| Noop { n }).collect();
+    let start = Instant::now();
+    for _ in 0..100 {
+        cairn.app.enqueue_batch(&batch).await?;
+    }
+    let batched = 100_000.0 / secs(start);
+    compare(
+        "enqueue batched, 1,000 per call (100,000)",
+        batched,
+        pgmq.send_batched(100_000).await?,
+    );
+    cairn.app.purge_queue("bench").await?;
+    pgmq.purge().await?;
+
+    // Each side's best settings: a short sweep on a clean table.
+    let mut best = (0.0, 0, 0);
+    for (consumers, batch) in [(2, 100), (4, 100), (8, 100), (4, 500)] {
+        pgmq.vacuum(&pool).await?;
+        pgmq.fill(N).await?;
+        let rate = pgmq.drain(N, consumers, batch).await?;
+        println!(
+            "{:<46} {rate:>9.0} /s",
+            format!("  pgmq drain, {consumers} consumers x {batch} per read")
+        );
+        if rate > best.0 {
+            best = (rate, consumers, batch);
+        }
+    }
+    let (_, consumers, batch) = best;
+    let mut best = (0.0, 0);
+    for concurrency in [64, 256, 1024] {
+        cairn.vacuum().await?;
+        let worker = cairn.start_worker(concurrency);
+        let rate = cairn.drain(N).await?;
+        worker.stop().await?;
+        println!(
+            "{:<46} {rate:>9.0} /s",
+            format!("  cairn drain, one worker, concurrency {concurrency}")
+        );
+        if rate > best.0 {
+            best = (rate, concurrency);
+        }
+    }
+    let (_, concurrency) = best;
+    println!(
+        "from here on: pgmq {consumers} consumers x {batch} per read; cairn one worker, concurrency {concurrency}"
+    );
+
+    // The drains. Each engine goes through the same history on its own
+    // table; cairn's worker is running and idle when its backlog commits.
+    let mut figures = Vec::new();
+    let mut drain_both = async |label: &str, cairn: &Cairn| -> Result<(), BoxError> {
+        let worker = cairn.start_worker(concurrency);
+        let c = cairn.drain(N).await?;
+        let per_claim = worker.stop().await?;
+        let p = pgmq.drain(N, consumers, batch).await?;
+        compare(label, c, p);
+        println!("{:<46} {per_claim:>9.1} jobs per claim", "");
+        figures.push((label.to_owned(), c, p));
+        Ok(())
+    };
+
+    cairn.vacuum().await?;
+    pgmq.vacuum(&pool).await?;
+    pgmq.fill(N).await?;
+    drain_both("drain 20,000, clean table", &cairn).await?;
+
+    pgmq.fill(N).await?;
+    drain_both("drain 20,000 again (dead rows, no vacuum)", &cairn).await?;
+
+    cairn.fill(N).await?;
+    pgmq.fill(N).await?;
+    cairn.app.purge_queue("bench").await?;
+    pgmq.purge().await?;
+    pgmq.fill(N).await?;
+    drain_both("drain 20,000 right after a purge of 20,000", &cairn).await?;
+
+    cairn.fill(N).await?;
+    pgmq.fill(N).await?;
+    pool.execute("select count(cairn.delete('bench', id)) from cairn.jobs")
+        .await?;
+    pgmq.delete_all(&pool).await?;
+    pgmq.fill(N).await?;
+    drain_both("drain 20,000 right after deleting 20,000", &cairn).await?;
+
+    let worker = cairn.start_worker(concurrency);
+    let c = cairn.drain(1_000).await?;
+    worker.stop().await?;
+    pgmq.fill(1_000).await?;
+    let p = pgmq.drain(1_000, consumers, batch).await?;
+    compare("drain a backlog of 1,000", c, p);
+    figures.push(("backlog 1,000".into(), c, p));
+
+    if long {
+        let big = 1_000_000;
+        let worker = cairn.start_worker(concurrency);
+        let c = cairn.drain(big).await?;
+        worker.stop().await?;
+        pgmq.fill(big).await?;
+        let p = pgmq.drain(big, consumers, batch).await?;
+        compare("drain a backlog of 1,000,000", c, p);
+        figures.push(("backlog 1,000,000".into(), c, p));
+    }
+
+    let rates: Vec<f64> = figures.iter().map(|f| f.1).collect();
+    let (lo, hi) = rates
+        .iter()
+        .fold((f64::MAX, 0.0_f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    let worst = figures.iter().map(|f| f.1 / f.2).fold(f64::MAX, f64::min);
+    println!(
+        "{:<46} {:>9.2} x   (fastest / slowest cairn drain above)",
+        "spread across histories and backlogs",
+        hi / lo
+    );
+    println!(
+        "{:<46} {worst:>9.2} x   (the lowest cairn / pgmq ratio above)",
+        "worst ratio to pgmq"
+    );
+
+    if long {
+        held_snapshot(&cairn, &pgmq, &pool, concurrency, (consumers, batch)).await?;
+    }
+
+    pickup_latency(&mut cairn, ref_p50).await?;
+    cairn.app.pool().close().await;
+    Ok(())
+}
+
+/// Drains while another connection holds a snapshot open for two minutes
+/// (the xmin horizon held back, so vacuum can remove nothing): the rate
+/// of the last drain against the rate before the snapshot was taken.
+async fn held_snapshot(
+    cairn: &Cairn,
+    pgmq: &Pgmq,
+    pool: &PgPool,
+    concurrency: usize,
+    (consumers, batch): (usize, i32),
+) -> Result<(), BoxError> {
+    let worker = cairn.start_worker(concurrency);
+    let c_before = cairn.drain(N).await?;
+    pgmq.fill(N).await?;
+    let p_before = pgmq.drain(N, consumers, batch).await?;
+    let mut holder = pool.acquire().await?;
+    holder
+        .execute("begin isolation level repeatable read; select count(*) from cairn.queues")
+        .await?;
+    let start = Instant::now();
+    let (mut c_last, mut p_last, mut rounds) = (0.0, 0.0, 0);
+    while start.elapsed() < Duration::from_secs(120) {
+        c_last = cairn.drain(N).await?;
+        pgmq.fill(N).await?;
+        p_last = pgmq.drain(N, consumers, batch).await?;
+        rounds += 1;
+    }
+    holder.execute("commit").await?;
+    worker.stop().await?;
+    compare(
+        &format!("drain with a snapshot held 2 min ({rounds} x 20,000)"),
+        c_last,
+        p_last,
+    );
+    println!(
+        "{:<46} {:>9.2} x   (pgmq {:.2} x) the rate before the snapshot",
+        "",
+        c_last / c_before,
+        p_last / p_before
+    );
+    Ok(())
+}
+
+/// One job at a time to an idle worker: from before the enqueue call to the
+/// handler's start (the NOTIFY path).
+async fn pickup_latency(cairn: &mut Cairn, ref_p50: Duration) -> Result<(), BoxError> {
+    cairn.target.store(usize::MAX, Ordering::Relaxed);
+    while cairn.picked.try_recv().is_ok() {}
+    let stop = Arc::new(Notify::new());
+    let worker = {
+        let stop = stop.clone();
+        let w = cairn.app.worker().queues(["bench"]).concurrency(16);
+        tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut lat = Vec::with_capacity(500);
+    for i in 0..500 {
+        tokio::time::sleep(Duration::from_millis(3)).await; // let it go idle
+        let sent = Instant::now();
+        cairn.app.enqueue(&Noop { n: i }).await?;
+        let started = cairn.picked.recv().await.ok_or("worker stopped")?;
+        lat.push(started - sent);
+    }
+    stop.notify_one();
+    worker.await??;
+    lat.sort();
+    println!(
+        "{:<46} p50 {:.3} ms, p99 {:.3} ms   ({:.1} x / {:.1} x reference round trip)",
+        "pickup latency, idle worker (500 jobs)",
+        ms(lat[lat.len() / 2]),
+        ms(lat[lat.len() * 99 / 100]),
+        ms(lat[lat.len() / 2]) / ms(ref_p50),
+        ms(lat[lat.len() * 99 / 100]) / ms(ref_p50),
+    );
+    Ok(())
+}
