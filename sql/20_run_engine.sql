@@ -328,6 +328,26 @@ begin
     end if;
 end $$;
 
+-- A run that ends (completes, fails or is cancelled, by whatever path)
+-- notifies channel 'cairn_run' with its id, at commit: App::result waits on
+-- it instead of polling. Like every NOTIFY here, a hint: a waiter that
+-- misses it reads the run's status on a timer.
+create or replace function cairn.notify_run_ended()
+returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform pg_notify('cairn_run', new.id::text);
+    return null;
+end $$;
+
+create or replace trigger runs_ended
+    after update of status on cairn.runs
+    for each row
+    when (new.status in ('completed', 'failed', 'cancelled') and old.status is distinct from new.status)
+    execute function cairn.notify_run_ended();
+
 -- Internal: jobs leave the live table — acked or archived ('completed'),
 -- dead-lettered ('dead'), or deleted by an operator, a purge or a queue
 -- drop ('removed') — and whatever waits on them learns how: a step job

@@ -44,8 +44,8 @@ const MIGRATIONS: &[Script] = &[
     },
     Script {
         version: 4,
-        name: "0004_claim_index.sql",
-        sql: include_str!("../migrations/0004_claim_index.sql"),
+        name: "0004_throughput.sql",
+        sql: include_str!("../migrations/0004_throughput.sql"),
     },
 ];
 
@@ -104,13 +104,17 @@ select kind || ' ' || name || ' (owned by ' || owner || ')'
  where owner <> current_user
  order by 1";
 
-/// Triggers, rules and row-security policies on cairn's tables. cairn
-/// defines none: any there would run code inside cairn's own statements.
+/// Triggers, rules and row-security policies on cairn's tables that are not
+/// cairn's own. cairn defines one, `runs_ended` calling
+/// `cairn.notify_run_ended()`; any other would run code inside cairn's own
+/// statements.
 const HOOKS: &str = "
 select 'trigger ' || t.tgname || ' on cairn.' || c.relname,
        pg_catalog.format('drop trigger %I on cairn.%I', t.tgname, c.relname)
   from pg_catalog.pg_trigger t join pg_catalog.pg_class c on c.oid = t.tgrelid
  where c.relnamespace = 'cairn'::regnamespace and not t.tgisinternal
+   and not (c.relname = 'runs' and t.tgname = 'runs_ended'
+            and t.tgfoid = pg_catalog.to_regprocedure('cairn.notify_run_ended()'))
 union all
 select 'rule ' || r.rulename || ' on cairn.' || c.relname,
        pg_catalog.format('drop rule %I on cairn.%I', r.rulename, c.relname)
@@ -396,8 +400,8 @@ async fn guard_schema(tx: &mut Transaction<'_, Postgres>) -> Result<()> {
     }
 }
 
-/// Drops triggers, rules and policies on cairn's tables (cairn has none),
-/// before any statement could fire them.
+/// Drops triggers, rules and policies on cairn's tables that are not
+/// cairn's own, before any statement could fire them.
 async fn remove_hooks(
     tx: &mut Transaction<'_, Postgres>,
     report: &mut MigrationReport,

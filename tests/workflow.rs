@@ -833,3 +833,38 @@ async fn workflow_options_set_step_defaults_and_a_maximum_duration(pool: PgPool)
     stop.cancel();
     worker.await.unwrap().unwrap();
 }
+
+/// A run that ends notifies `cairn_run` with its id, whatever ended it:
+/// App::result waits on that rather than polling.
+#[sqlx::test(migrations = false)]
+async fn a_run_that_ends_notifies_its_id(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.workflow("noop", |_ctx: WorkflowContext, i: u32| async move { Ok(i) })
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen("cairn_run").await.unwrap();
+    let done = app.start("noop", &7_u32).await.unwrap();
+    let cancelled = app.start("noop", &8_u32).await.unwrap();
+    app.cancel_run(cancelled).await.unwrap();
+    let worker = app.worker().queues(["workflows"]);
+    let handle = tokio::spawn(worker.run_until(async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }));
+    let out: u32 = app.result(done).await.unwrap();
+    assert_eq!(out, 7);
+    let mut ended = Vec::new();
+    while ended.len() < 2 {
+        let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .expect("a notification")
+            .unwrap();
+        ended.push(n.payload().parse::<uuid::Uuid>().unwrap());
+    }
+    ended.sort();
+    let mut want = vec![done, cancelled];
+    want.sort();
+    assert_eq!(ended, want);
+    handle.await.unwrap().unwrap();
+}

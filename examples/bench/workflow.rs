@@ -165,6 +165,33 @@ pub async fn run(url: &str) -> Result<(), BoxError> {
             per_step_us / ref_us
         );
     }
+    // Start a 0-step run and await its result, one at a time, with a worker
+    // already running: the latency a caller sees.
+    let stop = Arc::new(Notify::new());
+    let worker = {
+        let stop = stop.clone();
+        let w = app.worker().queues(["workflows"]).concurrency(16);
+        tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut lat = Vec::with_capacity(300);
+    for i in 0..300_usize {
+        let t = Instant::now();
+        let run = app.start("zero", &i).await?;
+        let out: usize = app.result(run).await?;
+        assert_eq!(out, i);
+        lat.push(t.elapsed());
+    }
+    stop.notify_one();
+    worker.await??;
+    lat.sort();
+    println!(
+        "{:<48} p50 {:.2} ms, p99 {:.2} ms   ({:.1} x a bare INSERT)",
+        "start a 0-step run and await its result",
+        lat[lat.len() / 2].as_secs_f64() * 1e3,
+        lat[lat.len() * 99 / 100].as_secs_f64() * 1e3,
+        lat[lat.len() / 2].as_secs_f64() * 1e6 / ref_us
+    );
     // Round trips, counted by Postgres in a separate, untimed pass: counting
     // function calls (track_functions) slows every call down.
     sqlx::query("alter database cairn_bench set track_functions = 'pl'")

@@ -3,6 +3,7 @@
 //! live in the files beside this one.
 
 mod call;
+mod ended;
 mod enqueue;
 mod start;
 
@@ -13,7 +14,6 @@ pub use start::{OnConflict, Start};
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -46,6 +46,8 @@ struct Inner {
     plugins: PluginList,
     /// Workflows this app has announced to the database.
     announced: Mutex<HashSet<String>>,
+    /// Wakes `result` when a run ends.
+    ended: Arc<ended::RunEnded>,
 }
 
 /// Builds an [`App`]: give it a database URL or an existing pool.
@@ -105,6 +107,7 @@ impl AppBuilder {
                 registry: Handlers::default(),
                 plugins: PluginList::default(),
                 announced: Mutex::new(HashSet::new()),
+                ended: Arc::default(),
             }),
         })
     }
@@ -328,10 +331,17 @@ impl App {
     }
 
     /// Waits until the run ends; its output, or [`Error::RunFailed`] /
-    /// [`Error::RunCancelled`].
+    /// [`Error::RunCancelled`]. Woken by the database's notification when
+    /// the run ends (one shared `LISTEN` connection per app), with a read
+    /// of the run's status every half second should a notification be lost.
     pub async fn result<T: DeserializeOwned>(&self, run: Uuid) -> Result<T> {
-        let mut pause = Duration::from_millis(5);
+        let ended = Arc::clone(&self.inner.ended);
+        ended.listen(self.pool()).await;
+        let notify = ended.watch(run);
         loop {
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             let status = db::run_status(self.pool(), run).await?;
             match status.status {
                 RunStatus::Completed => {
@@ -349,8 +359,7 @@ impl App {
                 }
                 RunStatus::Cancelled => return Err(Error::RunCancelled(run)),
                 _ => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(250));
+                    let _ = tokio::time::timeout(ended::RECHECK, woken).await;
                 }
             }
         }

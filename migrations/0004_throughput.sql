@@ -1,4 +1,4 @@
--- cairn 0004: the claim index without the job id.
+-- cairn 0004: throughput — the claim index without the job id.
 --
 -- Append-only: never edit this file once released; add a new numbered file.
 --
@@ -13,3 +13,4 @@
 -- queue is quiet.
 drop index cairn.jobs_claim_idx;
 create index jobs_claim_idx on cairn.jobs (queue_id, priority, visible_at);
+
