@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgListener;
 use sqlx::{PgExecutor, PgPool};
 
 use crate::error::{DbContext, Result};
@@ -703,4 +704,11 @@ pub(crate) async fn fail_run(db: &PgPool, at: RunLease, done: &str, error: &str)
         .fetch_one(db)
         .await
         .db("failing a run")
+}
+
+/// A connection of its own that `LISTEN`s on `channel`.
+pub(crate) async fn listen(pool: &PgPool, channel: &str) -> sqlx::Result<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(channel).await?;
+    Ok(listener)
 }

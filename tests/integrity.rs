@@ -1056,6 +1056,8 @@ async fn initialize_repairs_drift_and_says_what_it_repaired(pool: PgPool) {
          create function cairn.extra() returns int language sql as 'select 1';
          create function cairn.spy() returns trigger language plpgsql as $$ begin return new; end $$;
          create trigger spy before insert on cairn.jobs for each row execute function cairn.spy();
+         create or replace trigger runs_ended after update on cairn.runs
+           for each row execute function cairn.spy();
          drop index cairn.jobs_parent_run_idx;",
     )
     .await;
@@ -1068,6 +1070,8 @@ async fn initialize_repairs_drift_and_says_what_it_repaired(pool: PgPool) {
         "function cairn.send(text,jsonb,double precision,integer,text,text): its settings changed",
         "function cairn.extra() is not cairn's: dropped",
         "trigger spy on cairn.jobs was not cairn's: dropped",
+        // cairn's own trigger name, calling someone else's function.
+        "trigger runs_ended on cairn.runs was not cairn's: dropped",
         "index cairn.jobs_parent_run_idx was dropped: re-created",
     ] {
         assert!(

@@ -868,3 +868,27 @@ async fn a_run_that_ends_notifies_its_id(pool: PgPool) {
     assert_eq!(ended, want);
     handle.await.unwrap().unwrap();
 }
+
+/// A lost notification only slows `result` down: with the trigger that
+/// sends it disabled, the waiter still learns of the end from its timer.
+#[sqlx::test(migrations = false)]
+async fn result_returns_when_the_notification_is_lost(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.workflow("noop", |_ctx: WorkflowContext, i: u32| async move { Ok(i) })
+        .unwrap();
+    sqlx::query("alter table cairn.runs disable trigger runs_ended")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let run = app.start("noop", &9_u32).await.unwrap();
+    let worker = app.worker().queues(["workflows"]);
+    let handle = tokio::spawn(worker.run_until(async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }));
+    let out: u32 = tokio::time::timeout(Duration::from_secs(5), app.result(run))
+        .await
+        .expect("result returns without the notification")
+        .unwrap();
+    assert_eq!(out, 9);
+    handle.await.unwrap().unwrap();
+}

@@ -19,9 +19,12 @@ mod peer;
 mod queue;
 mod workflow;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cairn::{WorkerBuilder, WorkerStats};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokio::sync::Notify;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -87,4 +90,29 @@ fn ms(d: Duration) -> f64 {
 
 fn redact(url: &str) -> &str {
     url.rsplit_once('@').map_or(url, |(_, host)| host)
+}
+
+/// A worker running in the background until stopped.
+struct Running {
+    stop: Arc<Notify>,
+    handle: tokio::task::JoinHandle<cairn::Result<WorkerStats>>,
+}
+
+impl Running {
+    fn spawn(worker: WorkerBuilder) -> Self {
+        let stop = Arc::new(Notify::new());
+        let handle = {
+            let stop = stop.clone();
+            tokio::spawn(
+                async move { worker.run_until(async move { stop.notified().await }).await },
+            )
+        };
+        Self { stop, handle }
+    }
+
+    /// Stops the worker gracefully; what it did.
+    async fn stop(self) -> Result<WorkerStats, BoxError> {
+        self.stop.notify_one();
+        Ok(self.handle.await??)
+    }
 }

@@ -12,7 +12,7 @@ use sqlx::{Executor, PgPool};
 use tokio::sync::{Notify, mpsc};
 
 use super::peer::Pgmq;
-use super::{BoxError, ms, redact, reference, secs};
+use super::{BoxError, Running, ms, redact, reference, secs};
 
 #[derive(Serialize, Deserialize)]
 struct Noop {
@@ -95,15 +95,9 @@ impl Cairn {
         Ok(())
     }
 
-    /// Starts a worker serving the queue; it runs until `stop` is notified.
+    /// Starts a worker serving the queue.
     fn start_worker(&self, concurrency: usize) -> Running {
-        let stop = Arc::new(Notify::new());
-        let w = self.app.worker().queues(["bench"]).concurrency(concurrency);
-        let handle = {
-            let stop = stop.clone();
-            tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
-        };
-        Running { stop, handle }
+        Running::spawn(self.app.worker().queues(["bench"]).concurrency(concurrency))
     }
 
     /// Enqueues `n` jobs at once for a running, idle worker and times their
@@ -126,21 +120,6 @@ impl Cairn {
     async fn vacuum(&self) -> Result<(), BoxError> {
         self.pool.execute("vacuum analyze cairn.jobs").await?;
         Ok(())
-    }
-}
-
-/// A worker running in the background.
-struct Running {
-    stop: Arc<Notify>,
-    handle: tokio::task::JoinHandle<cairn::Result<cairn::WorkerStats>>,
-}
-
-impl Running {
-    /// Stops the worker; returns how many jobs it took per claim.
-    async fn stop(self) -> Result<f64, BoxError> {
-        self.stop.notify_one();
-        let stats = self.handle.await??;
-        Ok(stats.completed as f64 / stats.claims.max(1) as f64)
     }
 }
 
@@ -234,7 +213,8 @@ pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
     let mut drain_both = async |label: &str, cairn: &Cairn| -> Result<(), BoxError> {
         let worker = cairn.start_worker(concurrency);
         let c = cairn.drain(N).await?;
-        let per_claim = worker.stop().await?;
+        let stats = worker.stop().await?;
+        let per_claim = stats.completed as f64 / stats.claims.max(1) as f64;
         let p = pgmq.drain(N, consumers, batch).await?;
         compare(label, c, p);
         println!("{:<46} {per_claim:>9.1} jobs per claim", "");
@@ -355,12 +335,7 @@ async fn held_snapshot(
 async fn pickup_latency(cairn: &mut Cairn, ref_p50: Duration) -> Result<(), BoxError> {
     cairn.target.store(usize::MAX, Ordering::Relaxed);
     while cairn.picked.try_recv().is_ok() {}
-    let stop = Arc::new(Notify::new());
-    let worker = {
-        let stop = stop.clone();
-        let w = cairn.app.worker().queues(["bench"]).concurrency(16);
-        tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
-    };
+    let worker = cairn.start_worker(16);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut lat = Vec::with_capacity(500);
     for i in 0..500 {
@@ -370,8 +345,7 @@ async fn pickup_latency(cairn: &mut Cairn, ref_p50: Duration) -> Result<(), BoxE
         let started = cairn.picked.recv().await.ok_or("worker stopped")?;
         lat.push(started - sent);
     }
-    stop.notify_one();
-    worker.await??;
+    worker.stop().await?;
     lat.sort();
     println!(
         "{:<46} p50 {:.3} ms, p99 {:.3} ms   ({:.1} x / {:.1} x reference round trip)",

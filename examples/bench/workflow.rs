@@ -1,15 +1,13 @@
 //! Workflows: runs drained per second, per-step overhead against a bare
 //! commit, and round trips per step.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn::WorkflowContext;
 use cairn::prelude::*;
 use sqlx::PgPool;
-use tokio::sync::Notify;
 
-use super::{BoxError, redact, secs};
+use super::{BoxError, Running, redact, secs};
 
 /// The workflow reference: bare single-row INSERT transactions, one after
 /// another, from one connection. Returns (transactions/s, mean µs).
@@ -100,15 +98,12 @@ pub async fn drain_runs_with(
         worker_app.plugin(plugin);
     }
     let before = worker_calls(&pool).await?;
-    let stop = Arc::new(Notify::new());
-    let worker = {
-        let stop = stop.clone();
-        let w = worker_app
+    let worker = Running::spawn(
+        worker_app
             .worker()
             .queues(["workflows"])
-            .concurrency(concurrency);
-        tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
-    };
+            .concurrency(concurrency),
+    );
     let start = Instant::now();
     while sqlx::query_scalar::<_, bool>("select exists (select from cairn.jobs)")
         .fetch_one(&pool)
@@ -117,8 +112,7 @@ pub async fn drain_runs_with(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = secs(start);
-    stop.notify_one();
-    worker.await??;
+    worker.stop().await?;
     worker_app.pool().close().await;
     // The closed backends report their counts as they exit.
     let mut after = worker_calls(&pool).await?;
@@ -167,12 +161,7 @@ pub async fn run(url: &str) -> Result<(), BoxError> {
     }
     // Start a 0-step run and await its result, one at a time, with a worker
     // already running: the latency a caller sees.
-    let stop = Arc::new(Notify::new());
-    let worker = {
-        let stop = stop.clone();
-        let w = app.worker().queues(["workflows"]).concurrency(16);
-        tokio::spawn(async move { w.run_until(async move { stop.notified().await }).await })
-    };
+    let worker = Running::spawn(app.worker().queues(["workflows"]).concurrency(16));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut lat = Vec::with_capacity(300);
     for i in 0..300_usize {
@@ -182,8 +171,7 @@ pub async fn run(url: &str) -> Result<(), BoxError> {
         assert_eq!(out, i);
         lat.push(t.elapsed());
     }
-    stop.notify_one();
-    worker.await??;
+    worker.stop().await?;
     lat.sort();
     println!(
         "{:<48} p50 {:.2} ms, p99 {:.2} ms   ({:.1} x a bare INSERT)",

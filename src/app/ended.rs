@@ -16,6 +16,8 @@ use tokio::sync::{Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::db;
+
 /// The channel the `runs_ended` trigger notifies.
 const CHANNEL: &str = "cairn_run";
 
@@ -52,19 +54,18 @@ impl RunEnded {
         n
     }
 
-    /// Starts the listener once; returns when it is listening (or could not
-    /// connect: the waiters then fall back to reading on the timer).
+    /// Starts the listener once; returns when it is listening, or when its
+    /// first connection failed (it then keeps trying, and the waiters read
+    /// on their timer meanwhile).
     pub(super) async fn listen(self: &Arc<Self>, pool: &PgPool) {
         self.listening
             .get_or_init(|| async {
-                match connect(pool).await {
-                    Ok(listener) => {
-                        let (me, stop) = (Arc::downgrade(self), self.stop.clone());
-                        tokio::spawn(run(me, stop, pool.clone(), listener));
-                    }
-                    Err(e) => tracing::warn!(error = %e,
-                        "cannot LISTEN for ended runs; App::result polls instead"),
+                let first = db::listen(pool, CHANNEL).await;
+                if let Err(e) = &first {
+                    tracing::warn!(error = %e, "cannot LISTEN for ended runs yet; App::result polls meanwhile");
                 }
+                let (me, stop) = (Arc::downgrade(self), self.stop.clone());
+                tokio::spawn(run(me, stop, pool.clone(), first.ok()));
             })
             .await;
     }
@@ -77,18 +78,32 @@ impl RunEnded {
     }
 }
 
-/// Receives notifications until the app is dropped; reconnects when the
-/// connection is lost (waiters read on their timer meanwhile).
+/// Receives notifications until the app is dropped; (re)connects whenever
+/// it has no connection.
 async fn run(
     ended: Weak<RunEnded>,
     stop: CancellationToken,
     pool: PgPool,
-    mut listener: PgListener,
+    mut listener: Option<PgListener>,
 ) {
     loop {
+        let Some(l) = listener.as_mut() else {
+            if pool.is_closed() {
+                return;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match db::listen(&pool, CHANNEL).await {
+                Ok(l) => listener = Some(l),
+                Err(e) => tracing::debug!(error = %e, "LISTEN for ended runs failed; retrying"),
+            }
+            continue;
+        };
         let received = tokio::select! {
             _ = stop.cancelled() => return,
-            r = listener.try_recv() => r,
+            r = l.try_recv() => r,
         };
         match received {
             Ok(Some(n)) => {
@@ -97,28 +112,7 @@ async fn run(
                     ended.wake(run);
                 }
             }
-            Ok(None) | Err(_) => loop {
-                if pool.is_closed() {
-                    return;
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                match connect(&pool).await {
-                    Ok(l) => {
-                        listener = l;
-                        break;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "LISTEN for ended runs failed; retrying"),
-                }
-            },
+            Ok(None) | Err(_) => listener = None,
         }
     }
-}
-
-async fn connect(pool: &PgPool) -> sqlx::Result<PgListener> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
-    Ok(listener)
 }

@@ -10,11 +10,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Counters;
+use crate::db;
 
 /// The channel every cairn NOTIFY goes to; the payload is the queue name.
 pub(crate) const CHANNEL: &str = "cairn";
@@ -28,7 +28,7 @@ pub(super) async fn run(
 ) {
     let mut first = true;
     while !stop.is_cancelled() {
-        let mut listener = match connect(&pool).await {
+        let mut listener = match db::listen(&pool, CHANNEL).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "LISTEN connection failed; polling meanwhile");
@@ -63,10 +63,4 @@ pub(super) async fn run(
             }
         }
     }
-}
-
-async fn connect(pool: &PgPool) -> sqlx::Result<PgListener> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
-    Ok(listener)
 }
