@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Make sure a PostgreSQL server answers on 127.0.0.1:5432 with trust auth for
 # local connections, as cairn's tests and examples expect. On a Debian machine
-# (root) it installs PostgreSQL if missing and starts the cluster if stopped.
-# Does nothing when a server already answers.
+# (root) it installs PostgreSQL and PgBouncer if missing and starts the
+# cluster if stopped. Does nothing more when a server already answers.
 set -euo pipefail
 
 host=127.0.0.1
 port=5432
+
+# The pooler tests start Debian's PgBouncer themselves: install it if missing.
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    echo "ensure-postgres: installing pgbouncer" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+fi
+
 if pg_isready -q -h "$host" -p "$port" 2>/dev/null; then
     exit 0
 fi

@@ -7,9 +7,9 @@
 --                   run_status, list_runs, run_steps, run_history
 --   cairn_worker    producer + claim/read/pop, the fenced ack/archive/retry/
 --                   fail/extend/set_vt/release, create_queue, and the run
---                   engine's worker calls (40_worker.sql)
+--                   engine's worker calls (40_worker.sql), prune
 --   cairn_admin     worker + drop_queue, purge_queue, delete, requeue,
---                   cancel_run, retry_run, and
+--                   cancel_run, retry_run, set_retention, and
 --                   SELECT on the tables
 -- The engine's internal functions (00_base.sql checks, 20_run_engine.sql)
 -- are granted to no one: only cairn's SECURITY DEFINER functions call them.
@@ -110,14 +110,16 @@ declare
         'cairn.start_task_step(uuid, bigint, bigint, jsonb, text, integer, text, text, text, jsonb)',
         'cairn.suspend_run(uuid, bigint, bigint, jsonb, timestamptz, double precision, text)',
         'cairn.complete_run(uuid, bigint, bigint, jsonb, jsonb)',
-        'cairn.fail_run(uuid, bigint, bigint, jsonb, text)'];
+        'cairn.fail_run(uuid, bigint, bigint, jsonb, text)',
+        'cairn.prune(integer)'];
     v_admin constant text[] := v_worker || array[
         'cairn.drop_queue(text)',
         'cairn.purge_queue(text)',
         'cairn.delete(text, bigint)',
         'cairn.requeue(text, bigint)',
         'cairn.cancel_run(uuid)',
-        'cairn.retry_run(uuid)'];
+        'cairn.retry_run(uuid)',
+        'cairn.set_retention(interval, interval)'];
     v_grant record;
 begin
     for v_grant in

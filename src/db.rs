@@ -9,11 +9,13 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgListener;
-use sqlx::{PgExecutor, PgPool};
+use sqlx::PgExecutor;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 
 use crate::error::{DbContext, Result};
+use crate::pooler::Db;
 use crate::queue::QueueMetrics;
+use crate::retention::{Pruned, Retention};
 use crate::run::{RunEvent, RunInfo, StepStatus};
 
 /// A job handed out by a claim, with the lease that fences it.
@@ -103,7 +105,7 @@ pub(crate) async fn send_batch(
 }
 
 pub(crate) async fn claim(
-    db: &PgPool,
+    db: &Db,
     queue: &str,
     lease: Duration,
     qty: usize,
@@ -124,7 +126,7 @@ pub(crate) async fn claim(
     .db("claiming jobs")
 }
 
-pub(crate) async fn ack(db: &PgPool, ids: &[i64], leases: &[i64]) -> Result<Vec<i64>> {
+pub(crate) async fn ack(db: &Db, ids: &[i64], leases: &[i64]) -> Result<Vec<i64>> {
     sqlx::query_scalar("select cairn.ack($1, $2)")
         .bind(ids)
         .bind(leases)
@@ -135,7 +137,7 @@ pub(crate) async fn ack(db: &PgPool, ids: &[i64], leases: &[i64]) -> Result<Vec<
 
 /// Acks jobs run as workflow steps, handing each output to its step.
 pub(crate) async fn ack_with_outputs(
-    db: &PgPool,
+    db: &Db,
     ids: &[i64],
     leases: &[i64],
     outputs: &[Option<String>],
@@ -150,7 +152,7 @@ pub(crate) async fn ack_with_outputs(
 }
 
 pub(crate) async fn archive(
-    db: &PgPool,
+    db: &Db,
     ids: &[i64],
     leases: &[i64],
     outputs: &[Option<String>],
@@ -165,7 +167,7 @@ pub(crate) async fn archive(
 }
 
 pub(crate) async fn retry(
-    db: &PgPool,
+    db: &Db,
     id: i64,
     lease: i64,
     delay: Duration,
@@ -181,7 +183,7 @@ pub(crate) async fn retry(
         .db("scheduling a retry")
 }
 
-pub(crate) async fn fail(db: &PgPool, id: i64, lease: i64, error: &str) -> Result<bool> {
+pub(crate) async fn fail(db: &Db, id: i64, lease: i64, error: &str) -> Result<bool> {
     sqlx::query_scalar("select cairn.fail($1, $2, $3)")
         .bind(id)
         .bind(lease)
@@ -192,7 +194,7 @@ pub(crate) async fn fail(db: &PgPool, id: i64, lease: i64, error: &str) -> Resul
 }
 
 pub(crate) async fn extend(
-    db: &PgPool,
+    db: &Db,
     ids: &[i64],
     leases: &[i64],
     lease: Duration,
@@ -209,7 +211,7 @@ pub(crate) async fn extend(
     .db("extending leases")
 }
 
-pub(crate) async fn release(db: &PgPool, ids: &[i64], leases: &[i64]) -> Result<Vec<i64>> {
+pub(crate) async fn release(db: &Db, ids: &[i64], leases: &[i64]) -> Result<Vec<i64>> {
     sqlx::query_scalar("select cairn.release($1, $2)")
         .bind(ids)
         .bind(leases)
@@ -401,7 +403,7 @@ struct LoadedRow {
 }
 
 /// `None` when the lease no longer holds the run's job.
-pub(crate) async fn load_run(db: &PgPool, at: RunLease) -> Result<Option<LoadedRun>> {
+pub(crate) async fn load_run(db: &Db, at: RunLease) -> Result<Option<LoadedRun>> {
     let rows: Vec<LoadedRow> = sqlx::query_as(
         "select set_config('synchronous_commit', 'off', true) as async_commit, refused, \
                 input::text as input, db_now, created_at, traceparent, key, seq, status, \
@@ -462,7 +464,7 @@ pub(crate) enum Begun {
 /// database only loses the count of that attempt.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn begin_step(
-    db: &PgPool,
+    db: &Db,
     at: RunLease,
     done: &str,
     durable: bool,
@@ -507,7 +509,7 @@ pub(crate) async fn begin_step(
 }
 
 /// Writes `done`; false when the lease was lost.
-pub(crate) async fn record_steps(db: &PgPool, at: RunLease, done: &str) -> Result<bool> {
+pub(crate) async fn record_steps(db: &Db, at: RunLease, done: &str) -> Result<bool> {
     sqlx::query_scalar("select cairn.record_steps($1, $2, $3, $4::jsonb)")
         .bind(at.run)
         .bind(at.job)
@@ -520,7 +522,7 @@ pub(crate) async fn record_steps(db: &PgPool, at: RunLease, done: &str) -> Resul
 
 /// `(wake_at, done)`, or `None` when the lease was lost.
 pub(crate) async fn sleep_step(
-    db: &PgPool,
+    db: &Db,
     at: RunLease,
     done: &str,
     key: &str,
@@ -545,7 +547,7 @@ pub(crate) async fn sleep_step(
 /// `(done, output, wake_at)`, or `None` when the lease was lost.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn await_signal(
-    db: &PgPool,
+    db: &Db,
     at: RunLease,
     done: &str,
     key: &str,
@@ -592,7 +594,7 @@ fn started(row: (String, Option<String>, Option<String>)) -> Started {
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_child(
-    db: &PgPool,
+    db: &Db,
     at: RunLease,
     done: &str,
     key: &str,
@@ -622,7 +624,7 @@ pub(crate) async fn start_child(
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_task_step(
-    db: &PgPool,
+    db: &Db,
     at: RunLease,
     done: &str,
     key: &str,
@@ -653,7 +655,7 @@ pub(crate) async fn start_task_step(
 }
 
 pub(crate) async fn suspend_run(
-    db: &PgPool,
+    db: &Db,
     at: RunLease,
     done: &str,
     wake_at: Option<DateTime<Utc>>,
@@ -676,7 +678,7 @@ pub(crate) async fn suspend_run(
 /// `Some(true)` completed, `Some(false)` failed (its output broke the JSON
 /// limits), `None` when the lease was lost.
 pub(crate) async fn complete_run(
-    db: &PgPool,
+    db: &Db,
     at: RunLease,
     done: &str,
     output: &str,
@@ -694,7 +696,7 @@ pub(crate) async fn complete_run(
     Ok(status.map(|s| s == "completed"))
 }
 
-pub(crate) async fn fail_run(db: &PgPool, at: RunLease, done: &str, error: &str) -> Result<bool> {
+pub(crate) async fn fail_run(db: &Db, at: RunLease, done: &str, error: &str) -> Result<bool> {
     sqlx::query_scalar("select cairn.fail_run($1, $2, $3, $4::jsonb, $5)")
         .bind(at.run)
         .bind(at.job)
@@ -706,9 +708,55 @@ pub(crate) async fn fail_run(db: &PgPool, at: RunLease, done: &str, error: &str)
         .db("failing a run")
 }
 
-/// A connection of its own that `LISTEN`s on `channel`.
-pub(crate) async fn listen(pool: &PgPool, channel: &str) -> sqlx::Result<PgListener> {
-    let mut listener = PgListener::connect_with(pool).await?;
+/// A connection of its own that `LISTEN`s on `channel`: to Postgres itself,
+/// never through a transaction pooler.
+pub(crate) async fn listen(db: &Db, channel: &str) -> sqlx::Result<PgListener> {
+    let mut listener = match db.direct() {
+        Some(direct) => {
+            let direct = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(direct.clone());
+            PgListener::connect_with(&direct).await?
+        }
+        None => PgListener::connect_with(db.pool()).await?,
+    };
     listener.listen(channel).await?;
     Ok(listener)
+}
+
+pub(crate) async fn set_retention(db: impl PgExecutor<'_>, keep: Retention) -> Result<()> {
+    sqlx::query("select cairn.set_retention(make_interval(secs => $1), make_interval(secs => $2))")
+        .bind(keep.completed.map(secs))
+        .bind(keep.failed.map(secs))
+        .execute(db)
+        .await
+        .db("setting the retention")?;
+    Ok(())
+}
+
+pub(crate) async fn retention(db: impl PgExecutor<'_>) -> Result<Retention> {
+    let (completed, failed): (Option<f64>, Option<f64>) = sqlx::query_as(
+        "select extract(epoch from r.completed)::float8, extract(epoch from r.failed)::float8
+           from cairn.retention r",
+    )
+    .fetch_one(db)
+    .await
+    .db("reading the retention")?;
+    let keep = |s: Option<f64>| s.map(|s| Duration::from_secs_f64(s.max(0.0)));
+    Ok(Retention {
+        completed: keep(completed),
+        failed: keep(failed),
+    })
+}
+
+pub(crate) async fn prune(db: impl PgExecutor<'_>, batch: u32) -> Result<Pruned> {
+    let (runs, archived): (i32, i32) = sqlx::query_as("select * from cairn.prune($1)")
+        .bind(i32::try_from(batch).unwrap_or(i32::MAX))
+        .fetch_one(db)
+        .await
+        .db("pruning finished work")?;
+    Ok(Pruned {
+        runs: u64::try_from(runs).unwrap_or(0),
+        archived: u64::try_from(archived).unwrap_or(0),
+    })
 }

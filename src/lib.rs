@@ -66,8 +66,10 @@ mod migrate;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod plugin;
+mod pooler;
 mod queue;
 mod registry;
+mod retention;
 mod retry;
 mod run;
 mod task;
@@ -82,6 +84,7 @@ pub use plugin::{
     FailureInfo, LoggingPlugin, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent,
 };
 pub use queue::QueueMetrics;
+pub use retention::{Pruned, Retention};
 pub use retry::{Backoff, RetryPolicy};
 pub use run::{RunEvent, RunInfo, RunStatus};
 pub use task::{JobContext, Task};

@@ -47,6 +47,11 @@ const MIGRATIONS: &[Script] = &[
         name: "0004_throughput.sql",
         sql: include_str!("../migrations/0004_throughput.sql"),
     },
+    Script {
+        version: 5,
+        name: "0005_retention.sql",
+        sql: include_str!("../migrations/0005_retention.sql"),
+    },
 ];
 
 const FUNCTIONS: &[&str] = &[
@@ -55,6 +60,7 @@ const FUNCTIONS: &[&str] = &[
     include_str!("../sql/20_run_engine.sql"),
     include_str!("../sql/30_run_api.sql"),
     include_str!("../sql/40_worker.sql"),
+    include_str!("../sql/50_retention.sql"),
     include_str!("../sql/90_grants.sql"),
 ];
 

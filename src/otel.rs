@@ -45,7 +45,7 @@ pub struct OtelPluginBuilder {
     endpoint: Option<String>,
     protocol: Option<Protocol>,
     service_name: Option<String>,
-    queues: Option<(sqlx::PgPool, Duration)>,
+    queues: Option<(crate::pooler::Db, Duration)>,
     metrics_interval: Option<Duration>,
 }
 
@@ -74,10 +74,10 @@ impl OtelPluginBuilder {
 
     /// Also report each queue's depth (`cairn.queue.depth`, by state) and the
     /// age of its oldest ready job (`cairn.queue.oldest_age`), read from
-    /// `cairn.metrics_all()` on `pool` (for example [`App::pool`](crate::App::pool))
-    /// every `every`. Needs a Tokio runtime at `build`.
-    pub fn queue_metrics(mut self, pool: &sqlx::PgPool, every: Duration) -> Self {
-        self.queues = Some((pool.clone(), every));
+    /// `cairn.metrics_all()` through `app`'s pool every `every`. Needs a
+    /// Tokio runtime at `build`.
+    pub fn queue_metrics(mut self, app: &crate::App, every: Duration) -> Self {
+        self.queues = Some((app.db().clone(), every));
         self
     }
 
@@ -295,7 +295,7 @@ impl Instruments {
 /// Polls the queues' counters into a snapshot the gauges read, until
 /// [`OtelPlugin::shutdown`] (or the plugin's last clone is dropped).
 fn watch_queues(
-    pool: sqlx::PgPool,
+    pool: crate::pooler::Db,
     every: Duration,
 ) -> Result<(Arc<Mutex<Vec<QueueMetrics>>>, CancellationToken)> {
     let handle = tokio::runtime::Handle::try_current().map_err(|_| {

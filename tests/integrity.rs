@@ -71,12 +71,6 @@ async fn wait_status(app: &App, run: cairn::Uuid, want: RunStatus) {
     .await;
 }
 
-fn sqlstate(err: &sqlx::Error) -> Option<String> {
-    err.as_database_error()
-        .and_then(|e| e.code())
-        .map(|c| c.into_owned())
-}
-
 // ---- A1: a replay returns the right output, or fails loudly --------------
 
 /// How many times the "spawned" workflow has been executed in this process.
@@ -355,7 +349,7 @@ async fn a_producer_cannot_forge_a_runs_job(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap_err();
-        assert_eq!(sqlstate(&err).as_deref(), Some("22023"), "{err}");
+        assert_eq!(common::sqlstate(&err).as_deref(), Some("22023"), "{err}");
         assert!(err.to_string().contains("is a workflow"), "{err}");
     }
     // Jobs written behind the API's back (by the table owner, say), naming
@@ -1359,7 +1353,11 @@ async fn oversized_deep_and_unrepresentable_json_is_refused_at_every_entry(pool:
             .execute(&pool)
             .await
             .expect_err(sql);
-        assert_eq!(sqlstate(&err).as_deref(), Some(*code), "{sql}: {err}");
+        assert_eq!(
+            common::sqlstate(&err).as_deref(),
+            Some(*code),
+            "{sql}: {err}"
+        );
     }
     exec(&pool, &format!("select cairn.send('q', {ok_deep})")).await;
     assert_eq!(
@@ -1424,7 +1422,7 @@ async fn oversized_outputs_fail_their_step_or_run_and_never_loop(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("54000"), "{err}");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("54000"), "{err}");
 }
 
 // ---- D14: NULLs and unknown runs get the documented SQLSTATEs ------------
@@ -1481,7 +1479,11 @@ async fn nulls_get_22004_and_unknown_runs_42704_everywhere(pool: PgPool) {
     ];
     for sql in nulls {
         let err = sqlx::query(sql).execute(&pool).await.expect_err(sql);
-        assert_eq!(sqlstate(&err).as_deref(), Some("22004"), "{sql}: {err}");
+        assert_eq!(
+            common::sqlstate(&err).as_deref(),
+            Some("22004"),
+            "{sql}: {err}"
+        );
     }
     for sql in [
         "select * from cairn.run_status(gen_random_uuid())",
@@ -1492,7 +1494,11 @@ async fn nulls_get_22004_and_unknown_runs_42704_everywhere(pool: PgPool) {
         "select cairn.retry_run(gen_random_uuid())",
     ] {
         let err = sqlx::query(sql).execute(&pool).await.expect_err(sql);
-        assert_eq!(sqlstate(&err).as_deref(), Some("42704"), "{sql}: {err}");
+        assert_eq!(
+            common::sqlstate(&err).as_deref(),
+            Some("42704"),
+            "{sql}: {err}"
+        );
     }
 }
 
@@ -1559,7 +1565,7 @@ async fn an_idempotency_key_reused_with_another_input_is_refused_or_returned(poo
         .execute(&pool)
         .await
         .unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("23505"), "{err}");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("23505"), "{err}");
     assert_eq!(
         common::scalar_i64(&pool, "select count(*) from cairn.runs").await,
         1

@@ -543,7 +543,7 @@ async fn metrics_count_outcomes_time_steps_and_watch_queues(pool: PgPool) {
     let (mut receiver, port, file) = start_receiver(&pool, "receiver", "cairn-metrics").await;
     let otel = OtelPlugin::builder()
         .endpoint(format!("http://127.0.0.1:{port}"))
-        .queue_metrics(app.pool(), Duration::from_millis(50))
+        .queue_metrics(&app, Duration::from_millis(50))
         .build()
         .unwrap();
     app.plugin(otel.clone());

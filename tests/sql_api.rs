@@ -447,19 +447,8 @@ async fn delays_priorities_pop_and_purge(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn producer_role_can_send_but_not_claim_or_read_tables(pool: PgPool) {
     setup(&pool).await;
-    let login = format!("cairn_test_producer_{}", std::process::id());
-    for sql in [
-        format!("drop role if exists {login}"),
-        format!("create role {login} login in role cairn_producer"),
-    ] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
-    let url =
-        common::url_of(&pool).replacen("postgres://postgres@", &format!("postgres://{login}@"), 1);
-    let producer = PgPool::connect(&url).await.unwrap();
+    let login = common::Login::create(&pool, "cairn_producer", "producer").await;
+    let producer = login.pool.clone();
     let sent: Result<i64, _> = sqlx::query_scalar("select cairn.send('q', '{}')")
         .fetch_one(&producer)
         .await;
@@ -472,17 +461,9 @@ async fn producer_role_can_send_but_not_claim_or_read_tables(pool: PgPool) {
     let mut codes = Vec::new();
     for sql in denied {
         let err = sqlx::query(sql).execute(&producer).await.unwrap_err();
-        codes.push(
-            err.as_database_error()
-                .and_then(|e| e.code())
-                .map(|c| c.into_owned()),
-        );
+        codes.push(common::sqlstate(&err));
     }
-    producer.close().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("drop role {login}")))
-        .execute(&pool)
-        .await
-        .unwrap();
+    login.drop(&pool).await;
     assert!(sent.is_ok(), "{sent:?}");
     assert_eq!(codes, vec![Some("42501".to_string()); denied.len()]);
 }

@@ -5,18 +5,23 @@
 //! cargo run --release --example bench -- queue [--long]
 //! cargo run --release --example bench -- workflow
 //! cargo run --release --example bench -- otel
+//! cargo run --release --example bench -- scale
+//! cargo run --release --example bench -- soak
 //! ```
 //!
 //! Uses a scratch database `cairn_bench` on the server of DATABASE_URL
 //! (default the local Postgres), created fresh and dropped at the end. The
 //! queue benchmark installs pgmq's SQL there too (through the `pgmq` crate,
 //! no extension needed) and measures it in the same run, on the same server.
-//! `--long` adds the cases that take minutes: a 1,000,000-job backlog and
-//! a drain while another transaction holds its snapshot for two minutes.
+//! `--long` adds the cases that take minutes: a 1,000,000-job backlog, a
+//! drain while another transaction holds its snapshot for two minutes, and
+//! the soak (1,000,000 jobs at full speed, table sizes sampled), which
+//! `soak` runs alone. `scale` drains with 1, 2 and 4 worker processes.
 
 mod otel;
 mod peer;
 mod queue;
+mod scale;
 mod workflow;
 
 use std::sync::Arc;
@@ -32,6 +37,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 async fn main() -> Result<(), BoxError> {
     let mut args = std::env::args().skip(1);
     let what = args.next().unwrap_or_else(|| "queue".into());
+    if what == "scale-worker" {
+        let url = args.next().ok_or("scale-worker needs a database URL")?;
+        return scale::worker(&url).await;
+    }
     let long = args.any(|a| a == "--long");
     let server = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -48,7 +57,12 @@ async fn main() -> Result<(), BoxError> {
         "queue" => queue::run(&url, long).await,
         "workflow" => workflow::run(&url).await,
         "otel" => otel::run(&url).await,
-        other => Err(format!("unknown benchmark {other:?}; try: queue, workflow, otel").into()),
+        "scale" => scale::run(&url).await,
+        "soak" => queue::run_soak(&url).await,
+        other => Err(format!(
+            "unknown benchmark {other:?}; try: queue, workflow, otel, scale, soak"
+        )
+        .into()),
     };
     admin
         .execute("drop database if exists cairn_bench with (force)")

@@ -118,8 +118,7 @@ impl Cairn {
     }
 
     async fn vacuum(&self) -> Result<(), BoxError> {
-        self.pool.execute("vacuum analyze cairn.jobs").await?;
-        Ok(())
+        Ok(vacuum_jobs(&self.pool).await?)
     }
 }
 
@@ -281,6 +280,7 @@ pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
 
     if long {
         held_snapshot(&cairn, &pgmq, &pool, concurrency, (consumers, batch)).await?;
+        soak(&cairn, concurrency).await?;
     }
 
     pickup_latency(&mut cairn, ref_p50).await?;
@@ -328,6 +328,97 @@ async fn held_snapshot(
         p_last / p_before
     );
     Ok(())
+}
+
+/// The soak alone (`bench -- soak`), at concurrency 1,024.
+pub async fn run_soak(url: &str) -> Result<(), BoxError> {
+    let cairn = Cairn::install(url).await?;
+    println!("cairn queue soak (PostgreSQL at {})", redact(url));
+    soak(&cairn, 1024).await?;
+    cairn.app.pool().close().await;
+    Ok(())
+}
+
+/// A soak: jobs enqueued for three minutes while a worker drains them at
+/// full speed (the producer keeps at most 20,000 waiting; several million
+/// jobs in all), the size of cairn.jobs with its indexes and its dead rows
+/// sampled every 10 s. Three minutes, because autovacuum looks at a
+/// database once a minute by default (`autovacuum_naptime`): a shorter soak
+/// ends before the first vacuum. With autovacuum keeping up, the size
+/// stops growing.
+async fn soak(cairn: &Cairn, concurrency: usize) -> Result<(), BoxError> {
+    const FOR: Duration = Duration::from_secs(180);
+    let pool = &cairn.pool;
+    cairn.done.store(0, Ordering::Relaxed);
+    cairn.target.store(usize::MAX, Ordering::Relaxed);
+    let worker = cairn.start_worker(concurrency);
+    let batch: Vec<Noop> = (0..1_000).map(|n| Noop { n }).collect();
+    let size = "select pg_total_relation_size('cairn.jobs')::float8 / 1048576, \
+                       coalesce(n_dead_tup, 0), coalesce(autovacuum_count + vacuum_count, 0) \
+                  from pg_stat_user_tables where relid = 'cairn.jobs'::regclass";
+    // Autovacuum is what keeps a queue table small; where the server has it
+    // off (this project's test machine does), the soak vacuums in its place
+    // every 10 s, as autovacuum would, and says so.
+    let autovacuum: String = sqlx::query_scalar("show autovacuum")
+        .fetch_one(pool)
+        .await?;
+    let stand_in = (autovacuum == "off").then(|| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            while vacuum_jobs(&pool).await.is_ok() {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        })
+    });
+    println!(
+        "soak: 3 minutes at full speed; cairn.jobs with its indexes{}:",
+        if stand_in.is_some() {
+            " (autovacuum is off on this server: VACUUM ANALYZE every 10 s in its place)"
+        } else {
+            ""
+        }
+    );
+    let start = Instant::now();
+    let mut next_sample = Duration::ZERO;
+    let mut sent = 0;
+    let mut samples = Vec::new();
+    while start.elapsed() < FOR || cairn.done.load(Ordering::Relaxed) < sent {
+        if start.elapsed() >= next_sample {
+            let (mb, dead, vacuums): (f64, i64, i64) = sqlx::query_as(size).fetch_one(pool).await?;
+            let done = cairn.done.load(Ordering::Relaxed);
+            println!(
+                "  {:>5.0} s  {done:>9} done  {mb:>7.1} MiB  {dead:>8} dead rows  {vacuums:>3} vacuums",
+                secs(start)
+            );
+            samples.push(mb);
+            next_sample += Duration::from_secs(10);
+        }
+        let waiting = sent - cairn.done.load(Ordering::Relaxed);
+        if start.elapsed() < FOR && waiting < 20_000 {
+            cairn.app.enqueue_batch(&batch).await?;
+            sent += batch.len();
+        } else {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let rate = sent as f64 / secs(start);
+    worker.stop().await?;
+    if let Some(task) = stand_in {
+        task.abort();
+    }
+    let half = samples.len() / 2;
+    let peak = |s: &[f64]| s.iter().copied().fold(0.0, f64::max);
+    println!(
+        "{:<46} {rate:>9.0} /s   largest size, second half {:.1} MiB vs first half {:.1} MiB",
+        format!("soak of {sent}"),
+        peak(&samples[half..]),
+        peak(&samples[..half])
+    );
+    Ok(())
+}
+
+async fn vacuum_jobs(pool: &PgPool) -> Result<(), sqlx::Error> {
+    pool.execute("vacuum analyze cairn.jobs").await.map(|_| ())
 }
 
 /// One job at a time to an idle worker: from before the enqueue call to the

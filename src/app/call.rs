@@ -4,13 +4,16 @@
 
 use std::future::IntoFuture;
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 use crate::BoxFuture;
 use crate::error::{DbContext, Result};
+use crate::pooler::{Db, Via};
 
-type Op<'a, T> =
-    Box<dyn for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T>> + Send + 'a>;
+/// What a call does, given a connection (its statements sent as the app's
+/// pool needs).
+pub(crate) type Op<'a, T> =
+    Box<dyn for<'c> FnOnce(Via<&'c mut PgConnection>) -> BoxFuture<'c, Result<T>> + Send + 'a>;
 
 /// A pending write: await it to run it on the app's pool, or call
 /// [`execute`](Self::execute) with your own connection or transaction, so
@@ -26,30 +29,30 @@ type Op<'a, T> =
 /// ```
 #[must_use = "a call does nothing until awaited or executed"]
 pub struct Call<'a, T> {
-    pool: &'a PgPool,
+    db: &'a Db,
     op: Op<'a, T>,
 }
 
 impl<'a, T: Send + 'a> Call<'a, T> {
     pub(crate) fn new(
-        pool: &'a PgPool,
-        op: impl for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T>> + Send + 'a,
+        db: &'a Db,
+        op: impl for<'c> FnOnce(Via<&'c mut PgConnection>) -> BoxFuture<'c, Result<T>> + Send + 'a,
     ) -> Self {
         Self {
-            pool,
+            db,
             op: Box::new(op),
         }
     }
 
     /// A call that fails before reaching the database (its arguments were
     /// rejected in Rust).
-    pub(crate) fn failed(pool: &'a PgPool, error: crate::Error) -> Self {
-        Self::new(pool, move |_| Box::pin(async move { Err(error) }))
+    pub(crate) fn failed(db: &'a Db, error: crate::Error) -> Self {
+        Self::new(db, move |_| Box::pin(async move { Err(error) }))
     }
 
     /// Runs the call on the given connection or transaction (`&mut tx`).
     pub async fn execute(self, conn: &mut PgConnection) -> Result<T> {
-        (self.op)(conn).await
+        (self.op)(self.db.on(conn)).await
     }
 }
 
@@ -59,8 +62,16 @@ impl<'a, T: Send + 'a> IntoFuture for Call<'a, T> {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let mut conn = self.pool.acquire().await.db("connecting")?;
-            (self.op)(&mut conn).await
+            if self.db.pooled() {
+                // Behind a transaction pooler: one transaction keeps one
+                // server connection for the whole call.
+                let mut tx = self.db.pool().begin().await.db("connecting")?;
+                let out = (self.op)(self.db.on(&mut tx)).await?;
+                tx.commit().await.db("committing")?;
+                return Ok(out);
+            }
+            let mut conn = self.db.pool().acquire().await.db("connecting")?;
+            (self.op)(self.db.on(&mut conn)).await
         })
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::pooler::Db;
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,7 @@ impl RunEnded {
     /// Starts the listener once; returns when it is listening, or when its
     /// first connection failed (it then keeps trying, and the waiters read
     /// on their timer meanwhile).
-    pub(super) async fn listen(self: &Arc<Self>, pool: &PgPool) {
+    pub(super) async fn listen(self: &Arc<Self>, pool: &Db) {
         self.listening
             .get_or_init(|| async {
                 let first = db::listen(pool, CHANNEL).await;
@@ -83,12 +83,12 @@ impl RunEnded {
 async fn run(
     ended: Weak<RunEnded>,
     stop: CancellationToken,
-    pool: PgPool,
+    pool: Db,
     mut listener: Option<PgListener>,
 ) {
     loop {
         let Some(l) = listener.as_mut() else {
-            if pool.is_closed() {
+            if pool.pool().is_closed() {
                 return;
             }
             tokio::select! {

@@ -56,6 +56,11 @@ impl<'a, T: Task> Enqueue<'a, T> {
 
     /// Enqueues on the given executor: a pool, a connection, or `&mut *tx`.
     pub async fn execute(self, executor: impl PgExecutor<'_>) -> Result<i64> {
+        let app = self.app;
+        self.send(app.db().on(executor)).await
+    }
+
+    async fn send(self, executor: impl PgExecutor<'_>) -> Result<i64> {
         let payload = serialize(&self.tasks[0], "the job's arguments")?;
         let traceparent = self.traceparent.or_else(current_traceparent);
         db::send(
@@ -84,8 +89,8 @@ impl<'a, T: Task + Sync> IntoFuture for Enqueue<'a, T> {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let pool = self.app.pool().clone();
-            self.execute(&pool).await
+            let app = self.app;
+            self.send(app.db()).await
         })
     }
 }
@@ -121,7 +126,7 @@ impl<'a, T: Task> EnqueueBatch<'a, T> {
         for chunk in payloads.chunks(BATCH_CHUNK) {
             ids.extend(
                 db::send_batch(
-                    &mut *conn,
+                    self.0.app.db().on(&mut *conn),
                     T::QUEUE,
                     T::NAME,
                     chunk,

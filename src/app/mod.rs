@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::db;
@@ -26,8 +26,10 @@ use crate::error::{DbContext, Error, HandlerError, Result};
 use crate::json;
 use crate::migrate::{self, MigrationReport};
 use crate::plugin::{Plugin, PluginList};
+use crate::pooler::{Db, Via};
 use crate::queue::{QueueMetrics, validate_queue_name};
 use crate::registry::{Handlers, Registration};
+use crate::retention::{Pruned, Retention};
 use crate::run::{RunEvent, RunInfo, RunStatus};
 use crate::task::{JobContext, Task};
 use crate::worker::WorkerBuilder;
@@ -41,7 +43,7 @@ pub struct App {
 }
 
 struct Inner {
-    pool: PgPool,
+    db: Db,
     registry: Handlers,
     plugins: PluginList,
     /// Workflows this app has announced to the database.
@@ -56,6 +58,7 @@ pub struct AppBuilder {
     url: Option<String>,
     pool: Option<PgPool>,
     max_connections: Option<u32>,
+    direct_url: Option<String>,
 }
 
 impl AppBuilder {
@@ -78,14 +81,32 @@ impl AppBuilder {
         self
     }
 
+    /// The database URL (or pool) goes through a pooler in transaction mode,
+    /// such as PgBouncer with `pool_mode = transaction`; `direct_url` reaches
+    /// Postgres itself. cairn then sends every statement unnamed inside a
+    /// transaction of its own (or of yours, with `execute`), so no prepared
+    /// statement outlives the server connection it was made on; `LISTEN`
+    /// (workers' wake-ups, [`App::result`]) and [`App::initialize`] connect
+    /// to `direct_url`, as they need a session.
+    pub fn transaction_pooler(mut self, direct_url: impl Into<String>) -> Self {
+        self.direct_url = Some(direct_url.into());
+        self
+    }
+
     /// Connects (lazily checks nothing else): call [`App::initialize`] next.
     pub async fn build(self) -> Result<App> {
+        let parse = |url: &str| -> Result<PgConnectOptions> {
+            url.parse()
+                .map_err(|e| Error::InvalidArgument(format!("invalid database URL: {e}")))
+        };
+        let direct = match &self.direct_url {
+            Some(url) => Some(parse(url)?.application_name("cairn")),
+            None => None,
+        };
         let pool = match (self.pool, self.url) {
             (Some(pool), _) => pool,
             (None, Some(url)) => {
-                let options: PgConnectOptions = url
-                    .parse()
-                    .map_err(|e| Error::InvalidArgument(format!("invalid database URL: {e}")))?;
+                let options = parse(&url)?;
                 PgPoolOptions::new()
                     .max_connections(self.max_connections.unwrap_or(10))
                     // No ping before every use: it doubles the round trips,
@@ -103,7 +124,7 @@ impl AppBuilder {
         };
         Ok(App {
             inner: Arc::new(Inner {
-                pool,
+                db: Db::new(pool, direct),
                 registry: Handlers::default(),
                 plugins: PluginList::default(),
                 announced: Mutex::new(HashSet::new()),
@@ -121,7 +142,12 @@ impl App {
 
     /// The connection pool, for the caller's own queries and transactions.
     pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
+        self.inner.db.pool()
+    }
+
+    /// The pool as cairn's own calls use it.
+    pub(crate) fn db(&self) -> &Db {
+        &self.inner.db
     }
 
     /// Creates or upgrades schema `cairn`, and announces the workflows
@@ -137,13 +163,16 @@ impl App {
     /// settings or grants, a dropped function or index, a trigger someone
     /// added — it puts back, and says so in [`MigrationReport::repaired`].
     pub async fn initialize(&self) -> Result<MigrationReport> {
-        let report = {
-            let mut conn = self
-                .inner
-                .pool
-                .acquire()
+        let report = if let Some(direct) = self.db().direct() {
+            // A migration needs one session throughout: not the pooler's.
+            let mut conn = PgConnection::connect_with(direct)
                 .await
                 .db("connecting for migration")?;
+            let report = migrate::run(&mut conn).await;
+            let _ = conn.close().await;
+            report?
+        } else {
+            let mut conn = self.pool().acquire().await.db("connecting for migration")?;
             migrate::run(&mut conn).await?
         };
         self.register_workflows().await?;
@@ -156,8 +185,8 @@ impl App {
     /// after registering workflows later. Needs the `cairn_worker` role.
     pub async fn register_workflows(&self) -> Result<()> {
         for w in self.workflows() {
-            db::create_queue(self.pool(), &w.queue).await?;
-            db::register_workflow(self.pool(), &w.name, &w.queue).await?;
+            db::create_queue(self.db(), &w.queue).await?;
+            db::register_workflow(self.db(), &w.name, &w.queue).await?;
             self.announced(&w.name);
         }
         Ok(())
@@ -221,12 +250,12 @@ impl App {
     /// One queue's counters.
     pub async fn metrics(&self, queue: &str) -> Result<QueueMetrics> {
         validate_queue_name(queue)?;
-        db::metrics(self.pool(), queue).await
+        db::metrics(self.db(), queue).await
     }
 
     /// Every queue's counters.
     pub async fn metrics_all(&self) -> Result<Vec<QueueMetrics>> {
-        db::metrics_all(self.pool()).await
+        db::metrics_all(self.db()).await
     }
 
     /// Puts a dead-lettered job back on its queue with a fresh attempt count.
@@ -239,6 +268,28 @@ impl App {
         self.call(validate_queue_name(&queue), move |conn| {
             Box::pin(async move { db::requeue(conn, &queue, id).await })
         })
+    }
+
+    /// Sets how long finished runs and archived jobs are kept (the default is
+    /// [`Retention::default`]: 7 days for completed work, 30 for failures).
+    /// Workers prune what is older in the background. Needs `cairn_admin`.
+    pub fn set_retention(&self, keep: Retention) -> Call<'_, ()> {
+        Call::new(self.db(), move |conn| {
+            Box::pin(async move { db::set_retention(conn, keep).await })
+        })
+    }
+
+    /// The retention windows in force.
+    pub async fn retention(&self) -> Result<Retention> {
+        db::retention(self.db()).await
+    }
+
+    /// Deletes one batch (up to 500 runs and 500 archived jobs) of finished
+    /// work older than the retention windows, and says how much; call it
+    /// again while it finds a full batch. Workers do this on their own; this
+    /// is for an operator, or an installation that runs no worker.
+    pub async fn prune(&self) -> Result<Pruned> {
+        db::prune(self.db(), crate::worker::PRUNE_BATCH).await
     }
 
     /// Registers the handler of task `T`, whose type the closure's first
@@ -336,13 +387,13 @@ impl App {
     /// of the run's status every half second should a notification be lost.
     pub async fn result<T: DeserializeOwned>(&self, run: Uuid) -> Result<T> {
         let ended = Arc::clone(&self.inner.ended);
-        ended.listen(self.pool()).await;
+        ended.listen(self.db()).await;
         let notify = ended.watch(run);
         loop {
             let woken = notify.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let status = db::run_status(self.pool(), run).await?;
+            let status = db::run_status(self.db(), run).await?;
             match status.status {
                 RunStatus::Completed => {
                     let output = status.output.unwrap_or_else(|| "null".into());
@@ -367,14 +418,14 @@ impl App {
 
     /// A run's status, output or error, and timings.
     pub async fn run_status(&self, run: Uuid) -> Result<RunInfo> {
-        db::run_status(self.pool(), run).await
+        db::run_status(self.db(), run).await
     }
 
     /// A run's history, oldest first: every step attempt with its start, end,
     /// outcome and error, and the run's suspends, resumes, signals, failures,
     /// retries and cancellation. Nothing is erased by a retry.
     pub async fn run_history(&self, run: Uuid) -> Result<Vec<RunEvent>> {
-        db::run_history(self.pool(), run).await
+        db::run_history(self.db(), run).await
     }
 
     /// Delivers signal `name` with `payload` to a run; resolves to the
@@ -384,10 +435,10 @@ impl App {
         let payload = serialize(payload, "the signal's payload");
         let name = name.to_owned();
         match payload {
-            Ok(payload) => Call::new(self.pool(), move |conn| {
+            Ok(payload) => Call::new(self.db(), move |conn| {
                 Box::pin(async move { db::send_signal(conn, run, &name, &payload).await })
             }),
-            Err(e) => Call::failed(self.pool(), e),
+            Err(e) => Call::failed(self.db(), e),
         }
     }
 
@@ -395,7 +446,7 @@ impl App {
     /// active. Once it commits, no step of theirs starts; one already running
     /// is stopped within a heartbeat.
     pub fn cancel_run(&self, run: Uuid) -> Call<'_, i32> {
-        Call::new(self.pool(), move |conn| {
+        Call::new(self.db(), move |conn| {
             Box::pin(async move { db::cancel_run(conn, run).await })
         })
     }
@@ -404,7 +455,7 @@ impl App {
     /// kept; the failure stays in its history). False if the run is not
     /// failed.
     pub fn retry_run(&self, run: Uuid) -> Call<'_, bool> {
-        Call::new(self.pool(), move |conn| {
+        Call::new(self.db(), move |conn| {
             Box::pin(async move { db::retry_run(conn, run).await })
         })
     }
@@ -431,7 +482,7 @@ impl App {
     /// A worker over this app's registered tasks; see [`WorkerBuilder`].
     pub fn worker(&self) -> WorkerBuilder {
         WorkerBuilder::new(
-            self.pool().clone(),
+            self.db().clone(),
             self.inner.registry.clone(),
             self.inner.plugins.clone(),
         )
@@ -440,13 +491,13 @@ impl App {
     fn call<T: Send + 'static>(
         &self,
         checked: Result<()>,
-        op: impl for<'c> FnOnce(&'c mut sqlx::PgConnection) -> crate::BoxFuture<'c, Result<T>>
+        op: impl for<'c> FnOnce(Via<&'c mut sqlx::PgConnection>) -> crate::BoxFuture<'c, Result<T>>
         + Send
         + 'static,
     ) -> Call<'_, T> {
         match checked {
-            Ok(()) => Call::new(self.pool(), op),
-            Err(e) => Call::failed(self.pool(), e),
+            Ok(()) => Call::new(self.db(), op),
+            Err(e) => Call::failed(self.db(), e),
         }
     }
 }

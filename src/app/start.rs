@@ -110,6 +110,11 @@ impl<'a, I: Serialize + Sync> Start<'a, I> {
     /// Starts the run on the given executor: a pool, a connection, or
     /// `&mut *tx` — the run exists if and only if your transaction commits.
     pub async fn execute(self, executor: impl PgExecutor<'_>) -> Result<Uuid> {
+        let app = self.app;
+        self.send(app.db().on(executor)).await
+    }
+
+    async fn send(self, executor: impl PgExecutor<'_>) -> Result<Uuid> {
         let input = serialize(self.input, "the workflow's input")?;
         let delay = match self.run_at {
             Some(t) => (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO),
@@ -152,8 +157,7 @@ impl<'a, I: Serialize + Sync> IntoFuture for Start<'a, I> {
                     tracing::debug!(workflow = self.workflow, "could not announce the workflow");
                 }
             }
-            let pool = app.pool().clone();
-            self.execute(&pool).await
+            self.send(app.db()).await
         })
     }
 }

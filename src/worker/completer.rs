@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::pooler::Db;
 use tokio::sync::mpsc;
 
 use super::{Counters, InFlight};
@@ -58,7 +58,7 @@ impl Settle {
 }
 
 pub(super) async fn run(
-    pool: PgPool,
+    pool: Db,
     mut rx: mpsc::UnboundedReceiver<Settle>,
     in_flight: Arc<InFlight>,
     counters: Arc<Counters>,
@@ -95,7 +95,7 @@ pub(super) async fn run(
 
 /// Writes one batch: acks and archives as one call each, retries and dead
 /// letters one call per job (they are the rare path).
-async fn flush(pool: &PgPool, batch: &[Settle], counters: &Counters) -> Result<()> {
+async fn flush(pool: &Db, batch: &[Settle], counters: &Counters) -> Result<()> {
     // Three kinds of success, one call each: plain acks (the hot path),
     // acks that hand an output to a workflow step, and archives.
     let mut plain = Group::default();

@@ -7,14 +7,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::pooler::Db;
 use tokio_util::sync::CancellationToken;
 
 use super::InFlight;
 use crate::db;
 
 pub(super) async fn run(
-    pool: PgPool,
+    pool: Db,
     lease: Duration,
     in_flight: Arc<InFlight>,
     stop: CancellationToken,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::pooler::Db;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +20,7 @@ use crate::db;
 pub(crate) const CHANNEL: &str = "cairn";
 
 pub(super) async fn run(
-    pool: PgPool,
+    pool: Db,
     queues: HashSet<String>,
     wake: Arc<Notify>,
     stop: CancellationToken,

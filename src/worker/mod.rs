@@ -7,7 +7,9 @@
 //! - [`heartbeat`]: extends leases, and stops the handlers of jobs whose lease
 //!   was lost (the job ran out and was claimed elsewhere, or its run was
 //!   cancelled);
-//! - [`listener`]: `LISTEN` for wake-ups, with a jittered poll as fallback.
+//! - [`listener`]: `LISTEN` for wake-ups, with a jittered poll as fallback;
+//! - [`pruner`]: deletes finished runs and archived jobs past their
+//!   retention window.
 //!
 //! Every settlement is fenced by the job's lease, so racing with a
 //! redelivery can never double-complete.
@@ -17,6 +19,9 @@ mod completer;
 mod executor;
 mod heartbeat;
 mod listener;
+mod pruner;
+
+pub(crate) use pruner::PRUNE_BATCH;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::pooler::Db;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +49,7 @@ use crate::registry::{Handlers, Registration};
 /// # Ok(()) }
 /// ```
 pub struct WorkerBuilder {
-    pool: PgPool,
+    pool: Db,
     handlers: Handlers,
     plugins: PluginList,
     queues: Vec<String>,
@@ -52,6 +57,7 @@ pub struct WorkerBuilder {
     lease: Duration,
     poll_interval: Duration,
     shutdown_timeout: Duration,
+    prune_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -62,6 +68,7 @@ impl std::fmt::Debug for WorkerBuilder {
             .field("lease", &self.lease)
             .field("poll_interval", &self.poll_interval)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("prune_interval", &self.prune_interval)
             .finish_non_exhaustive()
     }
 }
@@ -87,7 +94,7 @@ pub struct WorkerStats {
 }
 
 impl WorkerBuilder {
-    pub(crate) fn new(pool: PgPool, handlers: Handlers, plugins: PluginList) -> Self {
+    pub(crate) fn new(pool: Db, handlers: Handlers, plugins: PluginList) -> Self {
         Self {
             pool,
             handlers,
@@ -97,6 +104,7 @@ impl WorkerBuilder {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
+            prune_interval: Some(Duration::from_secs(60)),
         }
     }
 
@@ -135,6 +143,16 @@ impl WorkerBuilder {
     /// releasing them (default 30 s).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How often the worker deletes finished runs and archived jobs past
+    /// their retention window (default every minute, jittered; see
+    /// [`App::set_retention`](crate::App::set_retention)); `None` leaves it
+    /// to other workers or to [`App::prune`](crate::App::prune). One prune
+    /// runs at a time across all workers, in batches of 500.
+    pub fn prune_interval(mut self, every: impl Into<Option<Duration>>) -> Self {
+        self.prune_interval = every.into().filter(|d| !d.is_zero());
         self
     }
 
@@ -288,12 +306,13 @@ impl Counters {
 }
 
 struct Worker {
-    pool: PgPool,
+    pool: Db,
     queues: Vec<QueuePlan>,
     concurrency: usize,
     lease: Duration,
     poll_interval: Duration,
     shutdown_timeout: Duration,
+    prune_interval: Option<Duration>,
     in_flight: Arc<InFlight>,
     counters: Arc<Counters>,
     plugins: Plugins,
@@ -309,6 +328,7 @@ impl Worker {
             lease: b.lease,
             poll_interval: b.poll_interval,
             shutdown_timeout: b.shutdown_timeout,
+            prune_interval: b.prune_interval,
             in_flight: Arc::default(),
             counters: Arc::default(),
             plugins,
@@ -334,6 +354,9 @@ impl Worker {
             Arc::clone(&self.in_flight),
             stop.clone(),
         ));
+        let pruner = self
+            .prune_interval
+            .map(|every| tokio::spawn(pruner::run(pool.clone(), every, stop.clone())));
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(completer::run(
             pool.clone(),
@@ -376,11 +399,14 @@ impl Worker {
         stop.cancel();
         let _ = heartbeat.await;
         let _ = listener.await;
+        if let Some(pruner) = pruner {
+            let _ = pruner.await;
+        }
         Ok(this.counters.snapshot())
     }
 
     /// Aborts the jobs still running at the deadline and gives them back.
-    async fn release_running(&self, pool: &sqlx::PgPool) {
+    async fn release_running(&self, pool: &Db) {
         let mut running = Vec::new();
         self.in_flight.lock().retain(|&id, r| match r.abort.take() {
             // Finished and waiting for the completer: let it settle.

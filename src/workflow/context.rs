@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::pooler::Db;
 use chrono::{DateTime, Utc};
 use futures_util::task::AtomicWaker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{Outbox, Outcome, Recorded, fingerprint};
@@ -100,7 +100,7 @@ struct State {
 }
 
 pub(super) struct Inner {
-    pub(super) pool: PgPool,
+    pub(super) pool: Db,
     pub(super) at: RunLease,
     pub(super) workflow: String,
     loaded_at: (DateTime<Utc>, Instant),
@@ -166,7 +166,7 @@ pub(crate) struct Loaded {
 
 impl WorkflowContext {
     pub(crate) fn new(
-        pool: PgPool,
+        pool: Db,
         at: RunLease,
         loaded: Loaded,
         options: &super::WorkflowOptions,

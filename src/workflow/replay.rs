@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::pooler::Db;
 use futures_util::FutureExt;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::Outbox;
@@ -45,7 +45,7 @@ pub(crate) enum Settled {
 
 /// What a worker needs to execute a run's job.
 pub(crate) struct Execution {
-    pub pool: PgPool,
+    pub pool: Db,
     pub workflow: Arc<WorkflowDef>,
     pub name: String,
     pub queue: String,
@@ -253,7 +253,7 @@ async fn record_steps(ctx: &WorkflowContext) {
     }
 }
 
-async fn complete(pool: &PgPool, at: RunLease, outbox: &Outbox, output: &str) -> Settled {
+async fn complete(pool: &Db, at: RunLease, outbox: &Outbox, output: &str) -> Settled {
     if let Some(problem) = json::problem(output) {
         return fail(pool, at, outbox, &format!("the run's output {problem}")).await;
     }
@@ -274,7 +274,7 @@ async fn complete(pool: &PgPool, at: RunLease, outbox: &Outbox, output: &str) ->
 }
 
 async fn suspend(
-    pool: &PgPool,
+    pool: &Db,
     at: RunLease,
     outbox: &Outbox,
     wake_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -302,7 +302,7 @@ async fn suspend(
     }
 }
 
-async fn fail(pool: &PgPool, at: RunLease, outbox: &Outbox, error: &str) -> Settled {
+async fn fail(pool: &Db, at: RunLease, outbox: &Outbox, error: &str) -> Settled {
     let carried = outbox.carry().await;
     let mut done = carried.done.clone();
     loop {

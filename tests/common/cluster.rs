@@ -123,7 +123,7 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -152,7 +152,7 @@ fn server_binaries() -> PathBuf {
         .expect("PostgreSQL server binaries under /usr/lib/postgresql (scripts/ensure-postgres.sh installs them)")
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

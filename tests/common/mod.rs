@@ -104,4 +104,46 @@ where
 pub async fn scalar_i64(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
 }
+pub mod bouncer;
 pub mod cluster;
+
+/// The SQLSTATE of a database error.
+pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned())
+}
+
+/// A login role in `group` (`cairn_producer`, `cairn_worker`, …) for this
+/// test, with a pool connected as it; drop it with [`Login::drop`]. Roles are
+/// cluster-wide: the name carries the process id and a tag.
+pub struct Login {
+    pub name: String,
+    pub pool: PgPool,
+}
+
+impl Login {
+    pub async fn create(admin: &PgPool, group: &str, tag: &str) -> Login {
+        let name = format!("cairn_test_{tag}_{}", std::process::id());
+        for sql in [
+            format!("drop role if exists {name}"),
+            format!("create role {name} login in role {group}"),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(admin)
+                .await
+                .unwrap();
+        }
+        let url = url_of(admin).replacen("postgres://postgres@", &format!("postgres://{name}@"), 1);
+        let pool = PgPool::connect(&url).await.unwrap();
+        Login { name, pool }
+    }
+
+    pub async fn drop(self, admin: &PgPool) {
+        self.pool.close().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("drop role {}", self.name)))
+            .execute(admin)
+            .await
+            .unwrap();
+    }
+}
