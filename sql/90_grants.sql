@@ -4,13 +4,16 @@
 -- grants its functions to three NOLOGIN group roles. Give an application's
 -- login role membership of the one it needs:
 --   cairn_producer  send, send_batch, metrics, start_workflow, send_signal,
---                   run_status, list_runs, run_steps, run_history
+--                   run_status, list_runs, run_steps, run_history,
+--                   list_schedules, next_fires
 --   cairn_worker    producer + claim/read/pop, the fenced ack/archive/retry/
 --                   fail/extend/set_vt/release, create_queue, and the run
---                   engine's worker calls (40_worker.sql), prune
+--                   engine's worker calls (40_worker.sql), prune,
+--                   tick_schedules
 --   cairn_admin     worker + drop_queue, purge_queue, delete, requeue,
---                   cancel_run, retry_run, set_retention, and
---                   SELECT on the tables
+--                   cancel_run, retry_run, set_retention, create_,
+--                   update_, pause_, resume_, trigger_ and delete_schedule,
+--                   and SELECT on the tables
 -- The engine's internal functions (00_base.sql checks, 20_run_engine.sql)
 -- are granted to no one: only cairn's SECURITY DEFINER functions call them.
 -- Every install starts from nothing: whatever was granted on cairn's objects
@@ -84,7 +87,9 @@ declare
         'cairn.run_status(uuid)',
         'cairn.list_runs(text, text, integer)',
         'cairn.run_steps(uuid)',
-        'cairn.run_history(uuid)'];
+        'cairn.run_history(uuid)',
+        'cairn.list_schedules()',
+        'cairn.next_fires(text, text, integer, timestamptz)'];
     v_worker constant text[] := v_producer || array[
         'cairn.create_queue(text)',
         'cairn.claim(text, double precision, integer, text[])',
@@ -111,7 +116,8 @@ declare
         'cairn.suspend_run(uuid, bigint, bigint, jsonb, timestamptz, double precision, text)',
         'cairn.complete_run(uuid, bigint, bigint, jsonb, jsonb)',
         'cairn.fail_run(uuid, bigint, bigint, jsonb, text)',
-        'cairn.prune(integer)'];
+        'cairn.prune(integer)',
+        'cairn.tick_schedules(integer)'];
     v_admin constant text[] := v_worker || array[
         'cairn.drop_queue(text)',
         'cairn.purge_queue(text)',
@@ -119,7 +125,13 @@ declare
         'cairn.requeue(text, bigint)',
         'cairn.cancel_run(uuid)',
         'cairn.retry_run(uuid)',
-        'cairn.set_retention(interval, interval)'];
+        'cairn.set_retention(interval, interval)',
+        'cairn.create_schedule(text, text, text, jsonb, text, text, text, text, text, integer, boolean)',
+        'cairn.update_schedule(text, text, text, jsonb, text, text, integer)',
+        'cairn.pause_schedule(text)',
+        'cairn.resume_schedule(text)',
+        'cairn.delete_schedule(text)',
+        'cairn.trigger_schedule(text)'];
     v_grant record;
 begin
     for v_grant in

@@ -17,6 +17,7 @@ use crate::pooler::Db;
 use crate::queue::QueueMetrics;
 use crate::retention::{Pruned, Retention};
 use crate::run::{RunEvent, RunInfo, StepStatus};
+use crate::schedule::{Fired, Missed, Overlap, Schedule, ScheduleChange, ScheduleInfo, Target};
 
 /// A job handed out by a claim, with the lease that fences it.
 #[derive(Debug, sqlx::FromRow)]
@@ -759,4 +760,132 @@ pub(crate) async fn prune(db: impl PgExecutor<'_>, batch: u32) -> Result<Pruned>
         runs: u64::try_from(runs).unwrap_or(0),
         archived: u64::try_from(archived).unwrap_or(0),
     })
+}
+
+// ---- schedules -----------------------------------------------------------
+
+pub(crate) async fn create_schedule(
+    db: impl PgExecutor<'_>,
+    s: &Schedule,
+    input: &str,
+) -> Result<DateTime<Utc>> {
+    let (workflow, queue) = match &s.target {
+        Target::Workflow(w) => (Some(w.as_str()), None),
+        Target::Queue(queue) => (None, Some(queue.as_str())),
+    };
+    sqlx::query_scalar(
+        "select cairn.create_schedule($1, $2, workflow => $3, input => $4::jsonb, \
+         timezone => $5, queue => $6, task => $7, missed => $8, overlap => $9, \
+         priority => $10, paused => $11)",
+    )
+    .bind(&s.name)
+    .bind(&s.cron)
+    .bind(workflow)
+    .bind(input)
+    .bind(&s.timezone)
+    .bind(queue)
+    .bind(s.task.as_deref())
+    .bind(s.missed.as_str())
+    .bind(s.overlap.as_str())
+    .bind(i32::from(s.priority))
+    .bind(s.paused)
+    .fetch_one(db)
+    .await
+    .db("creating a schedule")
+}
+
+pub(crate) async fn update_schedule(
+    db: impl PgExecutor<'_>,
+    name: &str,
+    change: &ScheduleChange,
+    input: Option<&str>,
+) -> Result<DateTime<Utc>> {
+    sqlx::query_scalar(
+        "select cairn.update_schedule($1, cron => $2, timezone => $3, input => $4::jsonb, \
+         missed => $5, overlap => $6, priority => $7)",
+    )
+    .bind(name)
+    .bind(change.cron.as_deref())
+    .bind(change.timezone.as_deref())
+    .bind(input)
+    .bind(change.missed.map(Missed::as_str))
+    .bind(change.overlap.map(Overlap::as_str))
+    .bind(change.priority.map(i32::from))
+    .fetch_one(db)
+    .await
+    .db("updating a schedule")
+}
+
+pub(crate) async fn pause_schedule(db: impl PgExecutor<'_>, name: &str) -> Result<()> {
+    sqlx::query("select cairn.pause_schedule($1)")
+        .bind(name)
+        .execute(db)
+        .await
+        .db("pausing a schedule")?;
+    Ok(())
+}
+
+pub(crate) async fn resume_schedule(db: impl PgExecutor<'_>, name: &str) -> Result<DateTime<Utc>> {
+    sqlx::query_scalar("select cairn.resume_schedule($1)")
+        .bind(name)
+        .fetch_one(db)
+        .await
+        .db("resuming a schedule")
+}
+
+pub(crate) async fn delete_schedule(db: impl PgExecutor<'_>, name: &str) -> Result<bool> {
+    sqlx::query_scalar("select cairn.delete_schedule($1)")
+        .bind(name)
+        .fetch_one(db)
+        .await
+        .db("deleting a schedule")
+}
+
+pub(crate) async fn trigger_schedule(db: impl PgExecutor<'_>, name: &str) -> Result<Fired> {
+    let (run, job): (Option<uuid::Uuid>, Option<i64>) =
+        sqlx::query_as("select run_id, job_id from cairn.trigger_schedule($1)")
+            .bind(name)
+            .fetch_one(db)
+            .await
+            .db("triggering a schedule")?;
+    Ok(match (run, job) {
+        (Some(run), _) => Fired::Run(run),
+        (None, Some(job)) => Fired::Job(job),
+        (None, None) => unreachable!("cairn.trigger_schedule starts a run or a job"),
+    })
+}
+
+pub(crate) async fn list_schedules(db: impl PgExecutor<'_>) -> Result<Vec<ScheduleInfo>> {
+    sqlx::query_as(
+        "select name, cron, timezone, workflow, queue, task, input::text as input, priority, \
+         missed, overlap, paused, next_fire, last_fire, last_run, last_job, fired, skipped, \
+         last_error, created_at from cairn.list_schedules()",
+    )
+    .fetch_all(db)
+    .await
+    .db("listing schedules")
+}
+
+pub(crate) async fn next_fires(
+    db: impl PgExecutor<'_>,
+    cron: &str,
+    timezone: &str,
+    n: u32,
+) -> Result<Vec<DateTime<Utc>>> {
+    sqlx::query_scalar("select cairn.next_fires($1, $2, $3)")
+        .bind(cron)
+        .bind(timezone)
+        .bind(i32::try_from(n).unwrap_or(i32::MAX))
+        .fetch_all(db)
+        .await
+        .db("computing fire times")
+}
+
+pub(crate) async fn tick_schedules(db: impl PgExecutor<'_>, batch: u32) -> Result<u32> {
+    let fired: i32 = sqlx::query_scalar("select cairn.tick_schedules($1)")
+        .bind(i32::try_from(batch).unwrap_or(i32::MAX))
+        .fetch_one(db)
+        .await
+        .db("firing due schedules")?;
+    Ok(u32::try_from(fired).unwrap_or(0))
 }

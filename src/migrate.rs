@@ -52,6 +52,11 @@ const MIGRATIONS: &[Script] = &[
         name: "0005_retention.sql",
         sql: include_str!("../migrations/0005_retention.sql"),
     },
+    Script {
+        version: 6,
+        name: "0006_schedules.sql",
+        sql: include_str!("../migrations/0006_schedules.sql"),
+    },
 ];
 
 const FUNCTIONS: &[&str] = &[
@@ -61,6 +66,7 @@ const FUNCTIONS: &[&str] = &[
     include_str!("../sql/30_run_api.sql"),
     include_str!("../sql/40_worker.sql"),
     include_str!("../sql/50_retention.sql"),
+    include_str!("../sql/60_schedules.sql"),
     include_str!("../sql/90_grants.sql"),
 ];
 

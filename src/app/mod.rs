@@ -5,6 +5,7 @@
 mod call;
 mod ended;
 mod enqueue;
+mod schedules;
 mod start;
 
 pub use call::Call;

@@ -9,7 +9,8 @@
 //!   cancelled);
 //! - [`listener`]: `LISTEN` for wake-ups, with a jittered poll as fallback;
 //! - [`pruner`]: deletes finished runs and archived jobs past their
-//!   retention window.
+//!   retention window;
+//! - [`scheduler`]: fires due schedule ticks.
 //!
 //! Every settlement is fenced by the job's lease, so racing with a
 //! redelivery can never double-complete.
@@ -20,8 +21,10 @@ mod executor;
 mod heartbeat;
 mod listener;
 mod pruner;
+mod scheduler;
 
 pub(crate) use pruner::PRUNE_BATCH;
+pub(crate) use scheduler::TICK_BATCH;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -58,6 +61,7 @@ pub struct WorkerBuilder {
     poll_interval: Duration,
     shutdown_timeout: Duration,
     prune_interval: Option<Duration>,
+    schedule_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -69,6 +73,7 @@ impl std::fmt::Debug for WorkerBuilder {
             .field("poll_interval", &self.poll_interval)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("prune_interval", &self.prune_interval)
+            .field("schedule_interval", &self.schedule_interval)
             .finish_non_exhaustive()
     }
 }
@@ -105,6 +110,7 @@ impl WorkerBuilder {
             poll_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
             prune_interval: Some(Duration::from_secs(60)),
+            schedule_interval: Some(Duration::from_secs(1)),
         }
     }
 
@@ -153,6 +159,15 @@ impl WorkerBuilder {
     /// runs at a time across all workers, in batches of 500.
     pub fn prune_interval(mut self, every: impl Into<Option<Duration>>) -> Self {
         self.prune_interval = every.into().filter(|d| !d.is_zero());
+        self
+    }
+
+    /// How often this worker fires due schedule ticks (default about once a
+    /// second, jittered); `None` leaves them to other workers or to
+    /// [`App::tick_schedules`](crate::App::tick_schedules). Workers split
+    /// due schedules between them and each tick fires once.
+    pub fn schedule_interval(mut self, every: impl Into<Option<Duration>>) -> Self {
+        self.schedule_interval = every.into().filter(|d| !d.is_zero());
         self
     }
 
@@ -313,6 +328,7 @@ struct Worker {
     poll_interval: Duration,
     shutdown_timeout: Duration,
     prune_interval: Option<Duration>,
+    schedule_interval: Option<Duration>,
     in_flight: Arc<InFlight>,
     counters: Arc<Counters>,
     plugins: Plugins,
@@ -329,6 +345,7 @@ impl Worker {
             poll_interval: b.poll_interval,
             shutdown_timeout: b.shutdown_timeout,
             prune_interval: b.prune_interval,
+            schedule_interval: b.schedule_interval,
             in_flight: Arc::default(),
             counters: Arc::default(),
             plugins,
@@ -357,6 +374,9 @@ impl Worker {
         let pruner = self
             .prune_interval
             .map(|every| tokio::spawn(pruner::run(pool.clone(), every, stop.clone())));
+        let scheduler = self
+            .schedule_interval
+            .map(|every| tokio::spawn(scheduler::run(pool.clone(), every, stop.clone())));
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(completer::run(
             pool.clone(),
@@ -401,6 +421,9 @@ impl Worker {
         let _ = listener.await;
         if let Some(pruner) = pruner {
             let _ = pruner.await;
+        }
+        if let Some(scheduler) = scheduler {
+            let _ = scheduler.await;
         }
         Ok(this.counters.snapshot())
     }
