@@ -24,6 +24,9 @@
 -- LOCK ORDER. Every function that locks more than one row takes the locks
 -- in this order, and no function waits for a lock of an earlier rank while
 -- holding one of a later rank:
+--   0. a schedules row (60_schedules.sql: a tick, or a change of one
+--      schedule) or the retention row (50_retention.sql: a prune); never
+--      waited for while a lock of a later rank is held.
 --   1. runs rows: ancestors before descendants (by depth, then id), so a
 --      run's parent before the run (lock_runs). Changes of a run's state
 --      take FOR NO KEY UPDATE; a step's begin and a flush of finished steps
