@@ -3,14 +3,14 @@
 //! has clients), the listener and migrations connecting directly: tasks,
 //! batches, workflows with steps, children, task steps, durable sleeps and
 //! signals, starts inside the caller's transaction, results woken by
-//! notification, cancel, retry and pruning. Every job runs once, every run
-//! ends with the right output.
+//! notification, cancel, retry, pruning and a schedule's tick. Every job
+//! runs once, every run ends with the right output.
 
 mod common;
 
 use std::time::Duration;
 
-use cairn::{App, HandlerError, Task, WorkflowContext};
+use cairn::{App, HandlerError, Schedule, Task, WorkflowContext};
 use common::bouncer::Bouncer;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -92,6 +92,13 @@ fn register(app: &App, effects: &PgPool) {
         let n: i64 = ctx.step("pack", n, |n| async move { Ok(n + 2) }).await?;
         Ok(n)
     })
+    .unwrap();
+    app.workflow(
+        "tick",
+        |_ctx: WorkflowContext, input: serde_json::Value| async move {
+            Ok(input["scheduled_at"].clone())
+        },
+    )
     .unwrap();
     app.workflow("flaky", |ctx: WorkflowContext, n: i64| async move {
         let n: i64 = ctx
@@ -235,6 +242,31 @@ async fn workers_and_producers_run_through_a_transaction_pooler(pool: PgPool) {
             >= 1_103 + 60
     })
     .await;
+
+    // The workers fire a schedule's tick through the pooler, once.
+    producer
+        .create_schedule(Schedule::workflow("ticks", "*/1 * * * *", "tick"))
+        .await
+        .unwrap();
+    sqlx::query("select cairn.advance_test_clock(60)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ticked = "select count(*) from cairn.runs where workflow = 'tick' and status = 'completed'";
+    common::wait_for("the tick's run", Duration::from_secs(30), || async {
+        common::scalar_i64(&pool, ticked).await >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        common::scalar_i64(
+            &pool,
+            "select count(*) from cairn.runs where workflow = 'tick'"
+        )
+        .await,
+        1
+    );
+
     stop.cancel();
     for w in workers {
         w.await.unwrap().unwrap();
