@@ -2,7 +2,7 @@
 -- (admins) cancelling and retrying them.
 --
 -- Who calls it: producers start_workflow, send_signal, run_status,
--- list_runs, run_steps and run_history; admins also cancel_run and
+-- get_run, list_runs, run_steps and run_history; admins also cancel_run and
 -- retry_run. See 90_grants.sql. The engine's protocols (and the lock order
 -- every function here keeps) are in 20_run_engine.sql.
 
@@ -273,9 +273,10 @@ comment on function cairn.run_status(uuid) is 'A run''s status, output or error,
 create or replace function cairn.list_runs(
     workflow text default null,
     status   text default null,
-    lim      integer default 100)
+    lim      integer default 100,
+    since    timestamptz default null)
 returns table (run_id uuid, run_workflow text, run_status text, created_at timestamptz,
-               finished_at timestamptz, error text)
+               finished_at timestamptz, error text, parent_run uuid)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
 set plan_cache_mode = force_generic_plan
@@ -289,15 +290,40 @@ begin
                   hint = 'one of pending, running, sleeping, waiting, completed, failed, cancelled';
     end if;
     return query
-    select r.id, r.workflow, r.status, r.created_at, r.finished_at, r.error
+    select r.id, r.workflow, r.status, r.created_at, r.finished_at, r.error, r.parent_run
       from cairn.runs r
      where (list_runs.workflow is null or r.workflow = list_runs.workflow)
        and (list_runs.status is null or r.status = list_runs.status)
+       and (list_runs.since is null or r.created_at >= list_runs.since)
      order by r.created_at desc
      limit lim;
 end $$;
-comment on function cairn.list_runs(text, text, integer) is 'Recent runs, newest first, optionally of one workflow and status.';
+comment on function cairn.list_runs(text, text, integer, timestamptz) is 'Recent runs, newest first, optionally of one workflow and status, created since a time.';
 
+create or replace function cairn.get_run(run_id uuid)
+returns table (id uuid, workflow text, status text, input jsonb, output jsonb, error text,
+               idempotency_key text, queue text, priority integer, parent_run uuid,
+               parent_step text, children uuid[], created_at timestamptz,
+               started_at timestamptz, finished_at timestamptz, wake_at timestamptz)
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
+as $$
+begin
+    perform cairn.check_not_null(run_id, 'run id');
+    return query
+    select r.id, r.workflow, r.status, r.input, r.output, r.error, r.idempotency_key, q.name,
+           r.priority::integer, r.parent_run, r.parent_step,
+           array(select c.id from cairn.runs c where c.parent_run = r.id order by c.created_at, c.id),
+           r.created_at, r.started_at, r.finished_at, r.wake_at
+      from cairn.runs r
+      left join cairn.queues q on q.id = r.queue_id
+     where r.id = get_run.run_id;
+    if not found then
+        raise exception 'cairn: unknown run %', run_id using errcode = 'undefined_object';
+    end if;
+end $$;
+comment on function cairn.get_run(uuid) is 'Everything about one run: status, input, output, error, key, queue, parent and children, timings.';
 create or replace function cairn.run_steps(run_id uuid)
 returns table (seq integer, key text, kind text, status text, input jsonb, output jsonb,
                error text, attempts integer, started_at timestamptz, finished_at timestamptz)

@@ -4,7 +4,7 @@
 -- grants its functions to three NOLOGIN group roles. Give an application's
 -- login role membership of the one it needs:
 --   cairn_producer  send, send_batch, metrics, start_workflow, send_signal,
---                   run_status, list_runs, run_steps, run_history,
+--                   run_status, get_run, list_runs, run_steps, run_history,
 --                   list_schedules, next_fires
 --   cairn_worker    producer + claim/read/pop, the fenced ack/archive/retry/
 --                   fail/extend/set_vt/release, create_queue, and the run
@@ -85,7 +85,8 @@ declare
         'cairn.start_workflow(text, jsonb, text, text, integer, double precision, text, text)',
         'cairn.send_signal(uuid, text, jsonb)',
         'cairn.run_status(uuid)',
-        'cairn.list_runs(text, text, integer)',
+        'cairn.list_runs(text, text, integer, timestamptz)',
+        'cairn.get_run(uuid)',
         'cairn.run_steps(uuid)',
         'cairn.run_history(uuid)',
         'cairn.list_schedules()',

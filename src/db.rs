@@ -16,7 +16,7 @@ use crate::error::{DbContext, Result};
 use crate::pooler::Db;
 use crate::queue::QueueMetrics;
 use crate::retention::{Pruned, Retention};
-use crate::run::{RunEvent, RunInfo, StepStatus};
+use crate::run::{RunDetail, RunEvent, RunFilter, RunInfo, RunSummary, StepStatus};
 use crate::schedule::{Fired, Missed, Overlap, Schedule, ScheduleChange, ScheduleInfo, Target};
 
 /// A job handed out by a claim, with the lease that fences it.
@@ -339,6 +339,35 @@ pub(crate) async fn run_status(db: impl PgExecutor<'_>, run: uuid::Uuid) -> Resu
     .fetch_one(db)
     .await
     .db("reading a run's status")
+}
+
+pub(crate) async fn get_run(db: impl PgExecutor<'_>, run: uuid::Uuid) -> Result<RunDetail> {
+    sqlx::query_as(
+        "select id, workflow, status, input::text as input, output::text as output, error, \
+         idempotency_key, queue, priority, parent_run, parent_step, children, created_at, \
+         started_at, finished_at, wake_at from cairn.get_run($1)",
+    )
+    .bind(run)
+    .fetch_one(db)
+    .await
+    .db("reading a run")
+}
+
+pub(crate) async fn list_runs(
+    db: impl PgExecutor<'_>,
+    filter: &RunFilter,
+) -> Result<Vec<RunSummary>> {
+    sqlx::query_as(
+        "select run_id as id, run_workflow as workflow, run_status as status, created_at, \
+         finished_at, error, parent_run from cairn.list_runs($1, $2, $3, $4)",
+    )
+    .bind(filter.workflow.as_deref())
+    .bind(filter.status.map(|s| s.as_str()))
+    .bind(i32::try_from(filter.limit).unwrap_or(i32::MAX))
+    .bind(filter.since)
+    .fetch_all(db)
+    .await
+    .db("listing runs")
 }
 
 pub(crate) async fn run_history(db: impl PgExecutor<'_>, run: uuid::Uuid) -> Result<Vec<RunEvent>> {

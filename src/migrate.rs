@@ -67,6 +67,7 @@ const FUNCTIONS: &[&str] = &[
     include_str!("../sql/40_worker.sql"),
     include_str!("../sql/50_retention.sql"),
     include_str!("../sql/60_schedules.sql"),
+    // Last: install_functions finds stale functions before it grants.
     include_str!("../sql/90_grants.sql"),
 ];
 
@@ -446,7 +447,13 @@ async fn install_functions(
     recorded: &Option<serde_json::Value>,
     drift: &Drift,
 ) -> Result<()> {
-    for sql in FUNCTIONS {
+    // The grants come last (see FUNCTIONS), after the stale functions are
+    // found: a GRANT or REVOKE rewrites every function's catalog row, which
+    // would make an old function look freshly created.
+    let (grants, definitions) = FUNCTIONS
+        .split_last()
+        .expect("FUNCTIONS ends with the grants");
+    for sql in definitions {
         exec(tx, *sql, "installing cairn's functions").await?;
     }
     // A function that the scripts above did not create or replace in this
@@ -467,6 +474,7 @@ async fn install_functions(
         )
         .await?;
     }
+    exec(tx, *grants, "granting cairn's functions").await?;
     if let Some(recorded) = recorded {
         for index in &drift.missing_indexes {
             if let Some(def) = recorded[index]["definition"].as_str() {

@@ -223,3 +223,110 @@ impl StepKind {
         }
     }
 }
+
+/// Everything about one run, from [`App::run`](crate::App::run).
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct RunDetail {
+    /// The run's id.
+    pub id: uuid::Uuid,
+    /// The workflow's name.
+    pub workflow: String,
+    /// Where the run is.
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
+    /// The input as JSON text.
+    pub input: String,
+    /// The output as JSON text, once completed.
+    pub output: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The idempotency key it was started with.
+    pub idempotency_key: Option<String>,
+    /// The queue its job runs on.
+    pub queue: Option<String>,
+    /// Its priority (lower runs first).
+    pub priority: i32,
+    /// The run that started it as a child, if any.
+    pub parent_run: Option<uuid::Uuid>,
+    /// The parent's step that waits for it.
+    pub parent_step: Option<String>,
+    /// The child runs it started, oldest first.
+    pub children: Vec<uuid::Uuid>,
+    /// When it was started.
+    pub created_at: DateTime<Utc>,
+    /// When a worker first ran it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// When a sleeping run wakes (or a waiting one times out).
+    pub wake_at: Option<DateTime<Utc>>,
+}
+
+/// One line of [`App::list_runs`](crate::App::list_runs), newest first.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct RunSummary {
+    /// The run's id.
+    pub id: uuid::Uuid,
+    /// The workflow's name.
+    pub workflow: String,
+    /// Where the run is.
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
+    /// When it was started.
+    pub created_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The run that started it as a child, if any.
+    pub parent_run: Option<uuid::Uuid>,
+}
+
+/// Which runs [`App::list_runs`](crate::App::list_runs) returns: all (the
+/// newest 100) unless narrowed.
+#[derive(Clone, Debug)]
+pub struct RunFilter {
+    pub(crate) workflow: Option<String>,
+    pub(crate) status: Option<RunStatus>,
+    pub(crate) since: Option<DateTime<Utc>>,
+    pub(crate) limit: u32,
+}
+
+impl Default for RunFilter {
+    fn default() -> Self {
+        Self {
+            workflow: None,
+            status: None,
+            since: None,
+            limit: 100,
+        }
+    }
+}
+
+impl RunFilter {
+    /// Only runs of this workflow.
+    pub fn workflow(mut self, workflow: &str) -> Self {
+        self.workflow = Some(workflow.to_owned());
+        self
+    }
+
+    /// Only runs in this status.
+    pub fn status(mut self, status: RunStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Only runs started at or after this time.
+    pub fn since(mut self, since: DateTime<Utc>) -> Self {
+        self.since = Some(since);
+        self
+    }
+
+    /// At most this many (1 to 10,000; default 100).
+    pub fn limit(mut self, limit: u32) -> Self {
+        self.limit = limit;
+        self
+    }
+}

@@ -734,27 +734,12 @@ async fn roles_producers_read_workers_tick_admins_manage(pool: PgPool) {
     }
 }
 
-/// Runs the `cairn` CLI on the test database: (success, stdout, stderr).
-fn cli(pool: &PgPool, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .env("DATABASE_URL", common::url_of(pool))
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[sqlx::test(migrations = false)]
 async fn the_cli_manages_schedules(pool: PgPool) {
     let app = common::app(&pool).await;
     register_beat(&app);
     app.register_workflows().await.unwrap();
-    let (ok, out, err) = cli(
+    let (code, out, err) = common::cli(
         &pool,
         &[
             "schedules",
@@ -771,12 +756,12 @@ async fn the_cli_manages_schedules(pool: PgPool) {
             "skip",
         ],
     );
-    assert!(ok, "{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("schedule nightly created; first fire"),
         "{out}"
     );
-    let (ok, out, err) = cli(
+    let (code, out, err) = common::cli(
         &pool,
         &[
             "schedules",
@@ -787,40 +772,40 @@ async fn the_cli_manages_schedules(pool: PgPool) {
             "beat",
         ],
     );
-    assert!(!ok);
+    assert_eq!(code, 1);
     assert!(
         err.contains("at character 1: minute 61 is out of range 0-59"),
         "{out}{err}"
     );
-    let (ok, out, _) = cli(&pool, &["schedules", "list", "--json"]);
-    assert!(ok);
+    let (code, out, _) = common::cli(&pool, &["schedules", "list", "--json"]);
+    assert_eq!(code, 0);
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["name"], "nightly");
     assert_eq!(list[0]["input"]["team"], "ops");
     assert_eq!(list[0]["overlap"], "skip");
-    let (ok, out, _) = cli(&pool, &["schedules", "list"]);
+    let (code, out, _) = common::cli(&pool, &["schedules", "list"]);
     assert!(
-        ok && out.contains("nightly") && out.contains("workflow beat"),
+        code == 0 && out.contains("nightly") && out.contains("workflow beat"),
         "{out}"
     );
-    let (ok, out, _) = cli(&pool, &["schedules", "next", "@hourly", "-n", "3"]);
-    assert!(ok);
+    let (code, out, _) = common::cli(&pool, &["schedules", "next", "@hourly", "-n", "3"]);
+    assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 3, "{out}");
-    let (ok, out, _) = cli(&pool, &["schedules", "trigger", "nightly"]);
-    assert!(ok && out.starts_with("started run "), "{out}");
+    let (code, out, _) = common::cli(&pool, &["schedules", "trigger", "nightly"]);
+    assert!(code == 0 && out.starts_with("started run "), "{out}");
     assert_eq!(count(&pool, "select count(*) from cairn.runs").await, 1);
-    let (ok, out, _) = cli(&pool, &["schedules", "pause", "nightly"]);
-    assert!(ok, "{out}");
+    let (code, out, _) = common::cli(&pool, &["schedules", "pause", "nightly"]);
+    assert_eq!(code, 0, "{out}");
     assert!(app.list_schedules().await.unwrap()[0].paused);
-    let (ok, out, err) = cli(
+    let (code, out, err) = common::cli(
         &pool,
         &["schedules", "update", "nightly", "--cron", "@daily"],
     );
-    assert!(ok, "{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
     assert_eq!(app.list_schedules().await.unwrap()[0].cron, "@daily");
-    let (ok, _, _) = cli(&pool, &["schedules", "delete", "nightly"]);
-    assert!(ok);
-    let (ok, _, err) = cli(&pool, &["schedules", "delete", "nightly"]);
-    assert!(!ok && err.contains("unknown schedule"), "{err}");
+    let (code, _, _) = common::cli(&pool, &["schedules", "delete", "nightly"]);
+    assert_eq!(code, 0);
+    let (code, _, err) = common::cli(&pool, &["schedules", "delete", "nightly"]);
+    assert!(code == 3 && err.contains("unknown schedule"), "{err}");
 }

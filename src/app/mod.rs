@@ -31,7 +31,7 @@ use crate::pooler::{Db, Via};
 use crate::queue::{QueueMetrics, validate_queue_name};
 use crate::registry::{Handlers, Registration};
 use crate::retention::{Pruned, Retention};
-use crate::run::{RunEvent, RunInfo, RunStatus};
+use crate::run::{RunDetail, RunEvent, RunFilter, RunInfo, RunStatus, RunSummary};
 use crate::task::{JobContext, Task};
 use crate::worker::WorkerBuilder;
 use crate::workflow::{self, WorkflowContext, WorkflowOptions};
@@ -415,6 +415,26 @@ impl App {
                 }
             }
         }
+    }
+
+    /// Everything about one run: status, input, output, error, key, queue,
+    /// parent and children, timings. [`Error::NotFound`] if there is none.
+    pub async fn run(&self, run: Uuid) -> Result<RunDetail> {
+        db::get_run(self.db(), run).await
+    }
+
+    /// Runs, newest first, narrowed by `filter` (the newest 100 by default).
+    ///
+    /// ```no_run
+    /// # async fn demo(app: cairn::App) -> cairn::Result<()> {
+    /// use cairn::{RunFilter, RunStatus};
+    /// for run in app.list_runs(RunFilter::default().status(RunStatus::Failed).limit(20)).await? {
+    ///     println!("{} {} {:?}", run.id, run.workflow, run.error);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn list_runs(&self, filter: RunFilter) -> Result<Vec<RunSummary>> {
+        db::list_runs(self.db(), &filter).await
     }
 
     /// A run's status, output or error, and timings.

@@ -7,11 +7,19 @@
 //! cairn requeue emails 42
 //! cairn schedules create nightly '30 2 * * *' --workflow report --timezone Europe/London
 //! cairn schedules list --json
+//! cairn runs list --status failed --since 2h
+//! cairn runs retry --failed --workflow report
 //! ```
+//!
+//! Exit status: 0 done, 1 refused or failed (the reason on stderr), 2 bad
+//! usage, 3 no such run, schedule, queue or workflow.
 
 use std::process::ExitCode;
 
-use cairn::{App, Fired, Missed, Overlap, Schedule, ScheduleChange};
+use std::io::{IsTerminal, Write};
+
+use cairn::{App, Fired, Missed, Overlap, RunFilter, RunStatus, Schedule, ScheduleChange, Uuid};
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -38,6 +46,11 @@ enum Command {
         /// Only this queue.
         queue: Option<String>,
     },
+    /// List, show, start, cancel, retry and signal workflow runs.
+    Runs {
+        #[command(subcommand)]
+        action: RunAction,
+    },
     /// Create, change, pause, resume, trigger, delete and list schedules.
     Schedules {
         #[command(subcommand)]
@@ -49,6 +62,70 @@ enum Command {
         queue: String,
         /// The job's id.
         id: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunAction {
+    /// Runs, newest first.
+    List {
+        #[arg(long)]
+        workflow: Option<String>,
+        /// pending, running, sleeping, waiting, completed, failed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// Started since: a time (RFC 3339) or an age such as 2h or 7d.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's status, input, output, error, timings, parent and children.
+    Show {
+        run: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's history: attempts, waits, signals, failures, retries.
+    History {
+        run: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a run; prints its id.
+    Start {
+        workflow: String,
+        /// The input, JSON.
+        #[arg(long, default_value = "null")]
+        input: String,
+        /// An idempotency key: the same key names the same run.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Cancel a run and its children.
+    Cancel { run: Uuid },
+    /// Retry a failed run from its failed step, or with --failed every
+    /// failed run that matches.
+    Retry {
+        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        run: Option<Uuid>,
+        /// Every failed run (narrowed by --workflow and --since).
+        #[arg(long)]
+        failed: bool,
+        #[arg(long, requires = "failed")]
+        workflow: Option<String>,
+        #[arg(long, requires = "failed")]
+        since: Option<String>,
+    },
+    /// Send a signal to a run.
+    Signal {
+        run: Uuid,
+        name: String,
+        /// The payload, JSON.
+        #[arg(long, default_value = "null")]
+        payload: String,
     },
 }
 
@@ -186,7 +263,10 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cairn: {e}");
-            ExitCode::FAILURE
+            match e {
+                cairn::Error::NotFound(_) => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -270,6 +350,7 @@ async fn run(cli: Cli) -> cairn::Result<()> {
             );
         }
         Command::Schedules { action } => schedules(&app, action).await?,
+        Command::Runs { action } => runs(&app, action).await?,
     }
     Ok(())
 }
@@ -278,6 +359,198 @@ async fn run(cli: Cli) -> cairn::Result<()> {
 fn json_arg(what: &str, text: &str) -> cairn::Result<serde_json::Value> {
     serde_json::from_str(text)
         .map_err(|e| cairn::Error::InvalidArgument(format!("{what} is not JSON: {e}")))
+}
+
+/// `--since`: an RFC 3339 time, or an age such as `2h` or `7d` before now.
+fn since_arg(text: &str) -> cairn::Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let age = humantime::parse_duration(text).map_err(|e| {
+        cairn::Error::InvalidArgument(format!(
+            "--since {text:?} is neither an RFC 3339 time nor an age such as 2h: {e}"
+        ))
+    })?;
+    chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|age| Utc::now().checked_sub_signed(age))
+        .ok_or_else(|| cairn::Error::InvalidArgument(format!("--since {text:?} is too far back")))
+}
+
+fn status_arg(text: Option<&str>) -> cairn::Result<Option<RunStatus>> {
+    text.map(str::parse).transpose()
+}
+
+/// A JSON text column as a JSON value (for --json output).
+fn json_text(text: Option<&str>) -> serde_json::Value {
+    text.and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+async fn runs(app: &App, action: RunAction) -> cairn::Result<()> {
+    match action {
+        RunAction::List {
+            workflow,
+            status,
+            since,
+            limit,
+            json,
+        } => {
+            let mut filter = RunFilter::default().limit(limit);
+            if let Some(w) = &workflow {
+                filter = filter.workflow(w);
+            }
+            if let Some(s) = status_arg(status.as_deref())? {
+                filter = filter.status(s);
+            }
+            if let Some(t) = since {
+                filter = filter.since(since_arg(&t)?);
+            }
+            let rows = app.list_runs(filter).await?;
+            if json {
+                let rows: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "id": r.id, "workflow": r.workflow, "status": r.status.as_str(),
+                            "created_at": r.created_at, "finished_at": r.finished_at,
+                            "error": r.error, "parent_run": r.parent_run,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+                return Ok(());
+            }
+            println!(
+                "{:<36}  {:<20} {:<10} {:<19}  error",
+                "run", "workflow", "status", "started (UTC)"
+            );
+            for r in rows {
+                println!(
+                    "{:<36}  {:<20} {:<10} {:<19}  {}",
+                    r.id,
+                    r.workflow,
+                    r.status,
+                    r.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    r.error.unwrap_or_default().lines().next().unwrap_or("")
+                );
+            }
+        }
+        RunAction::Show { run, json } => {
+            let r = app.run(run).await?;
+            let value = serde_json::json!({
+                "id": r.id, "workflow": r.workflow, "status": r.status.as_str(),
+                "input": json_text(Some(&r.input)), "output": json_text(r.output.as_deref()),
+                "error": r.error, "idempotency_key": r.idempotency_key, "queue": r.queue,
+                "priority": r.priority, "parent_run": r.parent_run, "parent_step": r.parent_step,
+                "children": r.children, "created_at": r.created_at, "started_at": r.started_at,
+                "finished_at": r.finished_at, "wake_at": r.wake_at,
+            });
+            if json {
+                println!("{value}");
+                return Ok(());
+            }
+            for (k, v) in value.as_object().into_iter().flatten() {
+                if !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()) {
+                    println!(
+                        "{k:<16} {}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                    );
+                }
+            }
+        }
+        RunAction::History { run, json } => {
+            let events = app.run_history(run).await?;
+            if json {
+                let rows: Vec<serde_json::Value> = events
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "at": e.at, "ended_at": e.ended_at, "event": e.event, "step": e.step,
+                            "attempt": e.attempt, "outcome": e.outcome, "error": e.error,
+                            "detail": json_text(e.detail.as_deref()),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+                return Ok(());
+            }
+            for e in events {
+                println!(
+                    "{}  {:<10} {:<20} {:<8} {:<10} {}",
+                    e.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                    e.event,
+                    e.step.unwrap_or_default(),
+                    e.attempt.map(|a| format!("#{a}")).unwrap_or_default(),
+                    e.outcome.unwrap_or_default(),
+                    e.error.or(e.detail).unwrap_or_default()
+                );
+            }
+        }
+        RunAction::Start {
+            workflow,
+            input,
+            key,
+        } => {
+            let input = json_arg("--input", &input)?;
+            let start = app.start(&workflow, &input);
+            let run = match &key {
+                Some(key) => start.idempotency_key(key).await?,
+                None => start.await?,
+            };
+            println!("{run}");
+        }
+        RunAction::Cancel { run } => {
+            let n = app.cancel_run(run).await?;
+            println!("cancelled {n} run(s)");
+        }
+        RunAction::Retry {
+            run: Some(run),
+            failed: false,
+            ..
+        } => {
+            if app.retry_run(run).await? {
+                println!("run {run} retried");
+            } else {
+                return Err(cairn::Error::InvalidState(format!(
+                    "run {run} has not failed: nothing to retry"
+                )));
+            }
+        }
+        RunAction::Retry {
+            workflow, since, ..
+        } => {
+            let mut filter = RunFilter::default().status(RunStatus::Failed).limit(10_000);
+            if let Some(w) = &workflow {
+                filter = filter.workflow(w);
+            }
+            if let Some(t) = since {
+                filter = filter.since(since_arg(&t)?);
+            }
+            let failed = app.list_runs(filter).await?;
+            let progress = std::io::stderr().is_terminal();
+            let mut retried = 0;
+            for (i, r) in failed.iter().enumerate() {
+                if app.retry_run(r.id).await? {
+                    retried += 1;
+                }
+                if progress {
+                    eprint!("\rretrying: {}/{} ", i + 1, failed.len());
+                    let _ = std::io::stderr().flush();
+                }
+            }
+            if progress {
+                eprintln!();
+            }
+            println!("retried {retried} failed run(s)");
+        }
+        RunAction::Signal { run, name, payload } => {
+            let payload = json_arg("--payload", &payload)?;
+            app.send_signal(run, &name, &payload).await?;
+            println!("signal {name} sent to run {run}");
+        }
+    }
+    Ok(())
 }
 
 async fn schedules(app: &App, action: ScheduleAction) -> cairn::Result<()> {

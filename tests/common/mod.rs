@@ -107,6 +107,21 @@ pub async fn scalar_i64(pool: &PgPool, sql: &'static str) -> i64 {
 pub mod bouncer;
 pub mod cluster;
 
+/// Runs the `cairn` CLI on the test database: (exit code, stdout, stderr).
+pub fn cli(pool: &PgPool, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(args)
+        .env("DATABASE_URL", url_of(pool))
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run the cairn CLI");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The SQLSTATE of a database error.
 pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
     err.as_database_error()

@@ -1,0 +1,254 @@
+//! The `cairn runs` CLI against real runs served by a worker: start (with a
+//! key), list with filters, show with children, history, signal, cancel,
+//! retry one or all failed runs; `--json` output parses; exit codes say what
+//! went wrong.
+
+mod common;
+
+use std::time::Duration;
+
+use cairn::{HandlerError, RunFilter, RunStatus, WorkflowContext};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Runs the CLI and parses its JSON output.
+fn cli_json(pool: &PgPool, args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = common::cli(pool, args);
+    assert_eq!(code, 0, "{args:?}: {out}{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// Runs the CLI, expecting success; its stdout.
+fn cli_ok(pool: &PgPool, args: &[&str]) -> String {
+    let (code, out, err) = common::cli(pool, args);
+    assert_eq!(code, 0, "{args:?}: {out}{err}");
+    out
+}
+
+#[sqlx::test(migrations = false)]
+async fn runs_are_listed_shown_started_signalled_cancelled_and_retried(pool: PgPool) {
+    sqlx::raw_sql("create table gate (open boolean not null); insert into gate values (false)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let app = common::app(&pool).await;
+    app.workflow("greet", |ctx: WorkflowContext, name: String| async move {
+        let text: String = ctx
+            .step("compose", name, |n| async move { Ok(format!("hello {n}")) })
+            .await?;
+        Ok(text)
+    })
+    .unwrap();
+    app.workflow("family", |ctx: WorkflowContext, n: i64| async move {
+        let a: String = ctx.child("greet", &format!("kid {n}")).await?;
+        Ok(a)
+    })
+    .unwrap();
+    let gate = pool.clone();
+    app.workflow("gated", move |ctx: WorkflowContext, n: i64| {
+        let gate = gate.clone();
+        async move {
+            let n: i64 = ctx
+                .step("pass", n, move |n| async move {
+                    let open: bool = sqlx::query_scalar("select open from gate")
+                        .fetch_one(&gate)
+                        .await
+                        .map_err(HandlerError::retryable)?;
+                    if open {
+                        Ok(n)
+                    } else {
+                        Err(HandlerError::fatal("the gate is shut"))
+                    }
+                })
+                .await?;
+            Ok(n)
+        }
+    })
+    .unwrap();
+    app.workflow("waiter", |ctx: WorkflowContext, _: ()| async move {
+        let got: Option<i64> = ctx.wait_for_signal("go", None).await?;
+        Ok(got.unwrap_or(0))
+    })
+    .unwrap();
+    app.initialize().await.unwrap();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(
+        app.worker()
+            .queues(["workflows"])
+            .poll_interval(Duration::from_millis(50))
+            .run_until(stop.clone().cancelled_owned()),
+    );
+
+    // Start, by key: the same key names the same run.
+    let id = cli_ok(
+        &pool,
+        &[
+            "runs", "start", "greet", "--input", r#""ann""#, "--key", "k1",
+        ],
+    );
+    let again = cli_ok(
+        &pool,
+        &[
+            "runs", "start", "greet", "--input", r#""ann""#, "--key", "k1",
+        ],
+    );
+    assert_eq!(id, again);
+    let run: cairn::Uuid = id.trim().parse().unwrap();
+    assert_eq!(app.result::<String>(run).await.unwrap(), "hello ann");
+    let shown = cli_json(&pool, &["runs", "show", id.trim(), "--json"]);
+    assert_eq!(shown["status"], "completed");
+    assert_eq!(shown["input"], "ann");
+    assert_eq!(shown["output"], "hello ann");
+    assert_eq!(shown["idempotency_key"], "k1");
+    assert_eq!(shown["queue"], "workflows");
+    let text = cli_ok(&pool, &["runs", "show", id.trim()]);
+    assert!(
+        text.contains("status") && text.contains("completed"),
+        "{text}"
+    );
+
+    let history = cli_json(&pool, &["runs", "history", id.trim(), "--json"]);
+    let events: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events.first(), Some(&"created"));
+    assert_eq!(events.last(), Some(&"completed"));
+    assert!(events.contains(&"attempt"), "{events:?}");
+
+    // A parent shows its child.
+    let parent = app.start("family", &1).await.unwrap();
+    app.result::<String>(parent).await.unwrap();
+    let shown = cli_json(&pool, &["runs", "show", &parent.to_string(), "--json"]);
+    let child = shown["children"][0].as_str().unwrap().to_owned();
+    let shown_child = cli_json(&pool, &["runs", "show", &child, "--json"]);
+    assert_eq!(shown_child["parent_run"], parent.to_string());
+    assert_eq!(shown_child["output"], "hello kid 1");
+
+    // Filters.
+    let greets = cli_json(&pool, &["runs", "list", "--workflow", "greet", "--json"]);
+    assert_eq!(greets.as_array().unwrap().len(), 2, "{greets}");
+    let recent = cli_json(
+        &pool,
+        &[
+            "runs",
+            "list",
+            "--status",
+            "completed",
+            "--since",
+            "1h",
+            "--json",
+        ],
+    );
+    assert_eq!(recent.as_array().unwrap().len(), 3);
+    let future = cli_json(
+        &pool,
+        &["runs", "list", "--since", "2999-01-01T00:00:00Z", "--json"],
+    );
+    assert_eq!(future.as_array().unwrap().len(), 0);
+    let table = cli_ok(&pool, &["runs", "list"]);
+    assert_eq!(table.lines().count(), 4, "a header and three runs: {table}");
+
+    // Failed runs retried in bulk, once the cause is fixed.
+    let mut gated = Vec::new();
+    for n in 0..3 {
+        gated.push(app.start("gated", &n).await.unwrap());
+    }
+    for &run in &gated {
+        assert!(app.result::<i64>(run).await.is_err());
+    }
+    sqlx::query("update gate set open = true")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let out = cli_ok(&pool, &["runs", "retry", "--failed", "--workflow", "gated"]);
+    assert_eq!(out.trim(), "retried 3 failed run(s)");
+    for (n, &run) in gated.iter().enumerate() {
+        assert_eq!(app.result::<i64>(run).await.unwrap(), n as i64);
+    }
+    let (code, _, err) = common::cli(&pool, &["runs", "retry", &gated[0].to_string()]);
+    assert_eq!(code, 1, "a completed run is not retried: {err}");
+
+    // Signal one waiter, cancel another.
+    let waiting = app.start("waiter", &()).await.unwrap();
+    let doomed = app.start("waiter", &()).await.unwrap();
+    common::wait_for("both waiters to wait", Duration::from_secs(10), || async {
+        app.list_runs(
+            RunFilter::default()
+                .workflow("waiter")
+                .status(RunStatus::Waiting),
+        )
+        .await
+        .unwrap()
+        .len()
+            == 2
+    })
+    .await;
+    cli_ok(
+        &pool,
+        &[
+            "runs",
+            "signal",
+            &waiting.to_string(),
+            "go",
+            "--payload",
+            "5",
+        ],
+    );
+    assert_eq!(app.result::<i64>(waiting).await.unwrap(), 5);
+    let out = cli_ok(&pool, &["runs", "cancel", &doomed.to_string()]);
+    assert_eq!(out.trim(), "cancelled 1 run(s)");
+    assert_eq!(app.run(doomed).await.unwrap().status, RunStatus::Cancelled);
+
+    // Exit codes: 3 for what does not exist, 1 for what is refused, 2 for usage.
+    let ghost = cairn::Uuid::new_v4().to_string();
+    let (code, _, err) = common::cli(&pool, &["runs", "show", &ghost]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("unknown run"), "{err}");
+    let (code, _, err) = common::cli(&pool, &["runs", "list", "--status", "bogus"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown run status"), "{err}");
+    let (code, _, err) = common::cli(&pool, &["runs", "list", "--since", "last tuesday"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--since"), "{err}");
+    let (code, _, err) = common::cli(&pool, &["runs", "start", "greet", "--input", "{nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--input is not JSON"), "{err}");
+    let (code, _, _) = common::cli(&pool, &["runs", "show", "not-a-uuid"]);
+    assert_eq!(code, 2);
+
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+#[sqlx::test(migrations = false)]
+async fn list_runs_and_run_from_rust(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.workflow("noop", |_ctx: WorkflowContext, n: i64| async move { Ok(n) })
+        .unwrap();
+    app.initialize().await.unwrap();
+    let mut runs = Vec::new();
+    for n in 0..5 {
+        runs.push(app.start("noop", &n).await.unwrap());
+    }
+    let listed = app
+        .list_runs(RunFilter::default().workflow("noop").limit(3))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0].id, runs[4], "newest first");
+    assert!(listed.iter().all(|r| r.status == RunStatus::Pending));
+    let detail = app.run(runs[2]).await.unwrap();
+    assert_eq!((detail.input.as_str(), detail.priority), ("2", 0));
+    assert!(detail.children.is_empty() && detail.parent_run.is_none());
+    assert!(matches!(
+        app.run(cairn::Uuid::new_v4()).await,
+        Err(cairn::Error::NotFound(_))
+    ));
+    assert!(matches!(
+        app.list_runs(RunFilter::default().limit(0)).await,
+        Err(cairn::Error::InvalidArgument(_))
+    ));
+}
