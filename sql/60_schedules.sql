@@ -493,6 +493,7 @@ declare
     v cairn.schedules := cairn.lock_schedule(name);
     v_spec cairn.cron_spec := cairn.parse_cron(coalesce(cron, v.cron));
 begin
+    v.cron := btrim(coalesce(cron, v.cron));
     v.timezone := coalesce(timezone, v.timezone);
     perform cairn.check_timezone(v.timezone);
     v.input := coalesce(input, v.input);
@@ -504,7 +505,7 @@ begin
         v.next_fire := cairn.cron_next(v_spec, v.timezone, cairn.now());
     end if;
     update cairn.schedules s
-       set cron = btrim(coalesce(update_schedule.cron, v.cron)), timezone = v.timezone,
+       set cron = v.cron, timezone = v.timezone,
            input = v.input, missed = v.missed, overlap = v.overlap, priority = v.priority,
            next_fire = v.next_fire, updated_at = cairn.now()
      where s.name = update_schedule.name;
@@ -642,7 +643,11 @@ declare
     v_spec  cairn.cron_spec;
     v_out   record;
 begin
-    perform cairn.check_batch(batch, 'batch', 10000);
+    -- Tested inline: this runs every second in every worker, and a call of
+    -- a function with a SET clause costs.
+    if batch is null or batch not between 1 and 10000 then
+        perform cairn.check_batch(batch, 'batch', 10000);
+    end if;
     for v in
         select * from cairn.schedules s
          where not s.paused and s.next_fire <= v_now

@@ -170,6 +170,16 @@ async fn bad_schedules_are_refused_with_the_reason_and_nothing_is_stored(pool: P
             "22023",
             "n must be",
         ),
+        (
+            "select cairn.tick_schedules(0)",
+            "22023",
+            "batch must be between 1 and 10000, got 0",
+        ),
+        (
+            "select cairn.tick_schedules(null)",
+            "22004",
+            "batch must not be NULL",
+        ),
     ];
     for (sql, code, message) in cases {
         let (got_code, got) = refused(&pool, sql).await;
@@ -808,4 +818,56 @@ async fn the_cli_manages_schedules(pool: PgPool) {
     assert_eq!(code, 0);
     let (code, _, err) = common::cli(&pool, &["schedules", "delete", "nightly"]);
     assert!(code == 3 && err.contains("unknown schedule"), "{err}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_tick_that_cannot_fire_is_dropped_with_its_reason_and_blocks_nothing(pool: PgPool) {
+    let app = common::app(&pool).await;
+    register_beat(&app);
+    app.register_workflows().await.unwrap();
+    app.create_queue("doomed").await.unwrap();
+    app.create_schedule(Schedule::queue("orphan", "*/1 * * * *", "doomed"))
+        .await
+        .unwrap();
+    app.create_schedule(Schedule::workflow("healthy", "*/1 * * * *", "beat"))
+        .await
+        .unwrap();
+    // The queue goes away under the schedule.
+    assert!(app.drop_queue("doomed").await.unwrap());
+    advance_clock(&pool, 60.0).await;
+    assert_eq!(
+        app.tick_schedules().await.unwrap(),
+        1,
+        "the healthy one fires"
+    );
+    let infos = app.list_schedules().await.unwrap();
+    let orphan = infos.iter().find(|s| s.name == "orphan").unwrap();
+    let error = orphan.last_error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains(r#"unknown queue "doomed""#) && error.contains("SQLSTATE 42704"),
+        "{error}"
+    );
+    assert_eq!((orphan.fired, orphan.last_fire), (0, None));
+    // The tick was dropped, not retried for ever: the next is a minute on.
+    let now: DateTime<Utc> = sqlx::query_scalar("select cairn.now()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(orphan.next_fire > now);
+    assert_eq!(app.tick_schedules().await.unwrap(), 0);
+    // Once the queue is back, the schedule fires again and the error clears.
+    app.create_queue("doomed").await.unwrap();
+    advance_clock(&pool, 60.0).await;
+    assert_eq!(app.tick_schedules().await.unwrap(), 2);
+    let infos = app.list_schedules().await.unwrap();
+    let orphan = infos.iter().find(|s| s.name == "orphan").unwrap();
+    assert_eq!((orphan.fired, orphan.last_error.as_deref()), (1, None));
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from cairn.jobs where task = 'doomed'"
+        )
+        .await,
+        1
+    );
 }
