@@ -25,10 +25,13 @@
 -- in this order, and no function waits for a lock of an earlier rank while
 -- holding one of a later rank:
 --   0. a schedules row (60_schedules.sql: a tick, or a change of one
---      schedule) or the retention row (50_retention.sql: a prune); never
+--      schedule), the retention row (50_retention.sql: a prune) or a flows
+--      row (70_flows.sql: a new version); never
 --      waited for while a lock of a later rank is held.
 --   1. runs rows: ancestors before descendants (by depth, then id), so a
---      run's parent before the run (lock_runs). Changes of a run's state
+--      run's parent before the run; lock_runs takes a run with all its
+--      ancestors (a flow step's end may end its run and, through its
+--      parent's step, the runs above it). Changes of a run's state
 --      take FOR NO KEY UPDATE; a step's begin and a flush of finished steps
 --      take FOR SHARE, so the steps of one run begin together but never
 --      while its state changes (a cancel waits for them, they wait for it).
@@ -70,8 +73,28 @@ begin
     end if;
 end $$;
 
--- Internal: lock runs and their parents FOR NO KEY UPDATE, ancestors first
--- (by depth, then id): rank 1 of the lock order. Returns the runs locked.
+-- Internal: a run's ancestors, its parent first.
+create or replace function cairn.run_ancestors(run_id uuid)
+returns uuid[]
+language sql stable
+set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
+as $$
+    with recursive up(id, n) as (
+        select r.parent_run, 1 from cairn.runs r
+         where r.id = run_ancestors.run_id and r.parent_run is not null
+        union all
+        select r.parent_run, up.n + 1 from up join cairn.runs r on r.id = up.id
+         where r.parent_run is not null
+    )
+    select coalesce(array_agg(up.id order by up.n), '{}') from up
+$$;
+
+-- Internal: lock runs and all their ancestors FOR NO KEY UPDATE, ancestors
+-- first (by depth, then id): rank 1 of the lock order. All of them, not
+-- only the parents: a flow's step that ends may end its run, which settles
+-- its parent's step, which may end the parent, and so on up. Returns the
+-- runs locked.
 create or replace function cairn.lock_runs(ids uuid[])
 returns setof uuid
 language plpgsql volatile
@@ -82,20 +105,23 @@ declare
     v_parent uuid;
 begin
     if cardinality(ids) = 1 then
-        -- The common case: one run, and its parent if it has one.
+        -- The common case: one run, and its parent if it is a root.
         select r.parent_run into v_parent from cairn.runs r where r.id = ids[1];
-        return query
-        select r.id from cairn.runs r
-         where r.id = ids[1] or r.id = v_parent
-         order by r.id = ids[1], r.id
-           for no key update;
-        return;
+        if v_parent is null
+           or not exists (select from cairn.runs p where p.id = v_parent and p.parent_run is not null) then
+            return query
+            select r.id from cairn.runs r
+             where r.id = ids[1] or r.id = v_parent
+             order by r.id = ids[1], r.id
+               for no key update;
+            return;
+        end if;
     end if;
     return query
     with recursive targets(id) as (
         select unnest(ids)
         union
-        select r.parent_run from cairn.runs r where r.id = any (ids) and r.parent_run is not null
+        select r.parent_run from cairn.runs r join targets t on t.id = r.id where r.parent_run is not null
     ), up(id, ancestor) as (
         select r.id, r.parent_run from cairn.runs r join targets t on t.id = r.id
         union all
@@ -243,7 +269,7 @@ begin
 end $$;
 
 -- Internal: a child run or a step job ended: record the outcome in the step
--- `key` that waits for it, and wake the run. The caller holds the run and
+-- `key` that waits for it, and wake the run (a flow run moves on instead). The caller holds the run and
 -- its job. A step that no longer waits (the run was retried, cancelled) is
 -- left as it is.
 create or replace function cairn.settle_step(
@@ -275,7 +301,14 @@ begin
         values (settle_step.run_id, v_started, v_now, 'attempt', settle_step.key, v_attempt,
                 'failed', left(settle_step.error, 4096));
     end if;
-    perform cairn.wake_run(settle_step.run_id);
+    if exists (select from cairn.runs r
+                where r.id = settle_step.run_id and r.flow_version is not null) then
+        -- A flow run has no job to wake: the database moves it on.
+        perform cairn.flow_step_settled(settle_step.run_id, settle_step.key, settle_step.status,
+                                        settle_step.error);
+    else
+        perform cairn.wake_run(settle_step.run_id);
+    end if;
 end $$;
 
 -- Internal: the run ends as `status` (completed, failed or cancelled). The
@@ -297,16 +330,18 @@ as $$
 declare
     v_now    timestamptz := cairn.now();
     v_run    record;
-    v_parent bigint;
 begin
     select r.job_id, r.parent_run, r.parent_step into v_run
       from cairn.runs r where r.id = finish_run.run_id;
     if v_run.parent_run is not null then
-        select r.job_id into v_parent from cairn.runs r where r.id = v_run.parent_run;
-    end if;
-    if v_parent is not null then
-        -- Two jobs: lock them in id order (rank 2).
-        perform 1 from cairn.jobs j where j.id in (v_run.job_id, v_parent) order by j.id for update;
+        -- The run's job and its ancestors' jobs (the parent is woken, and a
+        -- flow parent may end and wake its own), in id order (rank 2).
+        perform 1 from cairn.jobs j
+         where j.id = v_run.job_id
+            or j.id in (select r.job_id from cairn.runs r
+                         where r.id = any (cairn.run_ancestors(finish_run.run_id)))
+         order by j.id
+           for update;
     end if;
     update cairn.runs r
        set status = finish_run.status, output = finish_run.output,

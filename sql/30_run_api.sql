@@ -6,6 +6,67 @@
 -- retry_run. See 90_grants.sql. The engine's protocols (and the lock order
 -- every function here keeps) are in 20_run_engine.sql.
 
+-- Internal: the checks every start makes of its arguments.
+create or replace function cairn.check_start(input jsonb, priority integer, delay double precision,
+                                             traceparent text, conflict text, idempotency_key text)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform cairn.check_payload(input, 'input');
+    perform cairn.check_seconds(delay, 'delay', 0, 315360000);
+    perform cairn.check_not_null(priority, 'priority');
+    perform cairn.check_priority(priority);
+    perform cairn.check_traceparent(traceparent);
+    perform cairn.check_not_null(conflict, 'conflict');
+    if conflict not in ('reject', 'return') then
+        raise exception 'cairn: conflict must be ''reject'' or ''return'', got %', quote_literal(conflict)
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if idempotency_key is not null and length(idempotency_key) not between 1 and 512 then
+        raise exception 'cairn: idempotency key must be 1 to 512 characters'
+            using errcode = 'invalid_parameter_value';
+    end if;
+end $$;
+
+-- Internal: a start found its idempotency key taken (maybe by a concurrent
+-- start): the run it names if this start is a retry of that one (same
+-- input, queue and priority) or conflict is 'return'; 23505 otherwise.
+-- `queue_id` NULL: not compared (a flow's queue is its definition's).
+create or replace function cairn.existing_run(workflow text, idempotency_key text, input jsonb,
+                                              queue_id integer, priority integer, conflict text)
+returns uuid
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_old  record;
+    v_diff text[];
+begin
+    select r.id, r.input, r.queue_id, r.priority into v_old
+      from cairn.runs r
+     where r.workflow = existing_run.workflow and r.idempotency_key = existing_run.idempotency_key;
+    if conflict = 'return' then
+        return v_old.id;
+    end if;
+    v_diff := array_remove(array[
+        case when v_old.input is distinct from existing_run.input then 'input' end,
+        case when existing_run.queue_id is not null
+              and v_old.queue_id is distinct from existing_run.queue_id then 'queue' end,
+        case when v_old.priority is distinct from existing_run.priority then 'priority' end], null);
+    if cardinality(v_diff) = 0 then
+        return v_old.id;
+    end if;
+    raise exception 'cairn: idempotency key "%" of workflow % already names run %, started with another %',
+                    idempotency_key, workflow, v_old.id, array_to_string(v_diff, ', ')
+        using errcode = 'unique_violation',
+              detail = format('run %s differs in: %s', v_old.id, array_to_string(v_diff, ', ')),
+              hint = 'use a new key for a new run, or pass conflict => ''return'' to get the existing run whatever its input';
+end $$;
+
+-- Starts a code-first workflow's run, or a flow's (see start_flow).
 create or replace function cairn.start_workflow(
     workflow        text,
     input           jsonb,
@@ -24,62 +85,36 @@ declare
     v_now timestamptz := cairn.now();
     v_qid integer;
     v_run uuid;
-    v_old record;
-    v_diff text[];
 begin
     perform cairn.check_not_null(workflow, 'workflow name');
     select w.queue_id into v_qid from cairn.workflows w where w.name = start_workflow.workflow;
     if not found then
+        if exists (select from cairn.flows f where f.name = start_workflow.workflow) then
+            if queue is not null then
+                raise exception 'cairn: "%" is a flow: its steps go to the queues its definition names', workflow
+                    using errcode = 'invalid_parameter_value', hint = 'start it without a queue';
+            end if;
+            return cairn.start_flow(workflow, input, idempotency_key, priority, delay, traceparent,
+                                    conflict);
+        end if;
         perform cairn.check_task_name(workflow);
         raise exception 'cairn: unknown workflow "%"', workflow
             using errcode = 'undefined_object',
-                  hint = 'a workflow is known once it is registered: by App::initialize or a worker of an app that defines it, or by select cairn.register_workflow(name, queue)';
+                  hint = 'a workflow is known once it is registered: by App::initialize or a worker of an app that defines it, or by select cairn.register_workflow(name, queue); a flow once it is stored with cairn.create_flow';
     end if;
-    perform cairn.check_payload(input, 'input');
-    perform cairn.check_seconds(delay, 'delay', 0, 315360000);
-    perform cairn.check_not_null(priority, 'priority');
-    perform cairn.check_priority(priority);
-    perform cairn.check_traceparent(traceparent);
-    perform cairn.check_not_null(conflict, 'conflict');
-    if conflict not in ('reject', 'return') then
-        raise exception 'cairn: conflict must be ''reject'' or ''return'', got %', quote_literal(conflict)
-            using errcode = 'invalid_parameter_value';
-    end if;
+    perform cairn.check_start(input, priority, delay, traceparent, conflict, idempotency_key);
     if queue is not null then
         v_qid := cairn.queue_id(queue);
     end if;
-    if idempotency_key is not null and length(idempotency_key) not between 1 and 512 then
-        raise exception 'cairn: idempotency key must be 1 to 512 characters'
-            using errcode = 'invalid_parameter_value';
-    end if;
-
     v_run := cairn.create_run(workflow, v_qid, input, idempotency_key, priority,
                               v_now + make_interval(secs => delay), traceparent, null, null);
     if v_run is not null then
         return v_run;
     end if;
-    -- The key names a run already (maybe one a concurrent start just made).
-    select r.id, r.input, r.queue_id, r.priority into v_old
-      from cairn.runs r
-     where r.workflow = start_workflow.workflow and r.idempotency_key = start_workflow.idempotency_key;
-    if conflict = 'return' then
-        return v_old.id;
-    end if;
-    v_diff := array_remove(array[
-        case when v_old.input is distinct from start_workflow.input then 'input' end,
-        case when v_old.queue_id is distinct from v_qid then 'queue' end,
-        case when v_old.priority is distinct from start_workflow.priority then 'priority' end], null);
-    if cardinality(v_diff) = 0 then
-        return v_old.id;
-    end if;
-    raise exception 'cairn: idempotency key "%" of workflow % already names run %, started with another %',
-                    idempotency_key, workflow, v_old.id, array_to_string(v_diff, ', ')
-        using errcode = 'unique_violation',
-              detail = format('run %s differs in: %s', v_old.id, array_to_string(v_diff, ', ')),
-              hint = 'use a new key for a new run, or pass conflict => ''return'' to get the existing run whatever its input';
+    return cairn.existing_run(workflow, idempotency_key, input, v_qid, priority, conflict);
 end $$;
 comment on function cairn.start_workflow(text, jsonb, text, text, integer, double precision, text, text) is
-    'Start a run; returns its id. An idempotency key names one run per workflow: starting again with the same input, queue and priority returns that run; with others it is refused (23505) unless conflict => ''return''.';
+    'Start a run of a workflow or a flow; returns its id. An idempotency key names one run per workflow: starting again with the same input, queue and priority returns that run; with others it is refused (23505) unless conflict => ''return''.';
 
 create or replace function cairn.send_signal(run_id uuid, name text, payload jsonb default 'null')
 returns bigint
@@ -90,6 +125,7 @@ as $$
 declare
     v_now    timestamptz := cairn.now();
     v_status text;
+    v_flow   integer;
     v_id     bigint;
 begin
     perform cairn.check_not_null(run_id, 'run id');
@@ -99,7 +135,12 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
     perform cairn.check_payload(payload, 'signal payload');
-    -- Lock order: the run (rank 1), then its job in wake_run (rank 2).
+    -- Lock order: the run (rank 1; a flow run with its ancestors, since the
+    -- signal may end it), then its job in wake_run (rank 2).
+    select r.flow_version into v_flow from cairn.runs r where r.id = send_signal.run_id;
+    if v_flow is not null then
+        perform from cairn.lock_runs(array[run_id]);
+    end if;
     select r.status into v_status from cairn.runs r where r.id = send_signal.run_id
        for no key update;
     if not found then
@@ -115,7 +156,11 @@ begin
     insert into cairn.run_events (run_id, at, event, detail)
     values (send_signal.run_id, v_now, 'signal',
             jsonb_build_object('name', send_signal.name, 'signal_id', v_id));
-    perform cairn.wake_run(send_signal.run_id);
+    if v_flow is not null then
+        perform cairn.flow_signal(send_signal.run_id, send_signal.name);
+    else
+        perform cairn.wake_run(send_signal.run_id);
+    end if;
     return v_id;
 end $$;
 comment on function cairn.send_signal(uuid, text, jsonb) is
@@ -140,7 +185,6 @@ declare
     v_next   uuid[];
     v_tree   uuid[] := array[run_id];
     v_live   uuid[];
-    v_pjob   bigint;
 begin
     perform cairn.check_not_null(run_id, 'run id');
     select r.parent_run, r.parent_step into v_parent from cairn.runs r where r.id = cancel_run.run_id;
@@ -162,13 +206,11 @@ begin
     if v_live is null then
         return 0;
     end if;
-    if v_parent.parent_run is not null then
-        select r.job_id into v_pjob from cairn.runs r where r.id = v_parent.parent_run;
-    end if;
     perform 1 from cairn.jobs j
      where j.id in (select r.job_id from cairn.runs r where r.id = any (v_live))
         or j.parent_run = any (v_live)
-        or j.id = v_pjob
+        or j.id in (select r.job_id from cairn.runs r
+                     where r.id = any (cairn.run_ancestors(cancel_run.run_id)))
      order by j.id
        for update;
 
@@ -226,13 +268,25 @@ declare
 begin
     perform cairn.check_not_null(run_id, 'run id');
     perform from cairn.lock_runs(array[run_id]);
-    select r.status, r.job_id, r.queue_id, r.workflow, r.priority, r.traceparent into v_run
+    select r.status, r.job_id, r.queue_id, r.workflow, r.priority, r.traceparent, r.flow_version into v_run
       from cairn.runs r where r.id = retry_run.run_id;
     if not found then
         raise exception 'cairn: unknown run %', run_id using errcode = 'undefined_object';
     end if;
     if v_run.status <> 'failed' then
         return false;
+    end if;
+    if v_run.flow_version is not null then
+        -- No job drives a flow run: its failed steps (and failed elements
+        -- of maps) start again; completed ones are kept.
+        delete from cairn.steps s where s.run_id = retry_run.run_id and s.status = 'failed';
+        update cairn.runs r
+           set status = 'running', error = null, finished_at = null, wake_at = null,
+               wake_pending = false, updated_at = v_now
+         where r.id = retry_run.run_id;
+        insert into cairn.run_events (run_id, at, event) values (retry_run.run_id, v_now, 'retried');
+        perform cairn.advance_flow(retry_run.run_id);
+        return true;
     end if;
     perform 1 from cairn.jobs j where j.id = v_run.job_id for update;
     delete from cairn.jobs j where j.id = v_run.job_id;

@@ -27,6 +27,14 @@ as $$
 begin
     perform cairn.check_not_null(workflow, 'workflow name');
     perform cairn.check_task_name(workflow);
+    if exists (select from cairn.flows f where f.name = register_workflow.workflow) then
+        raise exception 'cairn: "%" is a flow; a code-first workflow needs another name', workflow
+            using errcode = 'duplicate_object';
+    end if;
+    if exists (select from cairn.step_handlers h where h.name = register_workflow.workflow) then
+        raise exception 'cairn: "%" is a step handler; a workflow needs another name', workflow
+            using errcode = 'duplicate_object';
+    end if;
     insert into cairn.workflows (name, queue_id)
     values (register_workflow.workflow, cairn.queue_id(queue))
     on conflict (name) do update set queue_id = excluded.queue_id, registered_at = pg_catalog.now();

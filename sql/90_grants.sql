@@ -5,15 +5,16 @@
 -- login role membership of the one it needs:
 --   cairn_producer  send, send_batch, metrics, start_workflow, send_signal,
 --                   run_status, get_run, list_runs, run_steps, run_history,
---                   list_schedules, next_fires
+--                   list_schedules, next_fires, start_flow, list_flows,
+--                   plan_flow, export_flow(s)
 --   cairn_worker    producer + claim/read/pop, the fenced ack/archive/retry/
 --                   fail/extend/set_vt/release, create_queue, and the run
 --                   engine's worker calls (40_worker.sql), prune,
---                   tick_schedules
+--                   tick_schedules, register_step_handler
 --   cairn_admin     worker + drop_queue, purge_queue, delete, requeue,
 --                   cancel_run, retry_run, set_retention, create_,
 --                   update_, pause_, resume_, trigger_ and delete_schedule,
---                   and SELECT on the tables
+--                   create_flow, compose_flow, and SELECT on the tables
 -- The engine's internal functions (00_base.sql checks, 20_run_engine.sql)
 -- are granted to no one: only cairn's SECURITY DEFINER functions call them.
 -- Every install starts from nothing: whatever was granted on cairn's objects
@@ -90,7 +91,13 @@ declare
         'cairn.run_steps(uuid)',
         'cairn.run_history(uuid)',
         'cairn.list_schedules()',
-        'cairn.next_fires(text, text, integer, timestamptz)'];
+        'cairn.next_fires(text, text, integer, timestamptz)',
+        'cairn.start_flow(text, jsonb, text, integer, double precision, text, text)',
+        'cairn.list_flows()',
+        'cairn.plan_flow(jsonb)',
+        'cairn.plan_flow(text, integer)',
+        'cairn.export_flow(text)',
+        'cairn.export_flows()'];
     v_worker constant text[] := v_producer || array[
         'cairn.create_queue(text)',
         'cairn.claim(text, double precision, integer, text[])',
@@ -118,7 +125,8 @@ declare
         'cairn.complete_run(uuid, bigint, bigint, jsonb, jsonb)',
         'cairn.fail_run(uuid, bigint, bigint, jsonb, text)',
         'cairn.prune(integer)',
-        'cairn.tick_schedules(integer)'];
+        'cairn.tick_schedules(integer)',
+        'cairn.register_step_handler(text)'];
     v_admin constant text[] := v_worker || array[
         'cairn.drop_queue(text)',
         'cairn.purge_queue(text)',
@@ -132,7 +140,9 @@ declare
         'cairn.pause_schedule(text)',
         'cairn.resume_schedule(text)',
         'cairn.delete_schedule(text)',
-        'cairn.trigger_schedule(text)'];
+        'cairn.trigger_schedule(text)',
+        'cairn.create_flow(text, jsonb)',
+        'cairn.compose_flow(text, text[], text)'];
     v_grant record;
 begin
     for v_grant in

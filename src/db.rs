@@ -13,6 +13,7 @@ use sqlx::PgExecutor;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 
 use crate::error::{DbContext, Result};
+use crate::flow::PlannedStep;
 use crate::pooler::Db;
 use crate::queue::QueueMetrics;
 use crate::retention::{Pruned, Retention};
@@ -917,4 +918,73 @@ pub(crate) async fn tick_schedules(db: impl PgExecutor<'_>, batch: u32) -> Resul
         .await
         .db("firing due schedules")?;
     Ok(u32::try_from(fired).unwrap_or(0))
+}
+
+// ---- flows ---------------------------------------------------------------
+
+pub(crate) async fn register_step_handler(db: impl PgExecutor<'_>, name: &str) -> Result<()> {
+    sqlx::query("select cairn.register_step_handler($1)")
+        .bind(name)
+        .execute(db)
+        .await
+        .db("registering a step handler")?;
+    Ok(())
+}
+
+pub(crate) async fn create_flow(
+    db: impl PgExecutor<'_>,
+    name: &str,
+    definition: &serde_json::Value,
+) -> Result<i32> {
+    sqlx::query_scalar("select cairn.create_flow($1, $2::jsonb)")
+        .bind(name)
+        .bind(definition.to_string())
+        .fetch_one(db)
+        .await
+        .db("storing a flow")
+}
+
+/// A row of `cairn.plan_flow`.
+#[derive(sqlx::FromRow)]
+struct PlanRow {
+    stage: i32,
+    step: String,
+    kind: String,
+    target: String,
+    after: Vec<String>,
+    condition: Option<String>,
+    fan_out: Option<String>,
+    loop_to: Option<String>,
+}
+
+pub(crate) async fn plan_flow(db: impl PgExecutor<'_>, flow: &str) -> Result<Vec<PlannedStep>> {
+    let rows: Vec<PlanRow> = sqlx::query_as(
+        "select stage, step, kind, target, after, condition, fan_out, loop_to \
+         from cairn.plan_flow($1::text)",
+    )
+    .bind(flow)
+    .fetch_all(db)
+    .await
+    .db("planning a flow")?;
+    Ok(rows
+        .into_iter()
+        .map(|r| PlannedStep {
+            stage: u32::try_from(r.stage).unwrap_or(0),
+            step: r.step,
+            kind: r.kind,
+            target: r.target,
+            after: r.after,
+            condition: r.condition,
+            fan_out: r.fan_out,
+            loop_to: r.loop_to,
+        })
+        .collect())
+}
+
+pub(crate) async fn export_flow(db: impl PgExecutor<'_>, flow: &str) -> Result<String> {
+    sqlx::query_scalar("select cairn.export_flow($1)")
+        .bind(flow)
+        .fetch_one(db)
+        .await
+        .db("exporting a flow")
 }

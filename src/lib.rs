@@ -61,6 +61,7 @@
 mod app;
 mod db;
 mod error;
+mod flow;
 mod json;
 mod migrate;
 #[cfg(feature = "otel")]
@@ -80,6 +81,7 @@ mod workflow;
 
 pub use app::{App, AppBuilder, Call, Enqueue, EnqueueBatch, OnConflict, Start};
 pub use error::{Error, HandlerError, HandlerErrorKind, Result, ResultExt, StepError};
+pub use flow::{Flow, PlannedStep};
 pub use migrate::{MigrationReport, latest_version};
 pub use plugin::{
     FailureInfo, LoggingPlugin, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent,
@@ -97,8 +99,8 @@ pub use workflow::{Step, WORKFLOW_QUEUE, WorkflowContext, WorkflowOptions};
 /// The names most programs need: `use cairn::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        App, Backoff, HandlerError, JobContext, ResultExt, RetryPolicy, RunStatus, StepError, Task,
-        WorkflowContext, WorkflowOptions,
+        App, Backoff, Flow, HandlerError, JobContext, ResultExt, RetryPolicy, RunStatus, StepError,
+        Task, WorkflowContext, WorkflowOptions,
     };
 }
 

@@ -57,6 +57,11 @@ const MIGRATIONS: &[Script] = &[
         name: "0006_schedules.sql",
         sql: include_str!("../migrations/0006_schedules.sql"),
     },
+    Script {
+        version: 7,
+        name: "0007_flows.sql",
+        sql: include_str!("../migrations/0007_flows.sql"),
+    },
 ];
 
 const FUNCTIONS: &[&str] = &[
@@ -67,6 +72,7 @@ const FUNCTIONS: &[&str] = &[
     include_str!("../sql/40_worker.sql"),
     include_str!("../sql/50_retention.sql"),
     include_str!("../sql/60_schedules.sql"),
+    include_str!("../sql/70_flows.sql"),
     // Last: install_functions finds stale functions before it grants.
     include_str!("../sql/90_grants.sql"),
 ];

@@ -6,6 +6,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use crate::BoxFuture;
 use crate::error::{Error, HandlerError, Result};
 use crate::queue::validate_queue_name;
@@ -23,6 +26,9 @@ type ErasedHandler = dyn Fn(String, JobContext, bool) -> BoxFuture<'static, Resu
 /// What runs a job of a registered name.
 pub(crate) enum Handler {
     Task(Arc<ErasedHandler>),
+    /// A flow's step handler: served on every queue (a flow names the
+    /// queue), its payload wrapped in the flow's envelope.
+    Step(Arc<ErasedHandler>),
     Workflow(Arc<WorkflowDef>),
 }
 
@@ -70,26 +76,6 @@ impl Registry {
     {
         validate_queue_name(T::QUEUE)?;
         self.check_new(T::NAME)?;
-        let handler = Arc::new(handler);
-        let erased: Arc<ErasedHandler> =
-            Arc::new(move |payload: String, ctx: JobContext, want: bool| {
-                let handler = Arc::clone(&handler);
-                Box::pin(async move {
-                    let args: T = serde_json::from_str(&payload).map_err(|e| {
-                        HandlerError::fatal(format!(
-                            "payload does not deserialize into {}: {e}",
-                            std::any::type_name::<T>()
-                        ))
-                    })?;
-                    let output = handler(args, ctx).await?;
-                    if !T::ARCHIVE && !want {
-                        return Ok(None);
-                    }
-                    serde_json::to_string(&output).map(Some).map_err(|e| {
-                        HandlerError::fatal(format!("cannot serialize the output: {e}"))
-                    })
-                }) as BoxFuture<'static, _>
-            });
         self.tasks.insert(
             T::NAME.to_owned(),
             Arc::new(Registration {
@@ -97,7 +83,33 @@ impl Registry {
                 queue: T::QUEUE.to_owned(),
                 policy: T::retry_policy(),
                 archive: T::ARCHIVE,
-                handler: Handler::Task(erased),
+                handler: Handler::Task(erase(handler, T::ARCHIVE)),
+            }),
+        );
+        Ok(())
+    }
+
+    pub fn register_step<I, O, F, Fut>(
+        &mut self,
+        name: &str,
+        policy: RetryPolicy,
+        handler: F,
+    ) -> Result<()>
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(I, JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
+    {
+        self.check_new(name)?;
+        self.tasks.insert(
+            name.to_owned(),
+            Arc::new(Registration {
+                name: name.to_owned(),
+                queue: String::new(),
+                policy,
+                archive: false,
+                handler: Handler::Step(erase(handler, false)),
             }),
         );
         Ok(())
@@ -129,14 +141,27 @@ impl Registry {
         Ok(())
     }
 
-    /// What a worker serving `queue` can run: the tasks sent there, and every
-    /// workflow (a run may be started on any queue).
+    /// What a worker serving `queue` can run: the tasks sent there, every
+    /// workflow (a run may be started on any queue) and every step handler
+    /// (a flow names the queues of its steps).
     pub fn for_queue(&self, queue: &str) -> Vec<Arc<Registration>> {
         self.tasks
             .values()
-            .filter(|r| r.queue == queue || matches!(r.handler, Handler::Workflow(_)))
+            .filter(|r| r.queue == queue || !matches!(r.handler, Handler::Task(_)))
             .cloned()
             .collect()
+    }
+
+    /// The names of every registered step handler.
+    pub fn step_handlers(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|r| matches!(r.handler, Handler::Step(_)))
+            .map(|r| r.name.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// Whether `name` is a registered workflow.
@@ -154,4 +179,34 @@ impl Registry {
             .cloned()
             .collect()
     }
+}
+
+/// Erases a typed handler: JSON text in, JSON text out (when `keep`, or
+/// when the caller wants the output).
+fn erase<I, O, F, Fut>(handler: F, keep: bool) -> Arc<ErasedHandler>
+where
+    I: DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+    F: Fn(I, JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    Arc::new(move |payload: String, ctx: JobContext, want: bool| {
+        let handler = Arc::clone(&handler);
+        Box::pin(async move {
+            let args: I = serde_json::from_str(&payload).map_err(|e| {
+                HandlerError::fatal(format!(
+                    "payload does not deserialize into {}: {e}",
+                    std::any::type_name::<I>()
+                ))
+            })?;
+            let output = handler(args, ctx).await?;
+            if !keep && !want {
+                return Ok(None);
+            }
+            serde_json::to_string(&output)
+                .map(Some)
+                .map_err(|e| HandlerError::fatal(format!("cannot serialize the output: {e}")))
+        }) as BoxFuture<'static, _>
+    })
 }

@@ -154,6 +154,8 @@ pub(crate) enum StepStatus {
     Retrying,
     /// Waits for a timer, a signal, a child run or a step job.
     Waiting,
+    /// A flow's step whose condition did not hold.
+    Skipped,
 }
 
 /// What a durable call was, as `cairn.steps.kind` stores it. The worker
@@ -173,17 +175,20 @@ pub(crate) enum StepKind {
     Value,
     /// `ctx.child`.
     Child,
-    /// `ctx.task`.
+    /// `ctx.task`, or a flow's handler step.
     Task,
+    /// A flow's fan-out (`map`).
+    Map,
 }
 
 impl StepStatus {
-    pub(crate) const ALL: [StepStatus; 5] = [
+    pub(crate) const ALL: [StepStatus; 6] = [
         StepStatus::Running,
         StepStatus::Completed,
         StepStatus::Failed,
         StepStatus::Retrying,
         StepStatus::Waiting,
+        StepStatus::Skipped,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -193,6 +198,7 @@ impl StepStatus {
             StepStatus::Failed => "failed",
             StepStatus::Retrying => "retrying",
             StepStatus::Waiting => "waiting",
+            StepStatus::Skipped => "skipped",
         }
     }
 
@@ -203,13 +209,14 @@ impl StepStatus {
 
 #[cfg_attr(not(test), allow(dead_code))]
 impl StepKind {
-    pub(crate) const ALL: [StepKind; 6] = [
+    pub(crate) const ALL: [StepKind; 7] = [
         StepKind::Step,
         StepKind::Sleep,
         StepKind::Signal,
         StepKind::Value,
         StepKind::Child,
         StepKind::Task,
+        StepKind::Map,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -220,6 +227,7 @@ impl StepKind {
             StepKind::Value => "value",
             StepKind::Child => "child",
             StepKind::Task => "task",
+            StepKind::Map => "map",
         }
     }
 }

@@ -50,16 +50,6 @@ impl Task for Sweep {
     type Output = String;
 }
 
-/// Runs a statement that must fail; returns (SQLSTATE, message).
-async fn refused(pool: &PgPool, sql: &str) -> (String, String) {
-    let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-        .execute(pool)
-        .await
-        .expect_err(sql);
-    let code = common::sqlstate(&err).unwrap_or_default();
-    (code, err.as_database_error().unwrap().message().to_owned())
-}
-
 #[sqlx::test(migrations = false)]
 async fn bad_schedules_are_refused_with_the_reason_and_nothing_is_stored(pool: PgPool) {
     let app = common::app(&pool).await;
@@ -182,7 +172,7 @@ async fn bad_schedules_are_refused_with_the_reason_and_nothing_is_stored(pool: P
         ),
     ];
     for (sql, code, message) in cases {
-        let (got_code, got) = refused(&pool, sql).await;
+        let (got_code, got) = common::refused(&pool, sql).await;
         assert_eq!(got_code, code, "{sql}: {got}");
         assert!(got.contains(message), "{sql}: {got:?} lacks {message:?}");
     }
@@ -711,9 +701,10 @@ async fn roles_producers_read_workers_tick_admins_manage(pool: PgPool) {
     let admin = common::Login::create(&pool, "cairn_admin", "sched_a").await;
     let create = "select cairn.create_schedule('beats', '@hourly', workflow => 'beat')";
     for login in [&producer, &worker] {
-        let (code, _) = refused(&login.pool, create).await;
+        let (code, _) = common::refused(&login.pool, create).await;
         assert_eq!(code, "42501", "{}", login.name);
-        let (code, _) = refused(&login.pool, "select cairn.trigger_schedule('beats')").await;
+        let (code, _) =
+            common::refused(&login.pool, "select cairn.trigger_schedule('beats')").await;
         assert_eq!(code, "42501");
     }
     sqlx::raw_sql(create).execute(&admin.pool).await.unwrap();
@@ -728,7 +719,7 @@ async fn roles_producers_read_workers_tick_admins_manage(pool: PgPool) {
             .await
             .unwrap();
     }
-    let (code, _) = refused(&producer.pool, "select cairn.tick_schedules()").await;
+    let (code, _) = common::refused(&producer.pool, "select cairn.tick_schedules()").await;
     assert_eq!(code, "42501");
     advance_clock(&pool, 3600.0).await;
     let fired: i32 = sqlx::query_scalar("select cairn.tick_schedules()")
@@ -737,7 +728,8 @@ async fn roles_producers_read_workers_tick_admins_manage(pool: PgPool) {
         .unwrap();
     assert_eq!(fired, 1);
     // Nobody but the owner touches the table itself (admins may read it).
-    let (code, _) = refused(&admin.pool, "update cairn.schedules set next_fire = now()").await;
+    let (code, _) =
+        common::refused(&admin.pool, "update cairn.schedules set next_fire = now()").await;
     assert_eq!(code, "42501");
     for login in [producer, worker, admin] {
         login.drop(&pool).await;

@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example bench -- queue [--long]
 //! cargo run --release --example bench -- workflow
+//! cargo run --release --example bench -- flow
 //! cargo run --release --example bench -- otel
 //! cargo run --release --example bench -- scale
 //! cargo run --release --example bench -- soak
@@ -18,6 +19,7 @@
 //! the soak (1,000,000 jobs at full speed, table sizes sampled), which
 //! `soak` runs alone. `scale` drains with 1, 2 and 4 worker processes.
 
+mod flow;
 mod otel;
 mod peer;
 mod queue;
@@ -56,11 +58,12 @@ async fn main() -> Result<(), BoxError> {
     let result = match what.as_str() {
         "queue" => queue::run(&url, long).await,
         "workflow" => workflow::run(&url).await,
+        "flow" => flow::run(&url).await,
         "otel" => otel::run(&url).await,
         "scale" => scale::run(&url).await,
         "soak" => queue::run_soak(&url).await,
         other => Err(format!(
-            "unknown benchmark {other:?}; try: queue, workflow, otel, scale, soak"
+            "unknown benchmark {other:?}; try: queue, workflow, flow, otel, scale, soak"
         )
         .into()),
     };

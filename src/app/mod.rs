@@ -5,6 +5,7 @@
 mod call;
 mod ended;
 mod enqueue;
+mod flows;
 mod schedules;
 mod start;
 
@@ -49,6 +50,8 @@ struct Inner {
     plugins: PluginList,
     /// Workflows this app has announced to the database.
     announced: Mutex<HashSet<String>>,
+    /// Flows to store at `initialize`.
+    flows: Mutex<Vec<crate::flow::Flow>>,
     /// Wakes `result` when a run ends.
     ended: Arc<ended::RunEnded>,
 }
@@ -129,6 +132,7 @@ impl AppBuilder {
                 registry: Handlers::default(),
                 plugins: PluginList::default(),
                 announced: Mutex::new(HashSet::new()),
+                flows: Mutex::default(),
                 ended: Arc::default(),
             }),
         })
@@ -151,9 +155,9 @@ impl App {
         &self.inner.db
     }
 
-    /// Creates or upgrades schema `cairn`, and announces the workflows
-    /// registered so far (so producers can start them before any worker
-    /// has run). Safe to call from many processes at once (they serialize
+    /// Creates or upgrades schema `cairn`, announces the workflows and step
+    /// handlers registered so far (so producers can start them before any
+    /// worker has run), and stores the flows added with [`flow`](Self::flow). Safe to call from many processes at once (they serialize
     /// on an advisory lock), a no-op when current.
     ///
     /// It refuses a schema `cairn` that another role owns or has put
@@ -177,6 +181,7 @@ impl App {
             migrate::run(&mut conn).await?
         };
         self.register_workflows().await?;
+        self.register_flows().await?;
         Ok(report)
     }
 

@@ -18,7 +18,7 @@ use crate::error::{HandlerError, panic_message};
 use crate::json;
 use crate::plugin::{FailureInfo, TaskEvent};
 use crate::registry::{Handler, Registration};
-use crate::retry::Verdict;
+use crate::retry::{Backoff, RetryPolicy, Verdict};
 use crate::task::JobContext;
 use crate::workflow::{self, Execution, Settled, WorkflowDef};
 
@@ -41,23 +41,39 @@ impl Worker {
             ));
             return;
         };
-        if attempt > reg.policy.attempts() {
+        // A flow's step job carries its step's retry policy and timeout.
+        let step = match &reg.handler {
+            Handler::Step(_) if job.parent_run.is_some() => match open_envelope(&job, reg.policy) {
+                Ok(step) => Some(step),
+                Err(error) => {
+                    let _ = settle.send(Settle::fail(&job, error));
+                    return;
+                }
+            },
+            _ => None,
+        };
+        let policy = step.as_ref().map_or(reg.policy, |s| s.policy);
+        if attempt > policy.attempts() {
             // Delivered more often than the policy allows without a result:
             // the workers running it were lost (a crash loop). Stop here.
             let error = format!(
                 "gave up after {} deliveries without a result (max attempts {}); the worker running it was lost each time",
                 attempt - 1,
-                reg.policy.attempts()
+                policy.attempts()
             );
             let _ = settle.send(Settle::fail(&job, error));
             return;
         }
 
         let handler = match &reg.handler {
-            Handler::Task(h) => Arc::clone(h),
+            Handler::Task(h) | Handler::Step(h) => Arc::clone(h),
             Handler::Workflow(w) => {
                 return self.start_run(&plan.name, &reg, Arc::clone(w), job, permit, settle);
             }
+        };
+        let (payload, timeout) = match step {
+            Some(s) => (s.input, s.timeout),
+            None => (job.payload, None),
         };
         let cancel = CancellationToken::new();
         let ctx = JobContext {
@@ -96,10 +112,18 @@ impl Worker {
             cairn.attempt = attempt,
             cairn.parent_run = job.parent_run.map(tracing::field::display)
         );
-        let run = tracing::Instrument::instrument(
-            AssertUnwindSafe(handler(job.payload, ctx, job.parent_run.is_some())).catch_unwind(),
-            span,
-        );
+        let call = handler(payload, ctx, job.parent_run.is_some());
+        let call = match timeout {
+            Some(limit) => Box::pin(async move {
+                tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+                    Err(HandlerError::retryable(format!(
+                        "timed out after {limit:?}"
+                    )))
+                })
+            }),
+            None => call,
+        };
+        let run = tracing::Instrument::instrument(AssertUnwindSafe(call).catch_unwind(), span);
         let in_flight = Arc::clone(&self.in_flight);
         // Registered before the task can finish: the entry is in place when
         // the task marks it settled, and the completer removes it.
@@ -128,7 +152,7 @@ impl Worker {
                     output,
                     archive,
                 },
-                Err(err) => decide(id, lease, attempt, &reg, err),
+                Err(err) => decide(id, lease, attempt, &policy, err),
             };
             if let (Some(event), Some(clock)) = (&mut event, clock) {
                 event.elapsed = clock.elapsed();
@@ -217,9 +241,9 @@ impl Worker {
     }
 }
 
-/// Turns a handler error into a retry or a dead letter, by the task's policy.
-fn decide(id: i64, lease: i64, attempt: u32, reg: &Registration, err: HandlerError) -> Settle {
-    match reg.policy.verdict(attempt, &err) {
+/// Turns a handler error into a retry or a dead letter, by the policy.
+fn decide(id: i64, lease: i64, attempt: u32, policy: &RetryPolicy, err: HandlerError) -> Settle {
+    match policy.verdict(attempt, &err) {
         Verdict::Retry { delay, error } => Settle::Retry {
             id,
             lease,
@@ -228,4 +252,54 @@ fn decide(id: i64, lease: i64, attempt: u32, reg: &Registration, err: HandlerErr
         },
         Verdict::GiveUp { error } => Settle::Fail { id, lease, error },
     }
+}
+
+/// A flow step job, opened: the step's input, and the retry policy and
+/// timeout its definition sets (over the handler's own).
+struct StepJob {
+    input: String,
+    policy: RetryPolicy,
+    timeout: Option<Duration>,
+}
+
+/// The envelope `cairn.flow_start_step` wraps a step's input in.
+#[derive(serde::Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    input: &'a serde_json::value::RawValue,
+    #[serde(default)]
+    policy: StepPolicy,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct StepPolicy {
+    max_attempts: Option<u32>,
+    backoff: Option<f64>,
+    max_backoff: Option<f64>,
+    timeout: Option<f64>,
+}
+
+fn open_envelope(job: &ClaimedJob, base: RetryPolicy) -> Result<StepJob, String> {
+    let envelope: Envelope<'_> = serde_json::from_str(&job.payload)
+        .map_err(|e| format!("job {} is not a flow step's job: {e}", job.id))?;
+    let p = envelope.policy;
+    let seconds = |s: f64| Duration::try_from_secs_f64(s).unwrap_or(Duration::ZERO);
+    let mut policy = base;
+    if let Some(n) = p.max_attempts {
+        policy = policy.max_attempts(n);
+    }
+    if let Some(b) = p.backoff {
+        policy = policy.backoff(Backoff::Exponential {
+            base: seconds(b),
+            factor: 2.0,
+        });
+    }
+    if let Some(m) = p.max_backoff {
+        policy = policy.max_delay(seconds(m));
+    }
+    Ok(StepJob {
+        input: envelope.input.get().to_owned(),
+        policy,
+        timeout: p.timeout.map(seconds),
+    })
 }

@@ -184,10 +184,16 @@ impl WorkerBuilder {
         for q in &plan {
             db::create_queue(&self.pool, &q.name).await?;
         }
-        let workflows = self.handlers.read().workflows();
+        let (workflows, steps) = {
+            let handlers = self.handlers.read();
+            (handlers.workflows(), handlers.step_handlers())
+        };
         for w in workflows {
             db::create_queue(&self.pool, &w.queue).await?;
             db::register_workflow(&self.pool, &w.name, &w.queue).await?;
+        }
+        for name in steps {
+            db::register_step_handler(&self.pool, &name).await?;
         }
         Worker::new(self, plan).run(shutdown).await
     }

@@ -122,6 +122,16 @@ pub fn cli(pool: &PgPool, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs a statement that must fail; returns (SQLSTATE, message).
+pub async fn refused(pool: &PgPool, sql: &str) -> (String, String) {
+    let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(pool)
+        .await
+        .expect_err(sql);
+    let code = sqlstate(&err).unwrap_or_default();
+    (code, err.as_database_error().unwrap().message().to_owned())
+}
+
 /// The SQLSTATE of a database error.
 pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
     err.as_database_error()

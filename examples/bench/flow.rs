@@ -1,0 +1,136 @@
+//! Flows beside code-first workflows, in the same run: runs drained per
+//! second and the cost of a step, for the same three no-op steps written
+//! both ways.
+
+use std::time::Instant;
+
+use cairn::prelude::*;
+use cairn::{Flow, WorkflowContext};
+use sqlx::PgPool;
+
+use super::{BoxError, Running, redact, secs};
+
+/// An app with `code1`/`code3` (code-first, 1 and 3 steps) and
+/// `flow1`/`flow3` (flows of the handler `inc`, 1 and 3 steps).
+async fn app(url: &str) -> Result<App, BoxError> {
+    let app = App::builder()
+        .database_url(url)
+        .max_connections(16)
+        .build()
+        .await?;
+    app.workflow("code1", |ctx: WorkflowContext, i: i64| async move {
+        let a: i64 = ctx.step("one", i, |i| async move { Ok(i + 1) }).await?;
+        Ok(a)
+    })?;
+    app.workflow("code3", |ctx: WorkflowContext, i: i64| async move {
+        let a: i64 = ctx.step("one", i, |i| async move { Ok(i + 1) }).await?;
+        let b: i64 = ctx.step("two", a, |i| async move { Ok(i + 1) }).await?;
+        let c: i64 = ctx.step("three", b, |i| async move { Ok(i + 1) }).await?;
+        Ok(c)
+    })?;
+    app.step_handler("inc", |i: i64, _job| async move { Ok(i + 1) })?;
+    app.flow(
+        Flow::new("flow1")
+            .step("one")
+            .handler("inc")
+            .input("$.input"),
+    )?;
+    app.flow(
+        Flow::new("flow3")
+            .step("one")
+            .handler("inc")
+            .input("$.input")
+            .step("two")
+            .handler("inc")
+            .after(["one"])
+            .input("$.one")
+            .step("three")
+            .handler("inc")
+            .after(["two"])
+            .input("$.two")
+            .output("$.three"),
+    )?;
+    Ok(app)
+}
+
+/// Starts `n` runs of `name`, then times a worker of its own draining them.
+/// Returns the seconds it took.
+async fn drain(
+    url: &str,
+    pool: &PgPool,
+    name: &str,
+    n: usize,
+    concurrency: usize,
+) -> Result<f64, BoxError> {
+    let producer = app(url).await?;
+    for i in 0..n {
+        producer.start(name, &(i as i64)).await?;
+    }
+    producer.pool().close().await;
+    sqlx::query("vacuum analyze cairn.jobs")
+        .execute(pool)
+        .await?;
+    let worker_app = app(url).await?;
+    let worker = Running::spawn(
+        worker_app
+            .worker()
+            .queues(["workflows"])
+            .concurrency(concurrency),
+    );
+    let start = Instant::now();
+    while sqlx::query_scalar::<_, bool>("select exists (select from cairn.jobs)")
+        .fetch_one(pool)
+        .await?
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let elapsed = secs(start);
+    worker.stop().await?;
+    worker_app.pool().close().await;
+    let unfinished: i64 = sqlx::query_scalar(
+        "select count(*) from cairn.runs where workflow = $1 and status <> 'completed'",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await?;
+    if unfinished > 0 {
+        return Err(format!("{unfinished} runs of {name} did not complete").into());
+    }
+    Ok(elapsed)
+}
+
+pub async fn run(url: &str) -> Result<(), BoxError> {
+    let setup = app(url).await?;
+    setup.initialize().await?;
+    let pool = setup.pool().clone();
+    println!("cairn flow benchmark (PostgreSQL at {})", redact(url));
+    println!("the same 3 no-op steps, as a code-first workflow and as a flow driven by Postgres");
+    for (concurrency, n) in [(1, 300), (64, 3_000)] {
+        let code1 = drain(url, &pool, "code1", n, concurrency).await?;
+        let code3 = drain(url, &pool, "code3", n, concurrency).await?;
+        let flow1 = drain(url, &pool, "flow1", n, concurrency).await?;
+        let flow3 = drain(url, &pool, "flow3", n, concurrency).await?;
+        let code_step = (code3 - code1) * 1e6 / (2 * n) as f64;
+        let flow_step = (flow3 - flow1) * 1e6 / (2 * n) as f64;
+        println!("concurrency {concurrency}, {n} runs each:");
+        println!(
+            "  {:<44} {:>9.0} /s   flow {:>9.0} /s   {:>5.2} x",
+            "3-step runs drained: code-first",
+            n as f64 / code3,
+            n as f64 / flow3,
+            code3 / flow3
+        );
+        println!(
+            "  {:<44} {:>9.0} µs   flow {:>9.0} µs   {:>5.2} x",
+            "per step (3-step minus 1-step): code-first",
+            code_step,
+            flow_step,
+            flow_step / code_step
+        );
+    }
+    println!(
+        "(a flow step is its claim and its ack, which also starts the next step: no replay, no load_run)"
+    );
+    setup.pool().close().await;
+    Ok(())
+}
