@@ -487,7 +487,12 @@ async fn missed_ticks_coalesce_into_one_or_catch_up_in_bounded_batches(pool: PgP
         }
         calls.push(fired);
     }
-    assert_eq!(calls, [100, 81], "batches of at most 100");
+    // 180 minutes of catch-up plus the coalesced run (one or two more if the
+    // real clock crosses a minute while the test runs), at most 100 a call.
+    let total = calls.iter().map(|n| *n as usize).sum::<usize>();
+    assert!((181..=183).contains(&total), "{calls:?}");
+    assert_eq!(calls.len(), 2, "batches of at most 100: {calls:?}");
+    assert_eq!(calls[0], 100);
     assert_eq!(count(&pool, "select count(*) from cairn.runs").await, 1);
     let scheduled: Vec<DateTime<Utc>> = sqlx::query_scalar(
         "select (payload->>'scheduled_at')::timestamptz from cairn.jobs
@@ -496,7 +501,7 @@ async fn missed_ticks_coalesce_into_one_or_catch_up_in_bounded_batches(pool: PgP
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(scheduled.len(), 180);
+    assert_eq!(scheduled.len(), total - 1);
     for (i, at) in scheduled.iter().enumerate() {
         assert_eq!(
             *at,
