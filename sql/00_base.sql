@@ -37,6 +37,24 @@ begin
     end if;
 end $$;
 
+-- Internal: the queue's id, creating the queue first if it does not exist
+-- (a step's job waits there for its workers). The name must be valid.
+create or replace function cairn.ensure_queue(queue text)
+returns integer
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_id integer;
+begin
+    select q.id into v_id from cairn.queues q where q.name = queue;
+    if not found then
+        insert into cairn.queues (name) values (queue) on conflict do nothing;
+        v_id := cairn.queue_id(queue);
+    end if;
+    return v_id;
+end $$;
+
 -- The queue's id; raises if the name is invalid or the queue unknown.
 create or replace function cairn.queue_id(queue text)
 returns integer

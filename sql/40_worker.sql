@@ -517,10 +517,9 @@ begin
         select * from cairn.open_step(run_id, key, seq, 'task', null, fingerprint, v_now, v_problem);
         return;
     end if;
-    insert into cairn.queues (name) values (start_task_step.queue) on conflict do nothing;
     insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at, parent_run,
                             parent_step, traceparent)
-    values (cairn.queue_id(start_task_step.queue), start_task_step.task, start_task_step.payload,
+    values (cairn.ensure_queue(start_task_step.queue), start_task_step.task, start_task_step.payload,
             v_run.priority, v_now, v_now, start_task_step.run_id, start_task_step.key,
             v_run.traceparent);
     perform pg_notify('cairn', start_task_step.queue);

@@ -710,18 +710,9 @@ declare
     v_run uuid := gen_random_uuid();
     v_qid integer;
 begin
-    select q.id into v_qid
-      from cairn.flow_versions v join cairn.queues q on q.name = v.definition->>'queue'
-     where v.flow = create_flow_run.flow and v.version = create_flow_run.version;
-    if v_qid is null then
-        insert into cairn.queues (name)
-        select v.definition->>'queue' from cairn.flow_versions v
-         where v.flow = create_flow_run.flow and v.version = create_flow_run.version
-        on conflict do nothing;
-        select q.id into v_qid
-          from cairn.flow_versions v join cairn.queues q on q.name = v.definition->>'queue'
-         where v.flow = create_flow_run.flow and v.version = create_flow_run.version;
-    end if;
+    v_qid := cairn.ensure_queue((select v.definition->>'queue' from cairn.flow_versions v
+                                  where v.flow = create_flow_run.flow
+                                    and v.version = create_flow_run.version));
     insert into cairn.runs (id, workflow, queue_id, input, idempotency_key, priority, parent_run,
                             parent_step, created_at, updated_at, started_at, traceparent,
                             flow_version, status, wake_at)
@@ -776,11 +767,12 @@ end $$;
 comment on function cairn.start_flow(text, jsonb, text, integer, double precision, text, text) is
     'Start a run of a flow''s latest version; returns its id. Postgres drives it from here: each step''s end starts the steps it makes ready. Idempotency keys as for start_workflow.';
 
--- Internal: start one step of a flow run: a job of its handler (one per
--- element for a map), a child run, or a wait for a signal. Returns the
+-- Internal: start one step of a flow run (`def`: its definition): a job of
+-- its handler (one per element for a map), a child run, or a wait for a
+-- signal. Returns the
 -- step's status afterwards ('waiting', 'completed' or 'failed'), or NULL if
 -- the step had been started already. The caller holds the run.
-create or replace function cairn.flow_start_step(run cairn.runs, step jsonb, seq integer,
+create or replace function cairn.flow_start_step(run cairn.runs, def jsonb, step jsonb, seq integer,
                                                  context jsonb, visible_at timestamptz)
 returns text
 language plpgsql volatile
@@ -798,7 +790,6 @@ declare
     v_queue   text;
     v_qid     integer;
     v_policy  jsonb;
-    v_signal  record;
     v_keys    text[];
     v_inputs  jsonb[];
     v_i       integer;
@@ -831,27 +822,16 @@ begin
     end if;
 
     if v_kind = 'signal' then
-        select g.id, g.payload into v_signal from cairn.signals g
-         where g.run_id = run.id and g.name = step->>'signal' and g.consumed_by is null
-         order by g.id limit 1
-           for update;
-        if not found then
+        if not cairn.flow_take_signal(run.id, v_name, step->>'signal') then
             return 'waiting';
         end if;
-        update cairn.signals g set consumed_by = v_name where g.id = v_signal.id;
-        update cairn.steps s
-           set status = 'completed', output = jsonb_build_object('payload', v_signal.payload),
-               finished_at = v_now
-         where s.run_id = run.id and s.key = v_name;
-        perform cairn.flow_loop(run.id, v_name);
+        perform cairn.flow_loop(run, def, v_name);
         return 'completed';
     end if;
 
     if v_kind = 'task' then
-        v_queue := coalesce(step->>'queue', (select v.definition->>'queue' from cairn.flow_versions v
-                                             where v.flow = run.workflow and v.version = run.flow_version));
-        insert into cairn.queues (name) values (v_queue) on conflict do nothing;
-        v_qid := cairn.queue_id(v_queue);
+        v_queue := coalesce(step->>'queue', def->>'queue');
+        v_qid := cairn.ensure_queue(v_queue);
         v_policy := jsonb_strip_nulls(coalesce(step->'retry', '{}')
                                       || jsonb_build_object('timeout', step->'timeout'));
     end if;
@@ -871,12 +851,13 @@ begin
             on conflict on constraint steps_pkey do nothing
             returning t.key, t.input, t.seq
         )
-        select coalesce(array_agg(ins.key order by ins.seq), '{}'),
-               coalesce(array_agg(ins.input order by ins.seq), '{}'),
-               min(format('element %s: the input %s', ins.key, cairn.json_problem(ins.input)))
-                   filter (where cairn.json_problem(ins.input) is not null)
+        select coalesce(array_agg(e.key order by e.seq), '{}'),
+               coalesce(array_agg(e.input order by e.seq), '{}'),
+               min(format('element %s: the input %s', e.key, e.problem))
+                   filter (where e.problem is not null)
           into v_keys, v_inputs, v_problem
-          from ins;
+          from (select ins.key, ins.input, ins.seq, cairn.json_problem(ins.input) as problem
+                  from ins) e;
         if v_problem is not null then
             delete from cairn.steps s where s.run_id = run.id and s.key = any (v_keys);
             update cairn.steps s set status = 'failed', error = v_problem, finished_at = v_now
@@ -911,7 +892,7 @@ begin
                set status = 'completed', finished_at = v_now, pending = 0,
                    output = cairn.flow_map_output(run.id, v_name)
              where s.run_id = run.id and s.key = v_name;
-            perform cairn.flow_loop(run.id, v_name);
+            perform cairn.flow_loop(run, def, v_name);
         end if;
         -- Children that ended at once may have settled it already.
         return (select s.status from cairn.steps s where s.run_id = run.id and s.key = v_name);
@@ -1051,7 +1032,7 @@ begin
                 v_state := v_state || jsonb_build_object(v_step->>'name', 'skipped');
                 continue;
             end if;
-            v_status := cairn.flow_start_step(v_run, v_step, v_ord, v_ctx, v_at);
+            v_status := cairn.flow_start_step(v_run, v_def, v_step, v_ord, v_ctx, v_at);
             v_state := v_state || jsonb_build_object(v_step->>'name', coalesce(v_status, 'waiting'));
             if v_status is distinct from 'waiting' then
                 -- Done at once (or failed, or moved by a child that ended):
@@ -1093,6 +1074,7 @@ declare
     v_now  timestamptz := cairn.now();
     v_map  text;
     v_left integer;
+    v_run  cairn.runs;
 begin
     update cairn.runs r set status = 'running', wake_at = null, updated_at = v_now
      where r.id = flow_step_settled.run_id and r.status = 'sleeping';
@@ -1121,17 +1103,21 @@ begin
         key := v_map;
     end if;
     if status = 'completed' then
-        perform cairn.flow_loop(run_id, key);
+        select * into v_run from cairn.runs r where r.id = flow_step_settled.run_id;
+        perform cairn.flow_loop(v_run, (select v.definition from cairn.flow_versions v
+                                         where v.flow = v_run.workflow
+                                           and v.version = v_run.flow_version), key);
     end if;
     perform cairn.advance_flow(run_id);
 end $$;
 
--- Internal: the step `key` of a flow run just completed; if it has a goto
+-- Internal: the step `key` of flow run `run` (definition `def`) just
+-- completed; if it has a goto
 -- whose condition holds and whose bound is not reached, the run goes back:
 -- the goto's target and every step that waits for it, directly or not, are
 -- run again (their earlier passes go to the history). A step of the loop
 -- still running is not started again: its outcome counts for the new pass.
-create or replace function cairn.flow_loop(run_id uuid, key text)
+create or replace function cairn.flow_loop(run cairn.runs, def jsonb, key text)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -1139,26 +1125,21 @@ set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now   timestamptz := cairn.now();
-    v_run   record;
-    v_def   jsonb;
     v_goto  jsonb;
     v_taken integer;
     v_reset text[];
 begin
-    select r.workflow, r.flow_version, r.input into v_run from cairn.runs r where r.id = flow_loop.run_id;
-    select v.definition into v_def from cairn.flow_versions v
-     where v.flow = v_run.workflow and v.version = v_run.flow_version;
-    select s->'goto' into v_goto from jsonb_array_elements(v_def->'steps') s
+    select s->'goto' into v_goto from jsonb_array_elements(def->'steps') s
      where s->>'name' = flow_loop.key;
     if v_goto is null then
         return;
     end if;
-    if v_goto ? 'when' and not coalesce(cairn.flow_context(run_id, v_run.input) @@ (v_goto->>'when')::jsonpath,
+    if v_goto ? 'when' and not coalesce(cairn.flow_context(run.id, run.input) @@ (v_goto->>'when')::jsonpath,
                                         false) then
         return;
     end if;
     select count(*) into v_taken from cairn.run_events e
-     where e.run_id = flow_loop.run_id and e.event = 'looped' and e.step = flow_loop.key;
+     where e.run_id = run.id and e.event = 'looped' and e.step = flow_loop.key;
     if v_taken >= (v_goto->>'max')::integer then
         return;
     end if;
@@ -1166,25 +1147,54 @@ begin
     -- those still running.
     select array_agg(s.key) into v_reset
       from cairn.steps s
-     where s.run_id = flow_loop.run_id
-       and s.key = any (array[v_goto->>'step'] || cairn.flow_reach(v_def->'steps', v_goto->>'step', false))
+     where s.run_id = run.id
+       and s.key = any (array[v_goto->>'step'] || cairn.flow_reach(def->'steps', v_goto->>'step', false))
        and s.status in ('completed', 'skipped');
     insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error, detail)
     select s.run_id, s.started_at, s.finished_at, 'attempt', s.key, s.attempts, s.status, s.error,
            jsonb_build_object('pass', v_taken + 1)
       from cairn.steps s
-     where s.run_id = flow_loop.run_id and s.key = any (v_reset);
+     where s.run_id = run.id and s.key = any (v_reset);
     delete from cairn.steps s
-     where s.run_id = flow_loop.run_id
+     where s.run_id = run.id
        and (s.key = any (v_reset) or (strpos(s.key, '[') > 0
                                       and left(s.key, strpos(s.key, '[') - 1) = any (v_reset)));
     insert into cairn.run_events (run_id, at, event, step, detail)
-    values (run_id, v_now, 'looped', key,
+    values (run.id, v_now, 'looped', key,
             jsonb_build_object('to', v_goto->>'step', 'pass', v_taken + 2));
 end $$;
 
+-- Internal: hand the oldest pending signal `name` of the run to its step
+-- `key`, which completes with {"payload": ...}. False if none is pending.
+-- The caller holds the run; this locks the signal (rank 3).
+create or replace function cairn.flow_take_signal(run_id uuid, key text, name text)
+returns boolean
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_signal record;
+begin
+    select g.id, g.payload into v_signal from cairn.signals g
+     where g.run_id = flow_take_signal.run_id and g.name = flow_take_signal.name
+       and g.consumed_by is null
+     order by g.id limit 1
+       for update;
+    if not found then
+        return false;
+    end if;
+    update cairn.signals g set consumed_by = flow_take_signal.key where g.id = v_signal.id;
+    update cairn.steps s
+       set status = 'completed', output = jsonb_build_object('payload', v_signal.payload),
+           finished_at = cairn.now()
+     where s.run_id = flow_take_signal.run_id and s.key = flow_take_signal.key;
+    return true;
+end $$;
+
 -- Internal: a signal reached a flow run: the oldest step waiting for that
--- name takes it. The caller holds the run and its ancestors.
+-- name takes it, and the run moves on. The caller holds the run and its
+-- ancestors.
 create or replace function cairn.flow_signal(run_id uuid, name text)
 returns void
 language plpgsql volatile
@@ -1192,21 +1202,13 @@ set search_path = pg_catalog, pg_temp
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_key    text;
-    v_signal record;
+    v_key text;
 begin
     select s.key into v_key from cairn.steps s
      where s.run_id = flow_signal.run_id and s.kind = 'signal' and s.status = 'waiting'
        and s.input = to_jsonb(flow_signal.name)
      order by s.started_at, s.key limit 1;
-    if not found then
-        return;
+    if found and cairn.flow_take_signal(run_id, v_key, name) then
+        perform cairn.flow_step_settled(run_id, v_key, 'completed', null);
     end if;
-    select g.id, g.payload into v_signal from cairn.signals g
-     where g.run_id = flow_signal.run_id and g.name = flow_signal.name and g.consumed_by is null
-     order by g.id limit 1
-       for update;
-    update cairn.signals g set consumed_by = v_key where g.id = v_signal.id;
-    perform cairn.settle_step(run_id, v_key, 'completed', jsonb_build_object('payload', v_signal.payload),
-                              null);
 end $$;
