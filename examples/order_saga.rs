@@ -174,7 +174,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             stop.cancel();
             let _ = worker.await;
             if let Some(otel) = otel {
-                otel.shutdown().await?;
+                otel.shutdown().await;
             }
             return Ok(());
         }
@@ -182,7 +182,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     stop.cancel();
     worker.await??;
     if let Some(otel) = otel {
-        otel.shutdown().await?;
+        otel.shutdown().await;
     }
 
     for (id, run, result) in results {

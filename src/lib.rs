@@ -84,7 +84,7 @@ pub use error::{Error, HandlerError, HandlerErrorKind, Result, ResultExt, StepEr
 pub use flow::{Flow, PlannedStep};
 pub use migrate::{MigrationReport, latest_version};
 pub use plugin::{
-    FailureInfo, LoggingPlugin, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent,
+    Attempt, FailureInfo, LoggingPlugin, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent,
 };
 pub use queue::QueueMetrics;
 pub use retention::{Pruned, Retention};

@@ -1,6 +1,6 @@
 //! The OpenTelemetry plugin: workflow runs, step attempts and tasks as spans,
-//! and counters, histograms and queue gauges as metrics, exported over OTLP
-//! (gRPC or HTTP/protobuf).
+//! and (when asked for) counters, histograms and queue gauges as metrics,
+//! exported over OTLP (gRPC or HTTP/protobuf).
 //!
 //! A run's span is emitted once, when the run ends. It starts when the run
 //! was started and is the child of the producer's `traceparent` (stored with
@@ -8,6 +8,14 @@
 //! emitted by whichever worker ran it, across crashes. That works because the
 //! run's span id is derived from the run id, so any process can name it as a
 //! parent. Replayed steps are not reported: they did not execute.
+//!
+//! A step's or task's span is live while its handler runs and is the current
+//! OpenTelemetry context there: spans the handler opens are its children, and
+//! so are its `tracing` spans and events through [`OtelPlugin::layer`].
+//!
+//! Telemetry never fails the program: an export that fails (a backend that is
+//! down, or one that takes traces and refuses metrics) is logged, and
+//! [`OtelPlugin::shutdown`] returns within its time limit.
 
 use std::cell::Cell;
 use std::sync::{Arc, Mutex};
@@ -26,7 +34,9 @@ use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTra
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::plugin::{FailureInfo, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent};
+use crate::plugin::{
+    Attempt, FailureInfo, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent,
+};
 use crate::queue::QueueMetrics;
 
 /// The OTLP transport.
@@ -46,7 +56,9 @@ pub struct OtelPluginBuilder {
     protocol: Option<Protocol>,
     service_name: Option<String>,
     queues: Option<(crate::pooler::Db, Duration)>,
+    metrics: Option<Option<String>>,
     metrics_interval: Option<Duration>,
+    shutdown_timeout: Option<Duration>,
 }
 
 impl OtelPluginBuilder {
@@ -72,12 +84,27 @@ impl OtelPluginBuilder {
         self
     }
 
+    /// Also export metrics, to the same collector as the spans (for
+    /// OTLP/HTTP, its `/v1/metrics` path). Off by default: many trace
+    /// backends (Jaeger, Phoenix) take traces only.
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on.then(|| self.metrics.clone().flatten());
+        self
+    }
+
+    /// Export metrics to this collector address instead (turns metrics on).
+    pub fn metrics_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.metrics = Some(Some(endpoint.into()));
+        self
+    }
+
     /// Also report each queue's depth (`cairn.queue.depth`, by state) and the
     /// age of its oldest ready job (`cairn.queue.oldest_age`), read from
-    /// `cairn.metrics_all()` through `app`'s pool every `every`. Needs a
-    /// Tokio runtime at `build`.
+    /// `cairn.metrics_all()` through `app`'s pool every `every`. Turns
+    /// metrics on. Needs a Tokio runtime at `build`.
     pub fn queue_metrics(mut self, app: &crate::App, every: Duration) -> Self {
         self.queues = Some((app.db().clone(), every));
+        self.metrics = Some(self.metrics.clone().flatten());
         self
     }
 
@@ -87,19 +114,28 @@ impl OtelPluginBuilder {
         self
     }
 
-    /// Builds the exporters: spans through a batch processor and metrics
-    /// through a periodic reader, both on threads of their own. Call
-    /// [`OtelPlugin::shutdown`] before exiting to flush.
+    /// The longest a single export, and [`OtelPlugin::shutdown`], may take
+    /// (default 2 s). What is not exported by then is dropped, and logged.
+    pub fn shutdown_timeout(mut self, limit: Duration) -> Self {
+        self.shutdown_timeout = Some(limit);
+        self
+    }
+
+    /// Builds the exporters: spans through a batch processor and metrics (if
+    /// asked for) through a periodic reader, both on threads of their own.
+    /// Call [`OtelPlugin::shutdown`] before exiting to flush.
     pub fn build(self) -> Result<OtelPlugin> {
         let config = |e: opentelemetry_otlp::ExporterBuildError| {
             Error::InvalidArgument(format!("cannot build the OTLP exporter: {e}"))
         };
         let protocol = self.protocol.unwrap_or(Protocol::Grpc);
-        let endpoint = self.endpoint.clone();
+        let limit = self.shutdown_timeout.unwrap_or(Duration::from_secs(2));
         let exporter = match protocol {
             Protocol::Grpc => {
-                let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-                if let Some(e) = endpoint.clone() {
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_timeout(limit);
+                if let Some(e) = self.endpoint.clone() {
                     b = b.with_endpoint(e);
                 }
                 b.build().map_err(config)?
@@ -107,28 +143,10 @@ impl OtelPluginBuilder {
             Protocol::HttpProtobuf => {
                 let mut b = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-                if let Some(e) = endpoint.clone() {
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_timeout(limit);
+                if let Some(e) = self.endpoint.clone() {
                     b = b.with_endpoint(e);
-                }
-                b.build().map_err(config)?
-            }
-        };
-        let metric_exporter = match protocol {
-            Protocol::Grpc => {
-                let mut b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
-                if let Some(e) = endpoint {
-                    b = b.with_endpoint(e);
-                }
-                b.build().map_err(config)?
-            }
-            Protocol::HttpProtobuf => {
-                let mut b = opentelemetry_otlp::MetricExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-                if let Some(e) = endpoint {
-                    // The traces URL names its signal; metrics have their own.
-                    b = b.with_endpoint(e.replace("/v1/traces", "/v1/metrics"));
                 }
                 b.build().map_err(config)?
             }
@@ -146,6 +164,43 @@ impl OtelPluginBuilder {
             .with_resource(resource.clone())
             .build();
         let tracer = provider.tracer("cairn");
+        let Some(metrics_endpoint) = self.metrics else {
+            return Ok(OtelPlugin {
+                provider,
+                tracer,
+                meters: None,
+                instruments: None,
+                shutdown_timeout: limit,
+            });
+        };
+        let metrics_endpoint = metrics_endpoint.or_else(|| match protocol {
+            Protocol::Grpc => self.endpoint,
+            // The traces URL names its signal; metrics have their own.
+            Protocol::HttpProtobuf => self
+                .endpoint
+                .map(|e| e.replace("/v1/traces", "/v1/metrics")),
+        });
+        let metric_exporter = match protocol {
+            Protocol::Grpc => {
+                let mut b = opentelemetry_otlp::MetricExporter::builder()
+                    .with_tonic()
+                    .with_timeout(limit);
+                if let Some(e) = metrics_endpoint {
+                    b = b.with_endpoint(e);
+                }
+                b.build().map_err(config)?
+            }
+            Protocol::HttpProtobuf => {
+                let mut b = opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_timeout(limit);
+                if let Some(e) = metrics_endpoint {
+                    b = b.with_endpoint(e);
+                }
+                b.build().map_err(config)?
+            }
+        };
         let reader = PeriodicReader::builder(metric_exporter)
             .with_interval(self.metrics_interval.unwrap_or(Duration::from_secs(60)))
             .build();
@@ -161,8 +216,9 @@ impl OtelPluginBuilder {
         Ok(OtelPlugin {
             provider,
             tracer,
-            meters,
-            instruments,
+            meters: Some(meters),
+            instruments: Some(instruments),
+            shutdown_timeout: limit,
         })
     }
 }
@@ -181,8 +237,10 @@ impl OtelPluginBuilder {
 pub struct OtelPlugin {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
-    meters: SdkMeterProvider,
-    instruments: Arc<Instruments>,
+    /// Present when metrics were asked for.
+    meters: Option<SdkMeterProvider>,
+    instruments: Option<Arc<Instruments>>,
+    shutdown_timeout: Duration,
 }
 
 /// The metrics cairn reports.
@@ -333,59 +391,245 @@ impl OtelPlugin {
         OtelPluginBuilder::default()
     }
 
-    /// Exports what is buffered and stops the exporter. Runs the blocking
-    /// flush on a blocking thread, so it is safe on any runtime.
-    pub async fn shutdown(&self) -> Result<()> {
-        self.instruments.stop_watch.cancel();
-        let (provider, meters) = (self.provider.clone(), self.meters.clone());
-        tokio::task::spawn_blocking(move || {
-            let traces = provider.shutdown().map_err(|e| e.to_string());
-            let metrics = meters.shutdown().map_err(|e| e.to_string());
-            traces.and(metrics)
-        })
-        .await
-        .map_err(|e| Error::InvalidArgument(format!("OTLP shutdown panicked: {e}")))?
-        .map_err(|e| Error::InvalidArgument(format!("OTLP shutdown failed: {e}")))
+    /// A `tracing` layer that exports the program's own `tracing` spans
+    /// through this plugin's exporter. Inside a handler, they are children of
+    /// the step's or task's span; events logged in a handler outside any span
+    /// of the program's become events of that span. Spans and events of the
+    /// crates the exporter is made of (`h2`, `hyper`, `tonic`, `tower`,
+    /// `reqwest`, `opentelemetry`) are left out. Add it to the subscriber:
+    /// `tracing_subscriber::registry().with(otel.layer()).init()`.
+    pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S> + use<S>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        use tracing_subscriber::Layer as _;
+        let ours = || tracing_subscriber::filter::filter_fn(|meta| exported(meta.target()));
+        tracing_opentelemetry::layer()
+            .with_tracer(self.tracer.clone())
+            .with_filter(ours())
+            .and_then(AttemptEvents.with_filter(ours()))
     }
 
-    /// Builds and ends a span with fixed ids, times and parent.
-    fn emit(&self, span: Emit<'_>) {
-        PINNED.with(|p| p.set((span.trace_id, span.span_id)));
-        let parent = match span.parent {
+    /// Exports what is buffered and stops the exporters, in at most the
+    /// shutdown timeout (default 2 s). A failed or unfinished export is
+    /// logged (target `cairn`), never returned: telemetry does not fail the
+    /// program.
+    pub async fn shutdown(&self) {
+        let limit = self.shutdown_timeout;
+        let traces = {
+            let provider = self.provider.clone();
+            finish("traces", limit, move || {
+                provider.shutdown_with_timeout(limit)
+            })
+        };
+        match (&self.meters, &self.instruments) {
+            (Some(meters), Some(instruments)) => {
+                instruments.stop_watch.cancel();
+                let meters = meters.clone();
+                let metrics = finish("metrics", limit, move || {
+                    meters.shutdown_with_timeout(limit)
+                });
+                tokio::join!(traces, metrics);
+            }
+            _ => traces.await,
+        }
+    }
+
+    /// The metrics, if asked for.
+    fn count(&self, record: impl FnOnce(&Instruments)) {
+        if let Some(instruments) = &self.instruments {
+            record(instruments);
+        }
+    }
+
+    /// Starts an attempt's span, live until its `after_*` or `on_*_error`
+    /// hook ends it (or, if the attempt is abandoned, until its context is
+    /// dropped).
+    fn start_attempt(
+        &self,
+        name: String,
+        parent: Option<SpanContext>,
+        start: SystemTime,
+        attributes: Vec<KeyValue>,
+    ) -> Context {
+        let parent = match parent {
             Some(sc) => Context::new().with_remote_span_context(sc),
             None => Context::new(),
         };
-        let builder = SpanBuilder::from_name(span.name)
+        let builder = SpanBuilder::from_name(name)
             .with_kind(SpanKind::Consumer)
-            .with_start_time(span.start)
-            .with_attributes(span.attributes);
-        let mut s = self.tracer.build_with_context(builder, &parent);
+            .with_start_time(start)
+            .with_attributes(attributes);
+        let span = self.tracer.build_with_context(builder, &parent);
+        parent.with_span(span).with_value(Live)
+    }
+
+    /// Ends the current attempt's span (the hooks run in its context).
+    fn end_attempt(&self, end: SystemTime, error: Option<&FailureInfo>) {
+        Context::map_current(|cx| {
+            if cx.get::<Live>().is_none() {
+                return;
+            }
+            let span = cx.span();
+            match error {
+                Some(err) => {
+                    span.add_event(
+                        "exception",
+                        vec![
+                            KeyValue::new("exception.message", err.message.clone()),
+                            KeyValue::new("cairn.will_retry", err.will_retry),
+                        ],
+                    );
+                    span.set_status(Status::error(err.message.clone()));
+                }
+                None => span.set_status(Status::Ok),
+            }
+            span.end_with_timestamp(end);
+        });
+    }
+
+    /// Builds and ends a run's span, with the ids derived from the run.
+    fn emit_run(&self, e: &WorkflowEvent, error: Option<&FailureInfo>) {
+        let me = run_span(e.run_id, e.traceparent.as_deref());
+        let mut attributes = messaging(&e.queue).to_vec();
+        attributes.push(KeyValue::new("cairn.run_id", e.run_id.to_string()));
+        attributes.push(KeyValue::new("cairn.workflow", e.workflow.clone()));
+        PINNED.with(|p| p.set((Some(me.trace_id()), Some(me.span_id()))));
+        let parent = match e.traceparent.as_deref().and_then(parse_traceparent) {
+            Some(sc) => Context::new().with_remote_span_context(sc),
+            None => Context::new(),
+        };
+        let builder = SpanBuilder::from_name(format!("workflow {}", e.workflow))
+            .with_kind(SpanKind::Consumer)
+            .with_start_time(e.run_created)
+            .with_attributes(attributes);
+        let mut span = self.tracer.build_with_context(builder, &parent);
         PINNED.with(|p| p.set((None, None)));
-        if let Some(err) = span.error {
-            s.add_event(
-                "exception",
-                vec![
-                    KeyValue::new("exception.message", err.message.clone()),
-                    KeyValue::new("cairn.will_retry", err.will_retry),
-                ],
-            );
-            s.set_status(Status::error(err.message.clone()));
-        } else {
-            s.set_status(Status::Ok);
+        match error {
+            Some(err) => {
+                span.add_event(
+                    "exception",
+                    vec![KeyValue::new("exception.message", err.message.clone())],
+                );
+                span.set_status(Status::error(err.message.clone()));
+            }
+            None => span.set_status(Status::Ok),
         }
-        s.end_with_timestamp(span.end);
+        span.end_with_timestamp(e.started + e.elapsed);
     }
 }
 
-struct Emit<'a> {
-    name: String,
-    trace_id: Option<TraceId>,
-    span_id: Option<SpanId>,
-    parent: Option<SpanContext>,
-    start: SystemTime,
-    end: SystemTime,
+/// Whether the layer exports spans and events of this target. Not cairn's
+/// own `cairn.task`, `cairn.step` and `cairn.run` spans, which carry ids for
+/// logs (the trace has those as real spans already), nor those of the crates
+/// the exporter itself is made of: exporting them would feed back.
+fn exported(target: &str) -> bool {
+    const EXPORTER: [&str; 6] = ["h2", "hyper", "tonic", "tower", "reqwest", "opentelemetry"];
+    let krate = target.split("::").next().unwrap_or(target);
+    target != "cairn::attempt" && !EXPORTER.contains(&krate) && !krate.starts_with("hyper_")
+}
+
+/// Marks a context whose span is an attempt's, started by this plugin.
+#[derive(Debug)]
+struct Live;
+
+/// Runs a blocking shutdown on a thread of its own and waits for it at most
+/// `limit` (a detached thread does not hold the process at exit).
+async fn finish(
+    signal: &'static str,
+    limit: Duration,
+    work: impl FnOnce() -> opentelemetry_sdk::error::OTelSdkResult + Send + 'static,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("cairn-otel-{signal}"))
+        .spawn(move || {
+            let _ = tx.send(work());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(target: "cairn", signal, error = %e, "cannot flush OpenTelemetry");
+        return;
+    }
+    match tokio::time::timeout(limit + Duration::from_millis(200), rx).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(target: "cairn", signal, error = %e, "OTLP export failed at shutdown")
+        }
+        Ok(Err(_)) => tracing::warn!(target: "cairn", signal, "OTLP shutdown panicked"),
+        Err(_) => tracing::warn!(
+            target: "cairn",
+            signal,
+            ?limit,
+            "OTLP shutdown did not finish in time; what was left is dropped"
+        ),
+    }
+}
+
+/// Makes `tracing` events that happen in an attempt's handler, outside any
+/// span of the program's, events of the attempt's span.
+struct AttemptEvents;
+
+impl<S> tracing_subscriber::Layer<S> for AttemptEvents
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if event.parent().is_some() || ctx.lookup_current().is_some() {
+            return; // the span layer puts it on that span
+        }
+        Context::map_current(|cx| {
+            let span = cx.span();
+            if cx.get::<Live>().is_none() || !span.is_recording() {
+                return;
+            }
+            let meta = event.metadata();
+            let mut fields = EventFields {
+                message: None,
+                attributes: vec![
+                    KeyValue::new("level", meta.level().as_str()),
+                    KeyValue::new("target", meta.target().to_owned()),
+                ],
+            };
+            event.record(&mut fields);
+            let name = fields.message.unwrap_or_else(|| meta.name().to_owned());
+            span.add_event(name, fields.attributes);
+        });
+    }
+}
+
+/// An event's message and fields, as span event attributes.
+struct EventFields {
+    message: Option<String>,
     attributes: Vec<KeyValue>,
-    error: Option<&'a FailureInfo>,
+}
+
+impl tracing::field::Visit for EventFields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.record_str(field, &format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = Some(value.to_owned());
+        } else {
+            self.attributes
+                .push(KeyValue::new(field.name(), value.to_owned()));
+        }
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.attributes.push(KeyValue::new(field.name(), value));
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        match i64::try_from(value) {
+            Ok(v) => self.record_i64(field, v),
+            Err(_) => self.record_str(field, &value.to_string()),
+        }
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.attributes.push(KeyValue::new(field.name(), value));
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.attributes.push(KeyValue::new(field.name(), value));
+    }
 }
 
 fn messaging(queue: &str) -> [KeyValue; 3] {
@@ -452,149 +696,132 @@ fn outcome(error: Option<&FailureInfo>, dead: &'static str) -> &'static str {
 
 impl Plugin for OtelPlugin {
     fn before_workflow(&self, e: &WorkflowEvent) {
-        let attrs = [
-            KeyValue::new("messaging.destination.name", e.queue.clone()),
-            KeyValue::new("cairn.kind", "run"),
-        ];
-        self.instruments.claimed.add(1, &attrs);
+        self.count(|i| {
+            let attrs = [
+                KeyValue::new("messaging.destination.name", e.queue.clone()),
+                KeyValue::new("cairn.kind", "run"),
+            ];
+            i.claimed.add(1, &attrs);
+        });
     }
 
     fn after_workflow(&self, e: &WorkflowEvent, outcome: RunOutcome) {
         if outcome == RunOutcome::Completed {
-            self.run_span(e, None);
+            self.emit_run(e, None);
             self.count_run(e, "completed");
         }
     }
 
     fn on_workflow_error(&self, e: &WorkflowEvent, error: &FailureInfo) {
-        self.run_span(e, Some(error));
+        self.emit_run(e, Some(error));
         self.count_run(e, "failed");
     }
 
     fn after_step(&self, e: &StepEvent) {
-        self.step_span(e, None);
+        self.end_attempt(e.started + e.elapsed, None);
         self.count_step(e, None);
     }
 
     fn on_step_error(&self, e: &StepEvent, error: &FailureInfo) {
-        self.step_span(e, Some(error));
+        self.end_attempt(e.started + e.elapsed, Some(error));
         self.count_step(e, Some(error));
     }
 
     fn before_task(&self, e: &TaskEvent) {
-        let attrs = [
-            KeyValue::new("messaging.destination.name", e.queue.clone()),
-            KeyValue::new("cairn.kind", "task"),
-        ];
-        self.instruments.claimed.add(1, &attrs);
+        self.count(|i| {
+            let attrs = [
+                KeyValue::new("messaging.destination.name", e.queue.clone()),
+                KeyValue::new("cairn.kind", "task"),
+            ];
+            i.claimed.add(1, &attrs);
+        });
     }
 
     fn after_task(&self, e: &TaskEvent) {
-        self.task_span(e, None);
+        self.end_attempt(e.started + e.elapsed.max(Duration::from_nanos(1)), None);
         self.count_task(e, None);
     }
 
     fn on_task_error(&self, e: &TaskEvent, error: &FailureInfo) {
-        self.task_span(e, Some(error));
+        self.end_attempt(
+            e.started + e.elapsed.max(Duration::from_nanos(1)),
+            Some(error),
+        );
         self.count_task(e, Some(error));
+    }
+
+    fn attempt_context(&self, attempt: Attempt<'_>) -> Option<Context> {
+        Some(match attempt {
+            // The run's span is emitted when the run ends; its id is known
+            // now, so the workflow's own spans can name it as parent.
+            Attempt::Workflow(e) => Context::new()
+                .with_remote_span_context(run_span(e.run_id, e.traceparent.as_deref())),
+            Attempt::Step(e) => self.start_attempt(
+                format!("step {}", e.step.split('#').next().unwrap_or(&e.step)),
+                Some(run_span(e.run_id, e.traceparent.as_deref())),
+                e.started,
+                vec![
+                    KeyValue::new("messaging.system", "cairn"),
+                    KeyValue::new("cairn.run_id", e.run_id.to_string()),
+                    KeyValue::new("cairn.workflow", e.workflow.clone()),
+                    KeyValue::new("cairn.step", e.step.clone()),
+                    KeyValue::new("cairn.attempt", i64::from(e.attempt)),
+                    KeyValue::new("cairn.replayed", false),
+                ],
+            ),
+            Attempt::Task(e) => {
+                // A job run as a workflow step is a child of its run's span;
+                // other jobs continue their producer's trace.
+                let parent = match e.parent_run {
+                    Some(run) => Some(run_span(run, e.traceparent.as_deref())),
+                    None => e.traceparent.as_deref().and_then(parse_traceparent),
+                };
+                let mut attributes = messaging(&e.queue).to_vec();
+                attributes.push(KeyValue::new("cairn.job_id", e.job_id));
+                attributes.push(KeyValue::new("cairn.task", e.task.clone()));
+                attributes.push(KeyValue::new("cairn.attempt", i64::from(e.attempt)));
+                if let Some(run) = e.parent_run {
+                    attributes.push(KeyValue::new("cairn.run_id", run.to_string()));
+                }
+                self.start_attempt(format!("task {}", e.task), parent, e.started, attributes)
+            }
+        })
     }
 }
 
 impl OtelPlugin {
     fn count_run(&self, e: &WorkflowEvent, outcome: &'static str) {
-        let attrs = [
-            KeyValue::new("cairn.workflow", e.workflow.clone()),
-            KeyValue::new("cairn.outcome", outcome),
-        ];
-        self.instruments.runs.add(1, &attrs);
+        self.count(|i| {
+            let attrs = [
+                KeyValue::new("cairn.workflow", e.workflow.clone()),
+                KeyValue::new("cairn.outcome", outcome),
+            ];
+            i.runs.add(1, &attrs);
+        });
     }
 
     fn count_step(&self, e: &StepEvent, error: Option<&FailureInfo>) {
-        let name = e.step.split('#').next().unwrap_or(&e.step).to_owned();
-        let attrs = [
-            KeyValue::new("cairn.workflow", e.workflow.clone()),
-            KeyValue::new("cairn.step", name),
-            KeyValue::new("cairn.outcome", outcome(error, "failed")),
-        ];
-        self.instruments.steps.add(1, &attrs);
-        self.instruments
-            .step_duration
-            .record(e.elapsed.as_secs_f64(), &attrs[..2]);
+        self.count(|i| {
+            let name = e.step.split('#').next().unwrap_or(&e.step).to_owned();
+            let attrs = [
+                KeyValue::new("cairn.workflow", e.workflow.clone()),
+                KeyValue::new("cairn.step", name),
+                KeyValue::new("cairn.outcome", outcome(error, "failed")),
+            ];
+            i.steps.add(1, &attrs);
+            i.step_duration.record(e.elapsed.as_secs_f64(), &attrs[..2]);
+        });
     }
 
     fn count_task(&self, e: &TaskEvent, error: Option<&FailureInfo>) {
-        let attrs = [
-            KeyValue::new("messaging.destination.name", e.queue.clone()),
-            KeyValue::new("cairn.task", e.task.clone()),
-            KeyValue::new("cairn.outcome", outcome(error, "dead")),
-        ];
-        self.instruments.jobs.add(1, &attrs);
-        self.instruments
-            .task_duration
-            .record(e.elapsed.as_secs_f64(), &attrs[..2]);
-    }
-
-    fn run_span(&self, e: &WorkflowEvent, error: Option<&FailureInfo>) {
-        let me = run_span(e.run_id, e.traceparent.as_deref());
-        let mut attributes = messaging(&e.queue).to_vec();
-        attributes.push(KeyValue::new("cairn.run_id", e.run_id.to_string()));
-        attributes.push(KeyValue::new("cairn.workflow", e.workflow.clone()));
-        self.emit(Emit {
-            name: format!("workflow {}", e.workflow),
-            trace_id: Some(me.trace_id()),
-            span_id: Some(me.span_id()),
-            parent: e.traceparent.as_deref().and_then(parse_traceparent),
-            start: e.run_created,
-            end: e.started + e.elapsed,
-            attributes,
-            error,
-        });
-    }
-
-    fn step_span(&self, e: &StepEvent, error: Option<&FailureInfo>) {
-        let run = run_span(e.run_id, e.traceparent.as_deref());
-        self.emit(Emit {
-            name: format!("step {}", e.step.split('#').next().unwrap_or(&e.step)),
-            trace_id: None,
-            span_id: None,
-            parent: Some(run),
-            start: e.started,
-            end: e.started + e.elapsed,
-            attributes: vec![
-                KeyValue::new("messaging.system", "cairn"),
-                KeyValue::new("cairn.run_id", e.run_id.to_string()),
-                KeyValue::new("cairn.workflow", e.workflow.clone()),
-                KeyValue::new("cairn.step", e.step.clone()),
-                KeyValue::new("cairn.attempt", i64::from(e.attempt)),
-                KeyValue::new("cairn.replayed", false),
-            ],
-            error,
-        });
-    }
-
-    fn task_span(&self, e: &TaskEvent, error: Option<&FailureInfo>) {
-        // A job run as a workflow step is a child of its run's span; other
-        // jobs continue their producer's trace.
-        let parent = match e.parent_run {
-            Some(run) => Some(run_span(run, e.traceparent.as_deref())),
-            None => e.traceparent.as_deref().and_then(parse_traceparent),
-        };
-        let mut attributes = messaging(&e.queue).to_vec();
-        attributes.push(KeyValue::new("cairn.job_id", e.job_id));
-        attributes.push(KeyValue::new("cairn.task", e.task.clone()));
-        attributes.push(KeyValue::new("cairn.attempt", i64::from(e.attempt)));
-        if let Some(run) = e.parent_run {
-            attributes.push(KeyValue::new("cairn.run_id", run.to_string()));
-        }
-        self.emit(Emit {
-            name: format!("task {}", e.task),
-            trace_id: None,
-            span_id: None,
-            parent,
-            start: e.started,
-            end: e.started + e.elapsed.max(Duration::from_nanos(1)),
-            attributes,
-            error,
+        self.count(|i| {
+            let attrs = [
+                KeyValue::new("messaging.destination.name", e.queue.clone()),
+                KeyValue::new("cairn.task", e.task.clone()),
+                KeyValue::new("cairn.outcome", outcome(error, "dead")),
+            ];
+            i.jobs.add(1, &attrs);
+            i.task_duration.record(e.elapsed.as_secs_f64(), &attrs[..2]);
         });
     }
 }

@@ -96,6 +96,18 @@ pub struct FailureInfo {
     pub will_retry: bool,
 }
 
+/// An attempt about to run, for [`Plugin::attempt_context`].
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub enum Attempt<'a> {
+    /// An execution of a workflow run (its body, around its steps).
+    Workflow(&'a WorkflowEvent),
+    /// An inline step's attempt.
+    Step(&'a StepEvent),
+    /// A task's attempt (a flow step's job too).
+    Task(&'a TaskEvent),
+}
+
 /// Hooks into cairn's lifecycle. Every method has an empty default:
 /// implement the ones you need.
 #[allow(unused_variables)]
@@ -118,6 +130,15 @@ pub trait Plugin: Send + Sync + 'static {
     fn after_task(&self, event: &TaskEvent) {}
     /// A task's attempt failed.
     fn on_task_error(&self, event: &TaskEvent, error: &FailureInfo) {}
+    /// The OpenTelemetry context an attempt's code runs in (feature `otel`),
+    /// asked right after the `before_*` hook. While the handler runs it is
+    /// the current context, so spans the code opens are its children and
+    /// jobs or runs it starts carry it; the `after_*` and `on_*_error` hooks
+    /// run with it current too. The first plugin to return one wins.
+    #[cfg(feature = "otel")]
+    fn attempt_context(&self, attempt: Attempt<'_>) -> Option<opentelemetry::Context> {
+        None
+    }
 }
 
 /// The plugins an app has, shared with its workers (each takes a snapshot
@@ -168,6 +189,24 @@ impl Plugins {
                 );
             }
         }
+    }
+}
+
+#[cfg(feature = "otel")]
+impl Plugins {
+    /// The first context a plugin gives the attempt.
+    pub fn attempt_context(&self, attempt: Attempt<'_>) -> Option<opentelemetry::Context> {
+        self.0.iter().find_map(|plugin| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| plugin.attempt_context(attempt)))
+                .unwrap_or_else(|panic| {
+                    tracing::error!(
+                        hook = "attempt_context",
+                        panic = %crate::error::panic_message(panic),
+                        "a plugin panicked; ignored"
+                    );
+                    None
+                })
+        })
     }
 }
 

@@ -12,6 +12,7 @@ use cairn::otel::OtelPlugin;
 use cairn::{App, HandlerError, WorkflowContext};
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use tracing::Instrument;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PRODUCER_SPAN: &str = "00f067aa0ba902b7";
@@ -74,6 +75,7 @@ mod receiver {
                             "parent_span_id": hex(&span.parent_span_id),
                             "status": span.status.map(|s| s.code).unwrap_or(0),
                             "events": span.events.iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
+                            "kind": span.kind,
                             "attributes": attributes,
                         });
                         writeln!(file, "{line}").unwrap();
@@ -95,6 +97,12 @@ mod receiver {
                 partial_success: None,
             }))
         }
+    }
+
+    /// OTLP/gRPC for traces only, like Jaeger or Phoenix: a metrics export
+    /// gets `Unimplemented`.
+    pub fn grpc_traces_only(file: std::fs::File) -> tonic::service::Routes {
+        tonic::service::Routes::new(TraceServiceServer::new(Sink(Mutex::new(file))))
     }
 
     /// OTLP/gRPC: traces, and metrics as `{"metric", "attributes", "value"}`
@@ -219,14 +227,21 @@ fn child_process() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        if mode == "receiver" {
+        if mode == "receiver" || mode == "traces-only-receiver" {
             let port: u16 = std::env::var("CAIRN_PORT").unwrap().parse().unwrap();
             let file = std::fs::File::create(std::env::var("CAIRN_SPANS").unwrap()).unwrap();
+            let routes = if mode == "receiver" {
+                receiver::grpc(file)
+            } else {
+                receiver::grpc_traces_only(file)
+            };
             tonic::transport::Server::builder()
-                .add_routes(receiver::grpc(file))
+                .add_routes(routes)
                 .serve(([127, 0, 0, 1], port).into())
                 .await
                 .unwrap();
+        } else if mode == "traced-program" {
+            traced_program(url).await;
         } else if mode == "http-receiver" {
             let port: u16 = std::env::var("CAIRN_PORT").unwrap().parse().unwrap();
             let file = std::fs::File::create(std::env::var("CAIRN_SPANS").unwrap()).unwrap();
@@ -399,7 +414,7 @@ async fn spans_from_a_sql_producer_through_a_crash_to_the_last_step(pool: PgPool
     app.result::<()>(run).await.unwrap();
     stop.cancel();
     handle.await.unwrap().unwrap();
-    otel.shutdown().await.unwrap();
+    otel.shutdown().await;
     common::wait_for(
         "the run's span at the receiver",
         Duration::from_secs(30),
@@ -514,7 +529,7 @@ async fn http_protobuf_export_and_a_task_continuing_a_sql_producers_trace(pool: 
     .await;
     stop.cancel();
     handle.await.unwrap().unwrap();
-    otel.shutdown().await.unwrap();
+    otel.shutdown().await;
     common::wait_for("the task's span", Duration::from_secs(30), || async {
         !spans(&spans_file).is_empty()
     })
@@ -582,7 +597,7 @@ async fn metrics_count_outcomes_time_steps_and_watch_queues(pool: PgPool) {
     tokio::time::sleep(Duration::from_millis(200)).await; // a fresh queue snapshot
     stop.cancel();
     handle.await.unwrap().unwrap();
-    otel.shutdown().await.unwrap(); // exports the metrics
+    otel.shutdown().await; // exports the metrics
     common::wait_for("the metrics", Duration::from_secs(30), || async {
         spans(&file)
             .iter()
@@ -639,5 +654,161 @@ async fn metrics_count_outcomes_time_steps_and_watch_queues(pool: PgPool) {
         lines
             .iter()
             .any(|l| l["metric"] == "cairn.queue.oldest_age")
+    );
+}
+
+/// A program instrumented with `tracing`: its own spans and events, inside a
+/// producer span, a workflow step and a task, exported through the plugin's
+/// layer, with metrics on against a backend that refuses them. Prints how
+/// long shutdown took.
+async fn traced_program(url: String) {
+    use tracing_subscriber::layer::SubscriberExt;
+    let port = std::env::var("CAIRN_PORT").unwrap();
+    let app = App::builder()
+        .database_url(url)
+        .max_connections(4)
+        .build()
+        .await
+        .unwrap();
+    app.initialize().await.unwrap();
+    app.create_queue("notify").await.unwrap();
+    let otel = OtelPlugin::builder()
+        .endpoint(format!("http://127.0.0.1:{port}"))
+        .metrics(true)
+        .metrics_interval(Duration::from_millis(100))
+        .queue_metrics(&app, Duration::from_millis(100))
+        .build()
+        .unwrap();
+    app.plugin(otel.clone());
+    let subscriber = tracing_subscriber::registry().with(otel.layer());
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let producer = app.clone();
+    app.workflow("nested", move |ctx: WorkflowContext, _: ()| {
+        let app = producer.clone();
+        async move {
+            ctx.step("charge", (), move |_| async move {
+                tracing::info!(amount = 42, "talking to the bank");
+                async {
+                    tracing::info!("card accepted");
+                    app.enqueue(&Notify { to: "ann".into() }).await?;
+                    Ok::<_, HandlerError>(())
+                }
+                .instrument(tracing::info_span!("charge card", card = "visa"))
+                .await
+            })
+            .await?;
+            Ok(())
+        }
+    })
+    .unwrap();
+    app.task(|_n: Notify, _ctx| {
+        async {
+            tracing::info!("sent");
+            Ok(())
+        }
+        .instrument(tracing::info_span!("send mail"))
+    })
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(
+        app.worker()
+            .queues(["workflows", "notify"])
+            .poll_interval(Duration::from_millis(50))
+            .run_until(stop.clone().cancelled_owned()),
+    );
+    let run = async { app.start("nested", &()).await.unwrap() }
+        .instrument(tracing::info_span!("producer"))
+        .await;
+    app.result::<()>(run).await.unwrap();
+    common::wait_for("the task", Duration::from_secs(30), || async {
+        common::scalar_i64(app.pool(), "select count(*) from cairn.jobs").await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // a few refused metric exports
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+    let clock = std::time::Instant::now();
+    otel.shutdown().await;
+    println!("shutdown took {} ms", clock.elapsed().as_millis());
+}
+
+#[sqlx::test(migrations = false)]
+async fn user_spans_nest_under_steps_and_a_traces_only_backend_fails_nothing(pool: PgPool) {
+    let (mut receiver, port, spans_file) =
+        start_receiver(&pool, "traces-only-receiver", "cairn-nested").await;
+    let mut program = common::spawn_child(
+        "child_process",
+        "traced-program",
+        &common::url_of(&pool),
+        &[("CAIRN_PORT", port.to_string())],
+    );
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(program.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    let status = program.wait().unwrap();
+    assert!(status.success(), "the program exits 0: {status}\n{stdout}");
+    let ms: u64 = stdout
+        .lines()
+        .find_map(|l| l.split_once("shutdown took ").map(|(_, t)| t))
+        .and_then(|l| l.strip_suffix(" ms"))
+        .unwrap_or_else(|| panic!("no shutdown time in {stdout}"))
+        .parse()
+        .unwrap();
+    assert!(ms < 2_000, "shutdown took {ms} ms");
+    common::wait_for("the spans", Duration::from_secs(30), || async {
+        spans(&spans_file).len() >= 6
+    })
+    .await;
+    receiver.kill().unwrap();
+    receiver.wait().unwrap();
+    let got = spans(&spans_file);
+    let _ = std::fs::remove_file(&spans_file);
+    let span = |name: &str| -> &Value {
+        got.iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no span {name:?} in {got:#?}"))
+    };
+    let (producer, run, step, user) = (
+        span("producer"),
+        span("workflow nested"),
+        span("step charge"),
+        span("charge card"),
+    );
+    let (task, mail) = (span("task notify"), span("send mail"));
+    assert!(
+        got.iter().all(|s| s["trace_id"] == producer["trace_id"]),
+        "one trace, the producer's: {got:#?}"
+    );
+    assert_eq!(run["parent_span_id"], producer["span_id"]);
+    assert_eq!(step["parent_span_id"], run["span_id"]);
+    assert_eq!(
+        user["parent_span_id"], step["span_id"],
+        "the user's span nests under the step"
+    );
+    assert_eq!(user["attributes"]["card"], "visa");
+    // (sqlx's own query events land there too: no level filter here.)
+    let events = |s: &Value| -> Vec<String> {
+        s["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(events(user).contains(&"card accepted".into()), "{user}");
+    assert!(
+        events(step).contains(&"talking to the bank".into()),
+        "an event outside the user's spans lands on the step: {step}"
+    );
+    assert_eq!(
+        task["parent_span_id"], user["span_id"],
+        "a job enqueued inside the user's span continues it"
+    );
+    assert_eq!(mail["parent_span_id"], task["span_id"]);
+    assert!(events(mail).contains(&"sent".into()), "{mail}");
+    assert!(
+        !got.iter()
+            .any(|s| s["name"].as_str().unwrap().starts_with("cairn.")),
+        "cairn's own tracing spans are not exported twice: {got:#?}"
     );
 }

@@ -89,6 +89,7 @@ pub async fn run(url: &str) -> Result<(), BoxError> {
     let (port, spans) = receiver::start().await?;
     let otel = cairn::otel::OtelPlugin::builder()
         .endpoint(format!("http://127.0.0.1:{port}"))
+        .metrics(true)
         .build()?;
     println!(
         "cairn OpenTelemetry overhead (PostgreSQL at {})",
@@ -105,7 +106,7 @@ pub async fn run(url: &str) -> Result<(), BoxError> {
                 .0,
         );
     }
-    otel.shutdown().await?;
+    otel.shutdown().await;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (off, on) = (mean(&off), mean(&on));
     println!(

@@ -16,10 +16,11 @@ use super::{QueuePlan, Running, Worker};
 use crate::db::{ClaimedJob, RunLease};
 use crate::error::{HandlerError, panic_message};
 use crate::json;
-use crate::plugin::{FailureInfo, TaskEvent};
+use crate::plugin::{Attempt, FailureInfo, TaskEvent};
 use crate::registry::{Handler, Registration};
 use crate::retry::{Backoff, RetryPolicy, Verdict};
 use crate::task::JobContext;
+use crate::trace::AttemptContext;
 use crate::workflow::{self, Execution, Settled, WorkflowDef};
 
 impl Worker {
@@ -98,13 +99,18 @@ impl Worker {
             elapsed: Duration::ZERO,
             traceparent: job.traceparent.clone(),
         });
-        if let Some(e) = &event {
-            plugins.each("before_task", |p| p.before_task(e));
-        }
+        let attempt_cx = match &event {
+            Some(e) => {
+                plugins.each("before_task", |p| p.before_task(e));
+                AttemptContext::of(&plugins, Attempt::Task(e))
+            }
+            None => AttemptContext::default(),
+        };
         let clock = event.as_ref().map(|_| Instant::now());
         // The user's own `tracing` spans and events inside the handler carry
         // the job's identity.
         let span = tracing::info_span!(
+            target: "cairn::attempt",
             "cairn.task",
             cairn.job_id = id,
             cairn.task = %reg.name,
@@ -123,7 +129,10 @@ impl Worker {
             }),
             None => call,
         };
-        let run = tracing::Instrument::instrument(AssertUnwindSafe(call).catch_unwind(), span);
+        let run = tracing::Instrument::instrument(
+            attempt_cx.wrap(AssertUnwindSafe(call).catch_unwind()),
+            span,
+        );
         let in_flight = Arc::clone(&self.in_flight);
         // Registered before the task can finish: the entry is in place when
         // the task marks it settled, and the completer removes it.
@@ -156,7 +165,7 @@ impl Worker {
             };
             if let (Some(event), Some(clock)) = (&mut event, clock) {
                 event.elapsed = clock.elapsed();
-                match &outcome {
+                attempt_cx.enter(|| match &outcome {
                     Settle::Done { .. } => plugins.each("after_task", |p| p.after_task(event)),
                     Settle::Retry { error, .. } | Settle::Fail { error, .. } => {
                         let info = FailureInfo {
@@ -165,7 +174,7 @@ impl Worker {
                         };
                         plugins.each("on_task_error", |p| p.on_task_error(event, &info));
                     }
-                }
+                });
             }
             let _ = settle.send(outcome);
             drop(permit);

@@ -27,7 +27,8 @@ use crate::BoxFuture;
 use crate::db::{self, RunLease};
 use crate::error::{HandlerError, panic_message};
 use crate::json;
-use crate::plugin::{FailureInfo, Plugins, RunOutcome, WorkflowEvent};
+use crate::plugin::{Attempt, FailureInfo, Plugins, RunOutcome, WorkflowEvent};
+use crate::trace::AttemptContext;
 
 /// How one execution of a run ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -80,15 +81,17 @@ pub(crate) async fn execute(x: Execution) -> Settled {
     };
     let plugins = x.plugins.clone();
     plugins.each("before_workflow", |p| p.before_workflow(&event));
+    let attempt_cx = AttemptContext::of(&plugins, Attempt::Workflow(&event));
     let clock = Instant::now();
     let span = tracing::info_span!(
+        target: "cairn::attempt",
         "cairn.run",
         cairn.run_id = %x.at.run,
         cairn.workflow = %x.name
     );
-    let settled = tracing::Instrument::instrument(replay(x, loaded), span).await;
+    let settled = tracing::Instrument::instrument(attempt_cx.wrap(replay(x, loaded)), span).await;
     event.elapsed = clock.elapsed();
-    match &settled {
+    attempt_cx.enter(|| match &settled {
         Settled::Completed => plugins.each("after_workflow", |p| {
             p.after_workflow(&event, RunOutcome::Completed)
         }),
@@ -105,7 +108,7 @@ pub(crate) async fn execute(x: Execution) -> Settled {
             };
             plugins.each("on_workflow_error", |p| p.on_workflow_error(&event, &info))
         }
-    }
+    });
     settled
 }
 

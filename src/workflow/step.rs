@@ -24,9 +24,10 @@ use crate::BoxFuture;
 use crate::db::{self, Begun};
 use crate::error::{HandlerError, StepError, panic_message};
 use crate::json;
-use crate::plugin::{FailureInfo, StepEvent};
+use crate::plugin::{Attempt, FailureInfo, StepEvent};
 use crate::retry::{RetryPolicy, Verdict};
 use crate::run::{StepKind, StepStatus};
+use crate::trace::AttemptContext;
 
 /// A step about to run; await it. See [`WorkflowContext::step`].
 #[must_use = "a step does nothing until awaited"]
@@ -216,7 +217,9 @@ impl<'c, I, F> Step<'c, I, F> {
         };
         let plugins = &inner.plugins;
         plugins.each("before_step", |p| p.before_step(&event));
+        let attempt_cx = AttemptContext::of(plugins, Attempt::Step(&event));
         let span = tracing::info_span!(
+            target: "cairn::attempt",
             "cairn.step",
             cairn.run_id = %at.run,
             cairn.workflow = %inner.workflow,
@@ -224,7 +227,8 @@ impl<'c, I, F> Step<'c, I, F> {
             cairn.attempt = attempt
         );
         let clock = Instant::now();
-        let result = run_handler(self.handler, self.input, self.timeout)
+        let result = attempt_cx
+            .wrap(run_handler(self.handler, self.input, self.timeout))
             .instrument(span)
             .await;
         event.elapsed = clock.elapsed();
@@ -251,7 +255,7 @@ impl<'c, I, F> Step<'c, I, F> {
             Ok((out, output)) => {
                 ctx.record(outcome(StepStatus::Completed, output, None, None));
                 drop(busy);
-                plugins.each("after_step", |p| p.after_step(&event));
+                attempt_cx.enter(|| plugins.each("after_step", |p| p.after_step(&event)));
                 Ok(out)
             }
             Err((status, error, delay)) => {
@@ -265,7 +269,8 @@ impl<'c, I, F> Step<'c, I, F> {
                     message: error.clone(),
                     will_retry: delay.is_some(),
                 };
-                plugins.each("on_step_error", |p| p.on_step_error(&event, &info));
+                attempt_cx
+                    .enter(|| plugins.each("on_step_error", |p| p.on_step_error(&event, &info)));
                 match delay {
                     Some(delay) => {
                         ctx.halt_now(Halt::Suspend {
