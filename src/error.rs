@@ -41,6 +41,16 @@ pub enum Error {
     #[error("run {0} was cancelled")]
     RunCancelled(uuid::Uuid),
 
+    /// The awaited run had not ended in the time given
+    /// ([`App::result_within`](crate::App::result_within)); it goes on.
+    #[error("run {run} had not ended after {waited:?}")]
+    NotEnded {
+        /// The run's id.
+        run: uuid::Uuid,
+        /// How long it was waited for.
+        waited: Duration,
+    },
+
     /// A stored output does not fit the type asked for.
     #[error("cannot decode {what}: {source}")]
     Deserialize {

@@ -892,3 +892,36 @@ async fn result_returns_when_the_notification_is_lost(pool: PgPool) {
     assert_eq!(out, 9);
     handle.await.unwrap().unwrap();
 }
+
+/// `result_within` gives up after its limit with `NotEnded`, leaving the run
+/// alone; once a worker runs it, the same call returns its output.
+#[sqlx::test(migrations = false)]
+async fn result_within_gives_up_without_touching_the_run(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.workflow("noop", |_ctx: WorkflowContext, i: u32| async move { Ok(i) })
+        .unwrap();
+    let run = app.start("noop", &4_u32).await.unwrap();
+    let clock = std::time::Instant::now();
+    let err = app
+        .result_within::<u32>(run, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NotEnded { run: r, .. } if r == run),
+        "{err}"
+    );
+    assert!(clock.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        app.run_status(run).await.unwrap().status,
+        cairn::RunStatus::Pending
+    );
+    let handle = tokio::spawn(app.worker().queues(["workflows"]).run_until(async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }));
+    let out = app
+        .result_within::<u32>(run, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(out, 4);
+    handle.await.unwrap().unwrap();
+}

@@ -16,6 +16,7 @@ pub use start::{OnConflict, Start};
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -420,6 +421,18 @@ impl App {
                 }
             }
         }
+    }
+
+    /// [`result`](Self::result), waiting at most `limit`:
+    /// [`Error::NotEnded`] if the run is still going by then (it goes on).
+    pub async fn result_within<T: DeserializeOwned>(
+        &self,
+        run: Uuid,
+        limit: Duration,
+    ) -> Result<T> {
+        tokio::time::timeout(limit, self.result(run))
+            .await
+            .unwrap_or(Err(Error::NotEnded { run, waited: limit }))
     }
 
     /// Everything about one run: status, input, output, error, key, queue,
