@@ -6,15 +6,17 @@
 --   cairn_producer  send, send_batch, metrics, start_workflow, send_signal,
 --                   run_status, get_run, list_runs, run_steps, run_history,
 --                   list_schedules, next_fires, start_flow, list_flows,
---                   plan_flow, export_flow(s)
+--                   plan_flow, export_flow(s), list_workers, list_workflows
 --   cairn_worker    producer + claim/read/pop, the fenced ack/archive/retry/
 --                   fail/extend/set_vt/release, create_queue, and the run
 --                   engine's worker calls (40_worker.sql), prune,
---                   tick_schedules, register_step_handler
+--                   tick_schedules, register_step_handler, worker_hello,
+--                   worker_seen, worker_bye
 --   cairn_admin     worker + drop_queue, purge_queue, delete, requeue,
 --                   cancel_run, retry_run, set_retention, create_,
 --                   update_, pause_, resume_, trigger_ and delete_schedule,
---                   create_flow, compose_flow, and SELECT on the tables
+--                   create_flow, compose_flow, list_dead, requeue_dead,
+--                   and SELECT on the tables
 -- The engine's internal functions (00_base.sql checks, 20_run_engine.sql)
 -- are granted to no one: only cairn's SECURITY DEFINER functions call them.
 -- Every install starts from nothing: whatever was granted on cairn's objects
@@ -97,7 +99,9 @@ declare
         'cairn.plan_flow(jsonb)',
         'cairn.plan_flow(text, integer)',
         'cairn.export_flow(text)',
-        'cairn.export_flows()'];
+        'cairn.export_flows()',
+        'cairn.list_workers()',
+        'cairn.list_workflows()'];
     v_worker constant text[] := v_producer || array[
         'cairn.create_queue(text)',
         'cairn.claim(text, double precision, integer, text[])',
@@ -126,7 +130,10 @@ declare
         'cairn.fail_run(uuid, bigint, bigint, jsonb, text)',
         'cairn.prune(integer)',
         'cairn.tick_schedules(integer)',
-        'cairn.register_step_handler(text)'];
+        'cairn.register_step_handler(text)',
+        'cairn.worker_hello(uuid, text, integer, text[], text[], integer)',
+        'cairn.worker_seen(uuid)',
+        'cairn.worker_bye(uuid)'];
     v_admin constant text[] := v_worker || array[
         'cairn.drop_queue(text)',
         'cairn.purge_queue(text)',
@@ -142,7 +149,9 @@ declare
         'cairn.delete_schedule(text)',
         'cairn.trigger_schedule(text)',
         'cairn.create_flow(text, jsonb)',
-        'cairn.compose_flow(text, text[], text)'];
+        'cairn.compose_flow(text, text[], text)',
+        'cairn.list_dead(text, integer)',
+        'cairn.requeue_dead(text)'];
     v_grant record;
 begin
     for v_grant in

@@ -13,7 +13,8 @@ use sqlx::PgExecutor;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 
 use crate::error::{DbContext, Result};
-use crate::flow::PlannedStep;
+use crate::flow::{FlowInfo, PlannedStep};
+use crate::operate::{DeadLetter, Requeued, WorkerInfo, WorkflowInfo};
 use crate::pooler::Db;
 use crate::queue::QueueMetrics;
 use crate::retention::{Pruned, Retention};
@@ -981,10 +982,107 @@ pub(crate) async fn plan_flow(db: impl PgExecutor<'_>, flow: &str) -> Result<Vec
         .collect())
 }
 
+pub(crate) async fn list_flows(db: impl PgExecutor<'_>) -> Result<Vec<FlowInfo>> {
+    sqlx::query_as(
+        "select name, version, steps, queue, definition::text as definition, created_at, \
+         updated_at from cairn.list_flows()",
+    )
+    .fetch_all(db)
+    .await
+    .db("listing flows")
+}
+
 pub(crate) async fn export_flow(db: impl PgExecutor<'_>, flow: &str) -> Result<String> {
     sqlx::query_scalar("select cairn.export_flow($1)")
         .bind(flow)
         .fetch_one(db)
         .await
         .db("exporting a flow")
+}
+
+// ---- operate: workers, workflows, dead letters ------------------------------
+
+pub(crate) async fn worker_hello(
+    db: impl PgExecutor<'_>,
+    id: uuid::Uuid,
+    host: &str,
+    queues: &[String],
+    handlers: &[String],
+    concurrency: usize,
+) -> Result<()> {
+    sqlx::query("select cairn.worker_hello($1, $2, $3, $4, $5, $6)")
+        .bind(id)
+        .bind(host)
+        .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
+        .bind(queues)
+        .bind(handlers)
+        .bind(i32::try_from(concurrency).unwrap_or(i32::MAX))
+        .execute(db)
+        .await
+        .db("announcing the worker")
+        .map(drop)
+}
+
+/// False when the worker's row is gone (it must say hello again).
+pub(crate) async fn worker_seen(db: impl PgExecutor<'_>, id: uuid::Uuid) -> Result<bool> {
+    sqlx::query_scalar("select cairn.worker_seen($1)")
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .db("reporting the worker alive")
+}
+
+pub(crate) async fn worker_bye(db: impl PgExecutor<'_>, id: uuid::Uuid) -> Result<()> {
+    sqlx::query("select cairn.worker_bye($1)")
+        .bind(id)
+        .execute(db)
+        .await
+        .db("removing the worker")
+        .map(drop)
+}
+
+pub(crate) async fn list_workers(db: impl PgExecutor<'_>) -> Result<Vec<WorkerInfo>> {
+    sqlx::query_as(
+        "select id, host, pid, queues, handlers, concurrency, started_at, seen_at, alive \
+           from cairn.list_workers()",
+    )
+    .fetch_all(db)
+    .await
+    .db("listing workers")
+}
+
+pub(crate) async fn list_workflows(db: impl PgExecutor<'_>) -> Result<Vec<WorkflowInfo>> {
+    sqlx::query_as(
+        "select name, kind, queue, registered_at, active, failed, completed \
+           from cairn.list_workflows()",
+    )
+    .fetch_all(db)
+    .await
+    .db("listing workflows")
+}
+
+pub(crate) async fn list_dead(
+    db: impl PgExecutor<'_>,
+    queue: Option<&str>,
+    limit: u32,
+) -> Result<Vec<DeadLetter>> {
+    sqlx::query_as(
+        "select id, queue_name as queue, task, payload::text as payload, attempts, last_error, \
+         enqueued_at, died_at, run_id, parent_run from cairn.list_dead($1, $2)",
+    )
+    .bind(queue)
+    .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+    .fetch_all(db)
+    .await
+    .db("listing dead letters")
+}
+
+pub(crate) async fn requeue_dead(db: impl PgExecutor<'_>, queue: &str) -> Result<Requeued> {
+    let (requeued, skipped): (i64, i64) =
+        sqlx::query_as("select requeued, skipped from cairn.requeue_dead($1)")
+            .bind(queue)
+            .fetch_one(db)
+            .await
+            .db("requeueing dead letters")?;
+    Ok(Requeued { requeued, skipped })
 }

@@ -228,8 +228,29 @@ impl Flow {
     }
 }
 
+/// A stored flow, from [`App::list_flows`](crate::App::list_flows).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct FlowInfo {
+    /// Its name.
+    pub name: String,
+    /// Its latest version (new runs start on it).
+    pub version: i32,
+    /// How many steps that version has.
+    pub steps: i32,
+    /// The queue its steps' jobs go to by default.
+    pub queue: Option<String>,
+    /// The latest version's definition, as JSON text.
+    #[serde(serialize_with = "crate::json::embedded")]
+    pub definition: String,
+    /// When it was first stored.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// When its latest version was stored.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// One step of a flow's dry run ([`App::plan_flow`](crate::App::plan_flow)).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct PlannedStep {
     /// The stage it runs in, from 1: a stage starts once the steps it waits

@@ -41,6 +41,27 @@ pub(crate) fn problem(json: &str) -> Option<String> {
     None
 }
 
+/// Serializes JSON text held in a string as the JSON it is, not as a string
+/// (`serialize_with` on a stored input or output).
+pub(crate) fn embedded<S: serde::Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+    use serde::Serialize;
+    match serde_json::value::RawValue::from_string(text.to_owned()) {
+        Ok(raw) => raw.serialize(s),
+        Err(_) => s.serialize_str(text),
+    }
+}
+
+/// [`embedded`], for a value that may be absent (`null`).
+pub(crate) fn embedded_opt<S: serde::Serializer>(
+    text: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match text {
+        Some(t) => embedded(t, s),
+        None => s.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,6 +64,7 @@ mod error;
 mod flow;
 mod json;
 mod migrate;
+mod operate;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod plugin;
@@ -81,8 +82,9 @@ mod workflow;
 
 pub use app::{App, AppBuilder, Call, Enqueue, EnqueueBatch, OnConflict, Start};
 pub use error::{Error, HandlerError, HandlerErrorKind, Result, ResultExt, StepError};
-pub use flow::{Flow, PlannedStep};
+pub use flow::{Flow, FlowInfo, PlannedStep};
 pub use migrate::{MigrationReport, latest_version};
+pub use operate::{DeadLetter, Requeued, WorkerInfo, WorkflowInfo};
 pub use plugin::{
     Attempt, FailureInfo, LoggingPlugin, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent,
 };

@@ -62,6 +62,11 @@ const MIGRATIONS: &[Script] = &[
         name: "0007_flows.sql",
         sql: include_str!("../migrations/0007_flows.sql"),
     },
+    Script {
+        version: 8,
+        name: "0008_operate.sql",
+        sql: include_str!("../migrations/0008_operate.sql"),
+    },
 ];
 
 const FUNCTIONS: &[&str] = &[
@@ -73,6 +78,7 @@ const FUNCTIONS: &[&str] = &[
     include_str!("../sql/50_retention.sql"),
     include_str!("../sql/60_schedules.sql"),
     include_str!("../sql/70_flows.sql"),
+    include_str!("../sql/80_operate.sql"),
     // Last: install_functions finds stale functions before it grants.
     include_str!("../sql/90_grants.sql"),
 ];

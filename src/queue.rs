@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use crate::error::{Error, Result};
 
 /// One queue's counters, from `cairn.metrics`.
-#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, sqlx::FromRow)]
 #[non_exhaustive]
 pub struct QueueMetrics {
     /// The queue's name.

@@ -65,6 +65,12 @@ impl RunStatus {
     }
 }
 
+impl serde::Serialize for RunStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 impl fmt::Display for RunStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -91,7 +97,7 @@ impl TryFrom<String> for RunStatus {
 }
 
 /// A run's state, from `cairn.run_status`.
-#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
 #[non_exhaustive]
 pub struct RunInfo {
     /// The run's id.
@@ -102,6 +108,7 @@ pub struct RunInfo {
     #[sqlx(try_from = "String")]
     pub status: RunStatus,
     /// The output as JSON text, once completed.
+    #[serde(serialize_with = "crate::json::embedded_opt")]
     pub output: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
@@ -116,7 +123,7 @@ pub struct RunInfo {
 }
 
 /// One entry of a run's history, from `cairn.run_history` (oldest first).
-#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
 #[non_exhaustive]
 pub struct RunEvent {
     /// When it happened (for an attempt: when it began).
@@ -137,6 +144,7 @@ pub struct RunEvent {
     /// The error, for failures.
     pub error: Option<String>,
     /// More about it, as JSON text (a signal's name, a suspend's wake time).
+    #[serde(serialize_with = "crate::json::embedded_opt")]
     pub detail: Option<String>,
 }
 
@@ -233,7 +241,7 @@ impl StepKind {
 }
 
 /// Everything about one run, from [`App::run`](crate::App::run).
-#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
 #[non_exhaustive]
 pub struct RunDetail {
     /// The run's id.
@@ -244,8 +252,10 @@ pub struct RunDetail {
     #[sqlx(try_from = "String")]
     pub status: RunStatus,
     /// The input as JSON text.
+    #[serde(serialize_with = "crate::json::embedded")]
     pub input: String,
     /// The output as JSON text, once completed.
+    #[serde(serialize_with = "crate::json::embedded_opt")]
     pub output: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
@@ -272,7 +282,7 @@ pub struct RunDetail {
 }
 
 /// One line of [`App::list_runs`](crate::App::list_runs), newest first.
-#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
 #[non_exhaustive]
 pub struct RunSummary {
     /// The run's id.

@@ -228,7 +228,7 @@ impl ScheduleChange {
 }
 
 /// A schedule as stored, from [`App::list_schedules`](crate::App::list_schedules).
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 #[non_exhaustive]
 pub struct ScheduleInfo {
     /// Its name.
@@ -244,6 +244,7 @@ pub struct ScheduleInfo {
     /// The task name of those jobs, if not the queue's name.
     pub task: Option<String>,
     /// The input, as JSON text (`scheduled_at` is added per tick).
+    #[serde(serialize_with = "crate::json::embedded")]
     pub input: String,
     /// The priority of what it starts.
     pub priority: i32,

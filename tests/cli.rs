@@ -252,3 +252,174 @@ async fn list_runs_and_run_from_rust(pool: PgPool) {
         Err(cairn::Error::InvalidArgument(_))
     ));
 }
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Mail {
+    to: String,
+}
+impl cairn::Task for Mail {
+    const QUEUE: &'static str = "mail";
+    type Output = ();
+}
+
+/// `cairn workers`, `workflows`, `queues`, `flows` and `dead` against a
+/// running worker, a flow, and dead letters (a task's and a flow step's).
+#[sqlx::test(migrations = false)]
+async fn workers_workflows_queues_flows_and_dead_letters(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.task(|m: Mail, _ctx| async move {
+        if m.to.is_empty() {
+            Err(HandlerError::fatal("no address"))
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+    app.workflow(
+        "greet",
+        |_ctx: WorkflowContext, n: i64| async move { Ok(n) },
+    )
+    .unwrap();
+    app.step_handler("explode", |_: serde_json::Value, _ctx| async move {
+        Err::<(), _>(HandlerError::fatal("boom"))
+    })
+    .unwrap();
+    app.flow(cairn::Flow::new("doomed").step("explode"))
+        .unwrap();
+    app.initialize().await.unwrap();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(
+        app.worker()
+            .queues(["mail", "workflows"])
+            .concurrency(3)
+            .poll_interval(Duration::from_millis(50))
+            .run_until(stop.clone().cancelled_owned()),
+    );
+
+    // The worker announces itself.
+    common::wait_for("the worker's row", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.workers").await == 1
+    })
+    .await;
+    let workers = cli_json(&pool, &["workers", "--json"]);
+    let w = &workers[0];
+    assert_eq!(w["alive"], true);
+    assert_eq!(w["pid"], std::process::id());
+    assert_eq!(w["queues"], serde_json::json!(["mail", "workflows"]));
+    assert_eq!(w["concurrency"], 3);
+    let handlers: Vec<&str> = w["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    for h in ["mail", "greet", "explode"] {
+        assert!(handlers.contains(&h), "{handlers:?}");
+    }
+    let table = cli_ok(&pool, &["workers"]);
+    assert!(
+        table.contains("alive") && table.contains("mail, workflows"),
+        "{table}"
+    );
+
+    // Work: two runs, one flow run whose step dies, two mails (one dead).
+    for n in [1, 2] {
+        let run = app.start("greet", &n).await.unwrap();
+        app.result::<i64>(run).await.unwrap();
+    }
+    let doomed = app
+        .start_flow("doomed", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert!(app.result::<serde_json::Value>(doomed).await.is_err());
+    app.enqueue(&Mail { to: "ann".into() }).await.unwrap();
+    app.enqueue(&Mail { to: String::new() }).await.unwrap();
+    common::wait_for("the dead mail", Duration::from_secs(10), || async {
+        app.metrics("mail").await.unwrap().dead == 1
+    })
+    .await;
+
+    let workflows = cli_json(&pool, &["workflows", "--json"]);
+    let find = |name: &str| {
+        workflows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} in {workflows}"))
+    };
+    let (greet, doomed_row) = (find("greet"), find("doomed"));
+    assert_eq!(
+        (
+            greet["kind"].as_str(),
+            greet["queue"].as_str(),
+            greet["completed"].as_i64()
+        ),
+        (Some("workflow"), Some("workflows"), Some(2))
+    );
+    assert_eq!(
+        (doomed_row["kind"].as_str(), doomed_row["failed"].as_i64()),
+        (Some("flow"), Some(1))
+    );
+    assert!(cli_ok(&pool, &["workflows"]).contains("doomed"));
+
+    let queues = cli_json(&pool, &["queues", "--json"]);
+    let mail = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "mail")
+        .unwrap();
+    assert_eq!(mail["dead"], 1);
+    assert!(
+        cli_ok(&pool, &["metrics", "mail"]).contains("mail"),
+        "the old name"
+    );
+
+    let flows = cli_json(&pool, &["flows", "list", "--json"]);
+    assert_eq!(flows[0]["name"], "doomed");
+    assert_eq!(flows[0]["definition"]["steps"][0]["name"], "explode");
+    let plan = cli_json(&pool, &["flows", "plan", "doomed", "--json"]);
+    assert_eq!(plan[0]["step"], "explode");
+    assert!(cli_ok(&pool, &["flows", "export"]).contains("cairn.create_flow('doomed'"));
+
+    // Dead letters: the mail and the flow's step job.
+    let dead = cli_json(&pool, &["dead", "list", "--json"]);
+    assert_eq!(dead.as_array().unwrap().len(), 2, "{dead}");
+    let mail_dead = dead
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["queue"] == "mail")
+        .unwrap();
+    assert_eq!(mail_dead["payload"], serde_json::json!({"to": ""}));
+    assert_eq!(mail_dead["last_error"], "no address");
+    let only_mail = cli_json(&pool, &["dead", "list", "--queue", "mail", "--json"]);
+    assert_eq!(only_mail.as_array().unwrap().len(), 1);
+    assert!(cli_ok(&pool, &["dead", "list"]).contains("no address"));
+    let (code, _, err) = common::cli(&pool, &["dead", "list", "--queue", "nope"]);
+    assert_eq!(code, 3, "{err}");
+
+    let out = cli_ok(&pool, &["dead", "requeue", "workflows"]);
+    assert!(
+        out.contains("requeued 0") && out.contains("1 step job"),
+        "{out}"
+    );
+    let out = cli_ok(&pool, &["dead", "requeue", "mail"]);
+    assert!(out.contains("requeued 1"), "{out}");
+    // Requeued, it dies again (the address is still empty).
+    common::wait_for("the mail to die again", Duration::from_secs(10), || async {
+        common::scalar_i64(&pool, "select count(*) from cairn.jobs").await == 0
+            && app.metrics("mail").await.unwrap().dead == 1
+    })
+    .await;
+
+    // A clean stop removes the worker's row.
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+    assert_eq!(
+        cli_json(&pool, &["workers", "--json"]),
+        serde_json::json!([])
+    );
+}

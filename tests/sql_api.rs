@@ -554,3 +554,57 @@ async fn claim_and_ack_work_per_job_does_not_grow_with_the_backlog(pool: PgPool)
     // About 15 with good plans; a plan that scans the backlog costs 100s.
     assert!(per_job < 40, "{per_job} block accesses per job");
 }
+
+/// The operator's functions refuse bad arguments with a SQLSTATE and a
+/// message that names the argument; a worker's row is cleaned up.
+#[sqlx::test(migrations = false)]
+async fn operator_functions_refuse_bad_arguments(pool: PgPool) {
+    setup(&pool).await;
+    for (sql, code, says) in [
+        ("select * from cairn.list_dead('q', 0)", "22023", "lim"),
+        ("select * from cairn.list_dead('q', null)", "22023", "lim"),
+        ("select * from cairn.list_dead('nope', 10)", "42704", "nope"),
+        ("select * from cairn.requeue_dead('nope')", "42704", "nope"),
+        ("select * from cairn.requeue_dead(null)", "22004", "queue"),
+        (
+            "select cairn.worker_hello(gen_random_uuid(), null, 1, '{}', '{}', 1)",
+            "22004",
+            "host",
+        ),
+        (
+            "select cairn.worker_hello(gen_random_uuid(), repeat('h', 300), 1, '{}', '{}', 1)",
+            "22023",
+            "host",
+        ),
+    ] {
+        let (got, message) = common::refused(&pool, sql).await;
+        assert_eq!(got, code, "{sql}: {message}");
+        assert!(message.contains(says), "{sql}: {message}");
+    }
+    sqlx::raw_sql(
+        "select cairn.worker_hello('00000000-0000-0000-0000-000000000001', 'h', 7, '{q}', '{t}', 2);
+         update cairn.workers set seen_at = now() - interval '2 minutes'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let alive: bool = sqlx::query_scalar("select alive from cairn.list_workers()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(!alive, "unseen for 2 minutes: lost");
+    let back: bool =
+        sqlx::query_scalar("select cairn.worker_seen('00000000-0000-0000-0000-000000000001')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(back);
+    sqlx::query("select cairn.worker_bye('00000000-0000-0000-0000-000000000001')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        common::scalar_i64(&pool, "select count(*) from cairn.workers").await,
+        0
+    );
+}

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use super::{App, Call, Start};
 use crate::db;
 use crate::error::{HandlerError, Result};
-use crate::flow::{Flow, PlannedStep};
+use crate::flow::{Flow, FlowInfo, PlannedStep};
 use crate::retry::RetryPolicy;
 use crate::task::JobContext;
 
@@ -94,6 +94,11 @@ impl App {
         input: &'a I,
     ) -> Start<'a, I> {
         self.start(flow, input)
+    }
+
+    /// Every stored flow, by name, with its latest version's definition.
+    pub async fn list_flows(&self) -> Result<Vec<FlowInfo>> {
+        db::list_flows(self.db()).await
     }
 
     /// The dry run of a stored flow: its steps by stage, nothing run.

@@ -6,6 +6,7 @@ mod call;
 mod ended;
 mod enqueue;
 mod flows;
+mod operate;
 mod schedules;
 mod start;
 

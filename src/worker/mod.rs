@@ -8,6 +8,8 @@
 //!   was lost (the job ran out and was claimed elsewhere, or its run was
 //!   cancelled);
 //! - [`listener`]: `LISTEN` for wake-ups, with a jittered poll as fallback;
+//! - [`presence`]: keeps this worker's row in `cairn.workers` (who runs,
+//!   serving what, since when);
 //! - [`pruner`]: deletes finished runs and archived jobs past their
 //!   retention window;
 //! - [`scheduler`]: fires due schedule ticks.
@@ -20,6 +22,7 @@ mod completer;
 mod executor;
 mod heartbeat;
 mod listener;
+mod presence;
 mod pruner;
 mod scheduler;
 
@@ -377,6 +380,23 @@ impl Worker {
             Arc::clone(&self.in_flight),
             stop.clone(),
         ));
+        let presence = tokio::spawn(presence::run(
+            pool.clone(),
+            presence::Presence {
+                id: uuid::Uuid::new_v4(),
+                host: presence::host_name(),
+                queues: self.queues.iter().map(|q| q.name.clone()).collect(),
+                handlers: {
+                    let mut all: Vec<String> =
+                        self.queues.iter().flat_map(|q| q.tasks.clone()).collect();
+                    all.sort();
+                    all.dedup();
+                    all
+                },
+                concurrency: self.concurrency,
+            },
+            stop.clone(),
+        ));
         let pruner = self
             .prune_interval
             .map(|every| tokio::spawn(pruner::run(pool.clone(), every, stop.clone())));
@@ -425,6 +445,7 @@ impl Worker {
         stop.cancel();
         let _ = heartbeat.await;
         let _ = listener.await;
+        let _ = presence.await;
         if let Some(pruner) = pruner {
             let _ = pruner.await;
         }

@@ -1,0 +1,226 @@
+//! `cairn`: operate a cairn database from the shell.
+//!
+//! ```text
+//! DATABASE_URL=postgres://… cairn migrate
+//! cairn queue create emails
+//! cairn queues
+//! cairn workers
+//! cairn dead list --queue emails
+//! cairn dead requeue emails
+//! cairn schedules create nightly '30 2 * * *' --workflow report --timezone Europe/London
+//! cairn schedules list --json
+//! cairn runs list --status failed --since 2h
+//! cairn runs retry --failed --workflow report
+//! ```
+//!
+//! Exit status: 0 done, 1 refused or failed (the reason on stderr), 2 bad
+//! usage, 3 no such run, schedule, queue or workflow.
+
+use std::process::ExitCode;
+
+use cairn::App;
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+
+mod operate;
+mod runs;
+mod schedules;
+
+use runs::{RunAction, runs};
+use schedules::{ScheduleAction, schedules};
+
+#[derive(Parser)]
+#[command(version, about = "Operate cairn's queues in a PostgreSQL database")]
+struct Cli {
+    /// The database to operate on.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or upgrade schema `cairn` (what App::initialize() does).
+    Migrate,
+    /// Create, drop or purge a queue.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+    /// Per-queue counters: ready, delayed, in flight, dead, archived, and
+    /// the oldest ready job's age (all queues, or one).
+    #[command(visible_alias = "metrics")]
+    Queues {
+        /// Only this queue.
+        queue: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The worker processes: alive or lost, what they serve, since when.
+    Workers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Code-first workflows and flows, with counts of their runs.
+    Workflows {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, plan and export flows.
+    Flows {
+        #[command(subcommand)]
+        action: operate::FlowAction,
+    },
+    /// List dead letters, and put them back.
+    Dead {
+        #[command(subcommand)]
+        action: operate::DeadAction,
+    },
+    /// List, show, start, cancel, retry and signal workflow runs.
+    Runs {
+        #[command(subcommand)]
+        action: RunAction,
+    },
+    /// Create, change, pause, resume, trigger, delete and list schedules.
+    Schedules {
+        #[command(subcommand)]
+        action: ScheduleAction,
+    },
+    /// Put a dead-lettered job back on its queue.
+    Requeue {
+        /// The job's queue.
+        queue: String,
+        /// The job's id.
+        id: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Create a queue (a no-op if it exists).
+    Create { name: String },
+    /// Drop a queue with all its jobs, archive and dead letters.
+    Drop { name: String },
+    /// Delete every live job of a queue.
+    Purge { name: String },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "cairn=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairn: {e}");
+            match e {
+                cairn::Error::NotFound(_) => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> cairn::Result<()> {
+    let app = App::builder()
+        .database_url(cli.database_url)
+        .max_connections(1)
+        .build()
+        .await?;
+    match cli.command {
+        Command::Migrate => {
+            let report = app.initialize().await?;
+            if report.is_noop() {
+                println!(
+                    "schema cairn is current (migration {})",
+                    cairn::latest_version()
+                );
+            } else {
+                println!(
+                    "applied migrations {:?}; functions {}",
+                    report.applied,
+                    if report.functions_updated {
+                        "installed"
+                    } else {
+                        "unchanged"
+                    }
+                );
+            }
+            for line in &report.repaired {
+                println!("repaired: {line}");
+            }
+            for line in &report.noticed {
+                println!("noticed: {line}");
+            }
+        }
+        Command::Queue { action } => match action {
+            QueueAction::Create { name } => {
+                app.create_queue(&name).await?;
+                println!("queue {name} ready");
+            }
+            QueueAction::Drop { name } => {
+                let dropped = app.drop_queue(&name).await?;
+                println!("{}", if dropped { "dropped" } else { "no such queue" });
+            }
+            QueueAction::Purge { name } => {
+                println!("purged {} jobs", app.purge_queue(&name).await?);
+            }
+        },
+        Command::Queues { queue, json } => operate::queues(&app, queue, json).await?,
+        Command::Workers { json } => operate::workers(&app, json).await?,
+        Command::Workflows { json } => operate::workflows(&app, json).await?,
+        Command::Flows { action } => operate::flows(&app, action).await?,
+        Command::Dead { action } => operate::dead(&app, action).await?,
+        Command::Requeue { queue, id } => {
+            let ok = app.requeue(&queue, id).await?;
+            println!(
+                "{}",
+                if ok {
+                    "requeued"
+                } else {
+                    "no such dead letter"
+                }
+            );
+        }
+        Command::Schedules { action } => schedules(&app, action).await?,
+        Command::Runs { action } => runs(&app, action).await?,
+    }
+    Ok(())
+}
+
+/// A JSON argument, refused before anything is sent if it does not parse.
+fn json_arg(what: &str, text: &str) -> cairn::Result<serde_json::Value> {
+    serde_json::from_str(text)
+        .map_err(|e| cairn::Error::InvalidArgument(format!("{what} is not JSON: {e}")))
+}
+
+/// `--since`: an RFC 3339 time, or an age such as `2h` or `7d` before now.
+fn since_arg(text: &str) -> cairn::Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let age = humantime::parse_duration(text).map_err(|e| {
+        cairn::Error::InvalidArgument(format!(
+            "--since {text:?} is neither an RFC 3339 time nor an age such as 2h: {e}"
+        ))
+    })?;
+    chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|age| Utc::now().checked_sub_signed(age))
+        .ok_or_else(|| cairn::Error::InvalidArgument(format!("--since {text:?} is too far back")))
+}
+
+/// Prints a value as one line of JSON (`--json`).
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("cairn: cannot write JSON: {e}"),
+    }
+}
