@@ -62,6 +62,8 @@ mod app;
 mod db;
 mod error;
 mod flow;
+#[cfg(feature = "http")]
+pub mod http;
 mod json;
 mod migrate;
 mod operate;

@@ -11,6 +11,7 @@
 //! cairn schedules list --json
 //! cairn runs list --status failed --since 2h
 //! cairn runs retry --failed --workflow report
+//! CAIRN_API_TOKEN=… cairn serve --listen 127.0.0.1:8080
 //! ```
 //!
 //! Exit status: 0 done, 1 refused or failed (the reason on stderr), 2 bad
@@ -87,6 +88,29 @@ enum Command {
         #[command(subcommand)]
         action: ScheduleAction,
     },
+    /// Serve the HTTP API (JSON under /api/; see /api/openapi.json).
+    Serve {
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// A bearer token that may read and write (repeatable). Prefer the
+        /// environment: command lines are visible to other users.
+        #[arg(
+            long = "token",
+            env = "CAIRN_API_TOKEN",
+            value_delimiter = ',',
+            hide_env_values = true
+        )]
+        tokens: Vec<String>,
+        /// A bearer token that may only read.
+        #[arg(
+            long = "read-token",
+            env = "CAIRN_API_READ_TOKEN",
+            value_delimiter = ',',
+            hide_env_values = true
+        )]
+        read_tokens: Vec<String>,
+    },
     /// Put a dead-lettered job back on its queue.
     Requeue {
         /// The job's queue.
@@ -131,7 +155,11 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> cairn::Result<()> {
     let app = App::builder()
         .database_url(cli.database_url)
-        .max_connections(1)
+        .max_connections(if matches!(cli.command, Command::Serve { .. }) {
+            8
+        } else {
+            1
+        })
         .build()
         .await?;
     match cli.command {
@@ -188,6 +216,35 @@ async fn run(cli: Cli) -> cairn::Result<()> {
                     "no such dead letter"
                 }
             );
+        }
+        Command::Serve {
+            listen,
+            tokens,
+            read_tokens,
+        } => {
+            let mut keys = cairn::http::Tokens::new();
+            for t in tokens.iter().filter(|t| !t.is_empty()) {
+                keys = keys.full(t);
+            }
+            for t in read_tokens.iter().filter(|t| !t.is_empty()) {
+                keys = keys.read_only(t);
+            }
+            if keys.is_empty() {
+                return Err(cairn::Error::InvalidArgument(
+                    "give the API a token: CAIRN_API_TOKEN (or --token), and CAIRN_API_READ_TOKEN for read-only access".into(),
+                ));
+            }
+            let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
+                cairn::Error::InvalidArgument(format!("cannot listen on {listen}: {e}"))
+            })?;
+            let addr = listener.local_addr().map_err(|e| {
+                cairn::Error::InvalidArgument(format!("cannot listen on {listen}: {e}"))
+            })?;
+            println!("serving the cairn API on http://{addr}/api/");
+            cairn::http::serve(app, keys, listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
         }
         Command::Schedules { action } => schedules(&app, action).await?,
         Command::Runs { action } => runs(&app, action).await?,
