@@ -1,7 +1,13 @@
 -- cairn: what an operator reads and does — workers, workflows, dead letters.
+--
+-- Locks: worker_hello/seen/bye touch only the worker's own row (and hello
+-- deletes rows unseen for a day). The list_ functions only read.
+-- requeue_dead takes, for each dead letter in id order, what cairn.requeue
+-- takes (for a failed run's job: the run engine's order, see
+-- sql/20_run_engine.sql), one at a time in one transaction.
 
--- How long a worker may go unseen before it is reported dead, and how long
--- a dead worker's row is kept.
+-- How long a worker may go unseen before it is reported lost (its row is
+-- deleted by the next hello after a day).
 create or replace function cairn.worker_alive_for()
 returns interval
 language sql immutable
@@ -90,13 +96,15 @@ as $$
             union all
             select f.name, 'flow', null, f.created_at
               from cairn.flows f) d
-      left join lateral (
-          select count(*) filter (where r.status not in ('completed', 'failed', 'cancelled')) as active,
+      -- One pass over the runs for all workflows, not one per workflow.
+      left join (
+          select r.workflow,
+                 count(*) filter (where r.status not in ('completed', 'failed', 'cancelled')) as active,
                  count(*) filter (where r.status = 'failed') as failed,
                  count(*) filter (where r.status = 'completed') as completed
             from cairn.runs r
-           where r.workflow = d.name
-      ) c on true
+           group by r.workflow
+      ) c on c.workflow = d.name
      order by d.name
 $$;
 comment on function cairn.list_workflows() is

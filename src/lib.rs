@@ -97,7 +97,7 @@ pub use run::{RunDetail, RunEvent, RunFilter, RunInfo, RunStatus, RunSummary};
 pub use schedule::{Fired, Missed, Overlap, Schedule, ScheduleChange, ScheduleInfo};
 pub use task::{JobContext, Task};
 pub use uuid::Uuid;
-pub use worker::{WorkerBuilder, WorkerStats};
+pub use worker::{WorkerBuilder, WorkerStats, shutdown_signal};
 pub use workflow::{Step, WORKFLOW_QUEUE, WorkflowContext, WorkflowOptions};
 
 /// The names most programs need: `use cairn::prelude::*;`.

@@ -56,7 +56,8 @@ pub struct OtelPluginBuilder {
     protocol: Option<Protocol>,
     service_name: Option<String>,
     queues: Option<(crate::pooler::Db, Duration)>,
-    metrics: Option<Option<String>>,
+    metrics: bool,
+    metrics_endpoint: Option<String>,
     metrics_interval: Option<Duration>,
     shutdown_timeout: Option<Duration>,
 }
@@ -88,13 +89,14 @@ impl OtelPluginBuilder {
     /// OTLP/HTTP, its `/v1/metrics` path). Off by default: many trace
     /// backends (Jaeger, Phoenix) take traces only.
     pub fn metrics(mut self, on: bool) -> Self {
-        self.metrics = on.then(|| self.metrics.clone().flatten());
+        self.metrics = on;
         self
     }
 
     /// Export metrics to this collector address instead (turns metrics on).
     pub fn metrics_endpoint(mut self, endpoint: impl Into<String>) -> Self {
-        self.metrics = Some(Some(endpoint.into()));
+        self.metrics = true;
+        self.metrics_endpoint = Some(endpoint.into());
         self
     }
 
@@ -104,7 +106,7 @@ impl OtelPluginBuilder {
     /// metrics on. Needs a Tokio runtime at `build`.
     pub fn queue_metrics(mut self, app: &crate::App, every: Duration) -> Self {
         self.queues = Some((app.db().clone(), every));
-        self.metrics = Some(self.metrics.clone().flatten());
+        self.metrics = true;
         self
     }
 
@@ -164,7 +166,7 @@ impl OtelPluginBuilder {
             .with_resource(resource.clone())
             .build();
         let tracer = provider.tracer("cairn");
-        let Some(metrics_endpoint) = self.metrics else {
+        if !self.metrics {
             return Ok(OtelPlugin {
                 provider,
                 tracer,
@@ -172,8 +174,8 @@ impl OtelPluginBuilder {
                 instruments: None,
                 shutdown_timeout: limit,
             });
-        };
-        let metrics_endpoint = metrics_endpoint.or_else(|| match protocol {
+        }
+        let metrics_endpoint = self.metrics_endpoint.or_else(|| match protocol {
             Protocol::Grpc => self.endpoint,
             // The traces URL names its signal; metrics have their own.
             Protocol::HttpProtobuf => self
@@ -452,10 +454,7 @@ impl OtelPlugin {
         start: SystemTime,
         attributes: Vec<KeyValue>,
     ) -> Context {
-        let parent = match parent {
-            Some(sc) => Context::new().with_remote_span_context(sc),
-            None => Context::new(),
-        };
+        let parent = remote_parent(parent);
         let builder = SpanBuilder::from_name(name)
             .with_kind(SpanKind::Consumer)
             .with_start_time(start)
@@ -495,10 +494,7 @@ impl OtelPlugin {
         attributes.push(KeyValue::new("cairn.run_id", e.run_id.to_string()));
         attributes.push(KeyValue::new("cairn.workflow", e.workflow.clone()));
         PINNED.with(|p| p.set((Some(me.trace_id()), Some(me.span_id()))));
-        let parent = match e.traceparent.as_deref().and_then(parse_traceparent) {
-            Some(sc) => Context::new().with_remote_span_context(sc),
-            None => Context::new(),
-        };
+        let parent = remote_parent(e.traceparent.as_deref().and_then(parse_traceparent));
         let builder = SpanBuilder::from_name(format!("workflow {}", e.workflow))
             .with_kind(SpanKind::Consumer)
             .with_start_time(e.run_created)
@@ -527,6 +523,14 @@ fn exported(target: &str) -> bool {
     const EXPORTER: [&str; 6] = ["h2", "hyper", "tonic", "tower", "reqwest", "opentelemetry"];
     let krate = target.split("::").next().unwrap_or(target);
     target != "cairn::attempt" && !EXPORTER.contains(&krate) && !krate.starts_with("hyper_")
+}
+
+/// A context whose parent span lives in another process (or is derived).
+fn remote_parent(parent: Option<SpanContext>) -> Context {
+    match parent {
+        Some(sc) => Context::new().with_remote_span_context(sc),
+        None => Context::new(),
+    }
 }
 
 /// Marks a context whose span is an attempt's, started by this plugin.
@@ -754,8 +758,9 @@ impl Plugin for OtelPlugin {
         Some(match attempt {
             // The run's span is emitted when the run ends; its id is known
             // now, so the workflow's own spans can name it as parent.
-            Attempt::Workflow(e) => Context::new()
-                .with_remote_span_context(run_span(e.run_id, e.traceparent.as_deref())),
+            Attempt::Workflow(e) => {
+                remote_parent(Some(run_span(e.run_id, e.traceparent.as_deref())))
+            }
             Attempt::Step(e) => self.start_attempt(
                 format!("step {}", e.step.split('#').next().unwrap_or(&e.step)),
                 Some(run_span(e.run_id, e.traceparent.as_deref())),

@@ -237,7 +237,7 @@ fn run_id(text: &str) -> std::result::Result<Uuid, ApiError> {
 
 async fn health(State(api): State<Api>) -> Answer {
     sqlx::query("select 1")
-        .execute(api.app.pool())
+        .execute(api.app.db())
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}")))?;
     ok(json!({ "status": "ok", "schema": crate::latest_version() }))

@@ -247,7 +247,9 @@ struct QueuePlan {
     handlers: HashMap<String, Arc<Registration>>,
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGINT (Ctrl-C) or SIGTERM: what
+/// [`WorkerBuilder::run`] waits for, and `cairn serve` too.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

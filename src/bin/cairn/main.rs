@@ -241,10 +241,7 @@ async fn run(cli: Cli) -> cairn::Result<()> {
                 cairn::Error::InvalidArgument(format!("cannot listen on {listen}: {e}"))
             })?;
             println!("serving the cairn API on http://{addr}/api/");
-            cairn::http::serve(app, keys, listener, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+            cairn::http::serve(app, keys, listener, cairn::shutdown_signal()).await?;
         }
         Command::Schedules { action } => schedules(&app, action).await?,
         Command::Runs { action } => runs(&app, action).await?,
