@@ -18,7 +18,7 @@ use crate::operate::{DeadLetter, Requeued, WorkerInfo, WorkflowInfo};
 use crate::pooler::Db;
 use crate::queue::QueueMetrics;
 use crate::retention::{Pruned, Retention};
-use crate::run::{RunDetail, RunEvent, RunFilter, RunInfo, RunSummary, StepStatus};
+use crate::run::{RunDetail, RunEvent, RunFilter, RunInfo, RunStep, RunSummary, StepStatus};
 use crate::schedule::{Fired, Missed, Overlap, Schedule, ScheduleChange, ScheduleInfo, Target};
 
 /// A job handed out by a claim, with the lease that fences it.
@@ -381,6 +381,17 @@ pub(crate) async fn run_history(db: impl PgExecutor<'_>, run: uuid::Uuid) -> Res
     .fetch_all(db)
     .await
     .db("reading a run's history")
+}
+
+pub(crate) async fn run_steps(db: impl PgExecutor<'_>, run: uuid::Uuid) -> Result<Vec<RunStep>> {
+    sqlx::query_as(
+        "select seq, key, kind, status, input::text as input, output::text as output, error, \
+         attempts, started_at, finished_at from cairn.run_steps($1)",
+    )
+    .bind(run)
+    .fetch_all(db)
+    .await
+    .db("reading a run's steps")
 }
 
 // ---- workflow runs: the worker's calls -------------------------------------

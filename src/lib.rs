@@ -93,7 +93,7 @@ pub use plugin::{
 pub use queue::QueueMetrics;
 pub use retention::{Pruned, Retention};
 pub use retry::{Backoff, RetryPolicy};
-pub use run::{RunDetail, RunEvent, RunFilter, RunInfo, RunStatus, RunSummary};
+pub use run::{RunDetail, RunEvent, RunFilter, RunInfo, RunStatus, RunStep, RunSummary};
 pub use schedule::{Fired, Missed, Overlap, Schedule, ScheduleChange, ScheduleInfo};
 pub use task::{JobContext, Task};
 pub use uuid::Uuid;

@@ -148,6 +148,37 @@ pub struct RunEvent {
     pub detail: Option<String>,
 }
 
+/// One durable step of a run as it stands, from
+/// [`App::run_steps`](crate::App::run_steps) (in the order the run made them).
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct RunStep {
+    /// Its place in the run, from 0.
+    pub seq: i32,
+    /// The step's key.
+    pub key: String,
+    /// What it is: `step`, `sleep`, `signal`, `value`, `child`, `task` or
+    /// `map`.
+    pub kind: String,
+    /// Where it is: `running`, `waiting`, `retrying`, `completed`,
+    /// `failed` or `skipped` (a flow step whose condition was false).
+    pub status: String,
+    /// Its input as JSON text, where it has one (a flow step's).
+    #[serde(serialize_with = "crate::json::embedded_opt")]
+    pub input: Option<String>,
+    /// Its output as JSON text, once completed.
+    #[serde(serialize_with = "crate::json::embedded_opt")]
+    pub output: Option<String>,
+    /// Its latest error.
+    pub error: Option<String>,
+    /// Attempts made so far.
+    pub attempts: i32,
+    /// When its latest attempt (or wait) began.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
 /// A step's state, as `cairn.steps.status` stores it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -179,6 +179,12 @@ async fn every_endpoint_with_tokens_and_bad_input(pool: PgPool) {
             .any(|e| e["step"] == "compose#1"),
         "{history}"
     );
+    let steps = api.get(&format!("/api/runs/{run}/steps")).await;
+    assert_eq!(steps[0]["key"], "compose#1", "{steps}");
+    assert_eq!(
+        (&steps[0]["status"], &steps[0]["output"]),
+        (&json!("completed"), &json!("hello ann"))
+    );
     let listed = api
         .get("/api/runs?workflow=greet&status=completed&limit=5")
         .await;
@@ -414,10 +420,30 @@ async fn every_endpoint_with_tokens_and_bad_input(pool: PgPool) {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
+    // The dashboard's page and assets need no token (they hold no data),
+    // and may load only themselves.
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/style.css", "text/css"),
+    ] {
+        let res = api
+            .http
+            .get(format!("{}{path}", api.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        let header = |name: &str| res.headers()[name].to_str().unwrap().to_owned();
+        assert!(header("content-type").starts_with(kind), "{path}");
+        assert!(header("content-security-policy").contains("script-src 'self'"));
+        assert_eq!(header("x-content-type-options"), "nosniff");
+    }
+
     // The OpenAPI document lists exactly the routes that answer.
     let doc = api.get("/api/openapi.json").await;
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 16, "{:?}", paths.keys());
+    assert_eq!(paths.len(), 17, "{:?}", paths.keys());
     for (path, ops) in paths {
         for method in ops.as_object().unwrap().keys() {
             let concrete = path.replace("{id}", &run).replace("{queue}", "mail");

@@ -34,7 +34,7 @@ use crate::pooler::{Db, Via};
 use crate::queue::{QueueMetrics, validate_queue_name};
 use crate::registry::{Handlers, Registration};
 use crate::retention::{Pruned, Retention};
-use crate::run::{RunDetail, RunEvent, RunFilter, RunInfo, RunStatus, RunSummary};
+use crate::run::{RunDetail, RunEvent, RunFilter, RunInfo, RunStatus, RunStep, RunSummary};
 use crate::task::{JobContext, Task};
 use crate::worker::WorkerBuilder;
 use crate::workflow::{self, WorkflowContext, WorkflowOptions};
@@ -466,6 +466,12 @@ impl App {
     /// retries and cancellation. Nothing is erased by a retry.
     pub async fn run_history(&self, run: Uuid) -> Result<Vec<RunEvent>> {
         db::run_history(self.db(), run).await
+    }
+
+    /// A run's durable steps as they stand, in the order the run made them:
+    /// each with its input, output, latest error, attempts and timing.
+    pub async fn run_steps(&self, run: Uuid) -> Result<Vec<RunStep>> {
+        db::run_steps(self.db(), run).await
     }
 
     /// Delivers signal `name` with `payload` to a run; resolves to the

@@ -31,6 +31,8 @@ use sha2::{Digest, Sha256};
 
 use crate::{App, Error, RunFilter, RunStatus, Uuid};
 
+mod ui;
+
 /// The longest `GET /api/runs/{id}/result?wait=` may wait, in seconds.
 const MAX_WAIT: f64 = 60.0;
 
@@ -108,6 +110,7 @@ pub fn router(app: App, tokens: Tokens) -> axum::Router {
         .route("/api/runs/{id}", get(show_run))
         .route("/api/runs/{id}/result", get(run_result))
         .route("/api/runs/{id}/history", get(run_history))
+        .route("/api/runs/{id}/steps", get(run_steps))
         .route("/api/runs/{id}/cancel", post(cancel_run))
         .route("/api/runs/{id}/retry", post(retry_run))
         .route("/api/runs/{id}/signal", post(signal_run))
@@ -123,6 +126,7 @@ pub fn router(app: App, tokens: Tokens) -> axum::Router {
     axum::Router::new()
         .route("/api/health", get(health))
         .merge(guarded)
+        .merge(ui::routes())
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(api)
 }
@@ -358,6 +362,10 @@ async fn run_result(
 
 async fn run_history(State(api): State<Api>, Path(id): Path<String>) -> Answer {
     ok(api.app.run_history(run_id(&id)?).await?)
+}
+
+async fn run_steps(State(api): State<Api>, Path(id): Path<String>) -> Answer {
+    ok(api.app.run_steps(run_id(&id)?).await?)
 }
 
 async fn cancel_run(State(api): State<Api>, Path(id): Path<String>) -> Answer {

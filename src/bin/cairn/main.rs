@@ -88,7 +88,8 @@ enum Command {
         #[command(subcommand)]
         action: ScheduleAction,
     },
-    /// Serve the HTTP API (JSON under /api/; see /api/openapi.json).
+    /// Serve the HTTP API (JSON under /api/; see /api/openapi.json) and the
+    /// web dashboard (at /).
     Serve {
         /// The address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -241,6 +242,7 @@ async fn run(cli: Cli) -> cairn::Result<()> {
                 cairn::Error::InvalidArgument(format!("cannot listen on {listen}: {e}"))
             })?;
             println!("serving the cairn API on http://{addr}/api/");
+            println!("the dashboard is at http://{addr}/ (sign in with an API token)");
             cairn::http::serve(app, keys, listener, cairn::shutdown_signal()).await?;
         }
         Command::Schedules { action } => schedules(&app, action).await?,
