@@ -166,3 +166,219 @@ begin
 end $$;
 comment on function cairn.requeue_dead(text) is
     'Every dead letter of a queue back on it (cairn.requeue for each); a step''s job, which only its run''s retry can put back, is skipped and counted.';
+
+-- The installation's health as the database sees it, one row per check:
+-- status 'ok', 'warn' or 'fail' and what was found. `warn_after` is how
+-- old (seconds) a ready job, an expired lease, a running step, an open
+-- transaction or a late schedule may get before it is reported. The schema
+-- itself (migrations, functions, drift) is checked by the binary, which
+-- knows what it would install (App::doctor, `cairn doctor`). Only reads.
+create or replace function cairn.doctor(warn_after double precision default 300)
+returns table (check_name text, status text, detail text)
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now   timestamptz := cairn.now();                 -- the queue's clock
+    v_wall  timestamptz := pg_catalog.clock_timestamp();  -- workers' and sessions' clock
+    v_limit interval;
+    v_n     bigint;
+    v_text  text;
+    v_row   record;
+begin
+    perform cairn.check_seconds(warn_after, 'warn_after', 0, 31536000);
+    v_limit := warn_after * interval '1 second';
+
+    -- Roles: the three exist, and PUBLIC can reach nothing of cairn's.
+    select pg_catalog.string_agg(r, ', ' order by r) into v_text
+      from pg_catalog.unnest(array['cairn_producer', 'cairn_worker', 'cairn_admin']) r
+     where not exists (select from pg_catalog.pg_roles x where x.rolname = r);
+    select count(*) into v_n
+      from pg_catalog.pg_proc p
+     where p.pronamespace = 'cairn'::regnamespace
+       and pg_catalog.has_function_privilege('public', p.oid, 'execute');
+    select v_n + count(*) into v_n
+      from pg_catalog.pg_class c
+     where c.relnamespace = 'cairn'::regnamespace and c.relkind in ('r', 'S', 'v')
+       and pg_catalog.has_table_privilege('public', c.oid, 'select, insert, update, delete');
+    check_name := 'roles';
+    if v_n > 0 then
+        status := 'fail';
+        detail := pg_catalog.format('PUBLIC may use %s of cairn''s functions or tables: run cairn migrate to revoke it', v_n);
+    elsif v_text is not null then
+        status := 'warn';
+        detail := pg_catalog.format('missing role(s) %s: initialize as a role that may create roles', v_text);
+    else
+        status := 'ok';
+        select 'cairn_producer, cairn_worker and cairn_admin exist; members: '
+               || coalesce(pg_catalog.string_agg(pg_catalog.format('%s in %s', m.member::regrole, m.roleid::regrole),
+                                                  ', ' order by m.roleid::regrole::text, m.member::regrole::text),
+                           'none yet')
+          into detail
+          from pg_catalog.pg_auth_members m
+         where m.roleid::regrole::text in ('cairn_producer', 'cairn_worker', 'cairn_admin');
+    end if;
+    return next;
+
+    -- The oldest ready job: a queue nobody drains, or one falling behind.
+    select q.name, v_now - min(j.visible_at) as age, count(*) as n into v_row
+      from cairn.jobs j join cairn.queues q on q.id = j.queue_id
+     where j.visible_at <= v_now
+     group by q.name order by min(j.visible_at) limit 1;
+    check_name := 'oldest ready job';
+    if v_row.name is null then
+        status := 'ok';
+        detail := 'no job is waiting';
+    else
+        status := case when v_row.age > v_limit then 'warn' else 'ok' end;
+        detail := pg_catalog.format('%s s in queue %s (%s ready there)',
+                                    pg_catalog.round(extract(epoch from v_row.age)::numeric, 1),
+                                    v_row.name, v_row.n);
+    end if;
+    return next;
+
+    -- Queues with ready jobs and no live worker serving them.
+    select pg_catalog.string_agg(d.name, ', ' order by d.name) into v_text
+      from (select distinct q.name
+              from cairn.jobs j join cairn.queues q on q.id = j.queue_id
+             where j.visible_at <= v_now) d
+     where not exists (select from cairn.workers w
+                        where d.name = any (w.queues)
+                          and w.seen_at > v_wall - cairn.worker_alive_for());
+    select count(*) filter (where w.seen_at > v_wall - cairn.worker_alive_for()) as alive,
+           count(*) filter (where w.seen_at <= v_wall - cairn.worker_alive_for()) as lost
+      into v_row
+      from cairn.workers w;
+    check_name := 'workers';
+    status := case when v_text is null then 'ok' else 'warn' end;
+    detail := pg_catalog.format('%s alive, %s lost in the last day', v_row.alive, v_row.lost)
+              || coalesce('; no live worker serves ' || v_text, '');
+    return next;
+
+    -- Leases that ran out with no worker taking the job back.
+    select count(*) as n, max(v_now - j.visible_at) as age,
+           pg_catalog.string_agg(distinct q.name, ', ') as queues
+      into v_row
+      from cairn.jobs j join cairn.queues q on q.id = j.queue_id
+     where j.lease is not null and j.visible_at < v_now - v_limit;
+    check_name := 'expired leases';
+    if v_row.n = 0 then
+        status := 'ok';
+        select pg_catalog.format('%s job(s) leased, none expired over %s s ago', count(*), warn_after)
+          into detail from cairn.jobs j where j.lease is not null;
+    else
+        status := 'warn';
+        detail := pg_catalog.format('%s job(s) in %s: lease expired up to %s s ago and nobody reclaimed it',
+                                    v_row.n, v_row.queues,
+                                    pg_catalog.round(extract(epoch from v_row.age)::numeric));
+    end if;
+    return next;
+
+    -- Steps that have been running a long time.
+    select count(*) as n, max(v_now - s.started_at) as age into v_row
+      from cairn.steps s
+     where s.status = 'running' and s.started_at < v_now - v_limit;
+    check_name := 'long-running steps';
+    status := case when v_row.n = 0 then 'ok' else 'warn' end;
+    detail := case when v_row.n = 0
+                   then pg_catalog.format('none running over %s s', warn_after)
+                   else pg_catalog.format('%s step(s) running, the longest for %s s', v_row.n,
+                                          pg_catalog.round(extract(epoch from v_row.age)::numeric))
+              end;
+    return next;
+
+    -- A code-first run that is not over is driven by its job (parked while it
+    -- sleeps or waits); without one, nothing will ever move it.
+    select count(*) as n, pg_catalog.string_agg(x.id::text, ', ') as ids into v_row
+      from (select r.id
+              from cairn.runs r
+             where r.status in ('pending', 'running', 'sleeping', 'waiting')
+               and r.flow_version is null
+               and not exists (select from cairn.jobs j where j.id = r.job_id)
+             order by r.created_at limit 5) x;
+    check_name := 'orphaned runs';
+    status := case when v_row.n = 0 then 'ok' else 'fail' end;
+    detail := case when v_row.n = 0 then 'every unfinished run has its job'
+                   else pg_catalog.format('run(s) %s are unfinished and have no job: cancel them',
+                                          v_row.ids)
+              end;
+    return next;
+
+    -- Dead letters.
+    select count(*) as n,
+           pg_catalog.string_agg(pg_catalog.format('%s in %s', d.n, d.queue), ', ' order by d.queue) as queues
+      into v_row
+      from (select a.queue, count(*) as n from cairn.archive a where a.outcome = 'dead' group by a.queue) d;
+    check_name := 'dead letters';
+    status := case when v_row.n = 0 then 'ok' else 'warn' end;
+    detail := coalesce(v_row.queues || ' (cairn dead list)', 'none');
+    return next;
+
+    -- Schedules that should have fired and did not: no worker ticks them.
+    select count(*) as n, pg_catalog.string_agg(s.name, ', ' order by s.name) as names into v_row
+      from cairn.schedules s
+     where not s.paused and s.next_fire < v_now - v_limit;
+    check_name := 'schedules';
+    status := case when v_row.n = 0 then 'ok' else 'warn' end;
+    detail := case when v_row.n = 0 then 'none late'
+                   else pg_catalog.format('%s late by over %s s: %s (no worker is ticking them)',
+                                          v_row.n, warn_after, v_row.names)
+              end;
+    return next;
+
+    -- Dead rows on the hot tables: vacuum falling behind.
+    for v_row in
+        select t.relname, t.n_live_tup, t.n_dead_tup,
+               pg_catalog.pg_size_pretty(pg_catalog.pg_total_relation_size(t.relid)) as size,
+               greatest(t.last_autovacuum, t.last_vacuum) as vacuumed
+          from pg_catalog.pg_stat_user_tables t
+         where t.schemaname = 'cairn' and t.relname in ('jobs', 'runs', 'steps', 'archive', 'run_events')
+         order by t.relname
+    loop
+        check_name := 'dead rows in ' || v_row.relname;
+        status := case when v_row.n_dead_tup > 10000
+                        and v_row.n_dead_tup > 0.2 * greatest(v_row.n_live_tup, 1)
+                       then 'warn' else 'ok' end;
+        detail := pg_catalog.format('%s live, %s dead, %s on disk; last vacuumed %s',
+                                    v_row.n_live_tup, v_row.n_dead_tup, v_row.size,
+                                    coalesce(pg_catalog.to_char(v_row.vacuumed, 'YYYY-MM-DD HH24:MI:SS TZ'), 'never'));
+        return next;
+    end loop;
+
+    -- The oldest snapshot holding back vacuum: an open transaction, a
+    -- replication slot or a prepared transaction.
+    select h.what, h.age into v_row
+      from (select pg_catalog.format('a transaction of %s (pid %s, %s)', a.usename, a.pid, a.state) as what,
+                   v_wall - a.xact_start as age
+              from pg_catalog.pg_stat_activity a
+             where (a.backend_xmin is not null or a.backend_xid is not null)
+               and a.pid <> pg_catalog.pg_backend_pid()
+               and a.xact_start is not null
+            union all
+            select pg_catalog.format('prepared transaction %s', p.gid), v_wall - p.prepared
+              from pg_catalog.pg_prepared_xacts p
+            union all
+            select pg_catalog.format('replication slot %s (xmin age %s)', s.slot_name,
+                                     pg_catalog.age(coalesce(s.xmin, s.catalog_xmin))),
+                   null::interval
+              from pg_catalog.pg_replication_slots s
+             where s.xmin is not null or s.catalog_xmin is not null) h
+     order by h.age desc nulls first limit 1;
+    check_name := 'xmin horizon';
+    if v_row.what is null then
+        status := 'ok';
+        detail := 'no other transaction or slot holds back vacuum';
+    elsif v_row.age is null or v_row.age > v_limit then
+        status := 'warn';
+        detail := v_row.what || coalesce(pg_catalog.format(', open for %s s',
+                      pg_catalog.round(extract(epoch from v_row.age)::numeric)), '')
+                  || ': vacuum cannot remove rows dead since it began';
+    else
+        status := 'ok';
+        detail := pg_catalog.format('the oldest is %s, open for %s s', v_row.what,
+                                    pg_catalog.round(extract(epoch from v_row.age)::numeric, 1));
+    end if;
+    return next;
+end $$;
+comment on function cairn.doctor(double precision) is
+    'The installation''s health, one row per check (ok, warn or fail): roles, the oldest ready job, queues no worker serves, expired leases, long-running steps, orphaned runs, dead letters, late schedules, dead rows on the hot tables, the xmin horizon. Reads only.';

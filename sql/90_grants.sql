@@ -15,7 +15,7 @@
 --   cairn_admin     worker + drop_queue, purge_queue, delete, requeue,
 --                   cancel_run, retry_run, set_retention, create_,
 --                   update_, pause_, resume_, trigger_ and delete_schedule,
---                   create_flow, compose_flow, list_dead, requeue_dead,
+--                   create_flow, compose_flow, list_dead, requeue_dead, doctor,
 --                   and SELECT on the tables
 -- The engine's internal functions (00_base.sql checks, 20_run_engine.sql)
 -- are granted to no one: only cairn's SECURITY DEFINER functions call them.
@@ -151,7 +151,8 @@ declare
         'cairn.create_flow(text, jsonb)',
         'cairn.compose_flow(text, text[], text)',
         'cairn.list_dead(text, integer)',
-        'cairn.requeue_dead(text)'];
+        'cairn.requeue_dead(text)',
+        'cairn.doctor(double precision)'];
     v_grant record;
 begin
     for v_grant in

@@ -14,7 +14,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 
 use crate::error::{DbContext, Result};
 use crate::flow::{FlowInfo, PlannedStep};
-use crate::operate::{DeadLetter, Requeued, WorkerInfo, WorkflowInfo};
+use crate::operate::{Check, DeadLetter, Requeued, WorkerInfo, WorkflowInfo};
 use crate::pooler::Db;
 use crate::queue::QueueMetrics;
 use crate::retention::{Pruned, Retention};
@@ -392,6 +392,14 @@ pub(crate) async fn run_steps(db: impl PgExecutor<'_>, run: uuid::Uuid) -> Resul
     .fetch_all(db)
     .await
     .db("reading a run's steps")
+}
+
+pub(crate) async fn doctor(db: impl PgExecutor<'_>, warn_after: f64) -> Result<Vec<Check>> {
+    sqlx::query_as("select check_name as name, status, detail from cairn.doctor($1)")
+        .bind(warn_after)
+        .fetch_all(db)
+        .await
+        .db("checking the installation's health")
 }
 
 // ---- workflow runs: the worker's calls -------------------------------------

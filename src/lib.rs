@@ -86,7 +86,7 @@ pub use app::{App, AppBuilder, Call, Enqueue, EnqueueBatch, OnConflict, Start};
 pub use error::{Error, HandlerError, HandlerErrorKind, Result, ResultExt, StepError};
 pub use flow::{Flow, FlowInfo, PlannedStep};
 pub use migrate::{MigrationReport, latest_version};
-pub use operate::{DeadLetter, Requeued, WorkerInfo, WorkflowInfo};
+pub use operate::{Check, DeadLetter, Health, Requeued, WorkerInfo, WorkflowInfo};
 pub use plugin::{
     Attempt, FailureInfo, LoggingPlugin, Plugin, RunOutcome, StepEvent, TaskEvent, WorkflowEvent,
 };

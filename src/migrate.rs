@@ -19,6 +19,7 @@
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Transaction};
 
 use crate::error::{DbContext, Error, Result};
+use crate::operate::{Check, Health};
 
 struct Script {
     version: i32,
@@ -106,7 +107,8 @@ alter table cairn.function_bundle
     add column if not exists catalog jsonb;
 ";
 
-/// Everything in schema `cairn` that is not owned by the installing role.
+/// Everything in schema `cairn` that is not owned by role `$1` (the
+/// installing role, or for the doctor the schema's owner).
 const FOREIGN_OBJECTS: &str = "
 select kind || ' ' || name || ' (owned by ' || owner || ')'
   from (select 'relation' as kind, c.relname::text as name, pg_catalog.pg_get_userbyid(c.relowner) as owner
@@ -126,7 +128,7 @@ select kind || ' ' || name || ' (owned by ' || owner || ')'
         union all
         select 'conversion', c.conname::text, pg_catalog.pg_get_userbyid(c.conowner)
           from pg_catalog.pg_conversion c where c.connamespace = 'cairn'::regnamespace) o
- where owner <> current_user
+ where owner <> $1
  order by 1";
 
 /// Triggers, rules and row-security policies on cairn's tables that are not
@@ -263,17 +265,7 @@ pub(crate) async fn run(conn: &mut PgConnection) -> Result<MigrationReport> {
             .fetch_all(&mut *tx)
             .await
             .db("reading the migration ledger")?;
-    let mut texts: Vec<&str> = MIGRATIONS.iter().map(|m| m.sql).collect();
-    let bundle = FUNCTIONS.concat();
-    texts.push(&bundle);
-    let mut sums: Vec<String> = sqlx::query_scalar(
-        "select md5(t) from unnest($1::text[]) with ordinality u(t, n) order by n",
-    )
-    .bind(&texts)
-    .fetch_all(&mut *tx)
-    .await
-    .db("checksumming migrations")?;
-    let bundle_sum = sums.pop().unwrap_or_default();
+    let (sums, bundle_sum) = checksums(&mut tx).await?;
 
     let known = latest_version();
     for (version, name, checksum) in &applied {
@@ -371,6 +363,200 @@ pub(crate) async fn run(conn: &mut PgConnection) -> Result<MigrationReport> {
     Ok(report)
 }
 
+/// The MD5 of each migration, and of the function bundle.
+async fn checksums(tx: &mut Transaction<'_, Postgres>) -> Result<(Vec<String>, String)> {
+    let mut texts: Vec<&str> = MIGRATIONS.iter().map(|m| m.sql).collect();
+    let bundle = FUNCTIONS.concat();
+    texts.push(&bundle);
+    let mut sums: Vec<String> = sqlx::query_scalar(
+        "select md5(t) from unnest($1::text[]) with ordinality u(t, n) order by n",
+    )
+    .bind(&texts)
+    .fetch_all(&mut **tx)
+    .await
+    .db("checksumming migrations")?;
+    let bundle_sum = sums.pop().unwrap_or_default();
+    Ok((sums, bundle_sum))
+}
+
+/// How the installed schema stands against what this binary would install
+/// (migrations, functions, drift), found in a read-only transaction:
+/// nothing is changed. For [`App::doctor`](crate::App::doctor).
+pub(crate) async fn inspect(conn: &mut PgConnection) -> Result<Vec<Check>> {
+    let mut tx = conn.begin().await.db("starting the schema check")?;
+    exec(
+        &mut tx,
+        "set transaction read only",
+        "starting the schema check",
+    )
+    .await?;
+    exec(
+        &mut tx,
+        "set local search_path = pg_catalog, pg_temp",
+        "setting search_path",
+    )
+    .await?;
+    let owner: Option<String> = sqlx::query_scalar(
+        "select pg_get_userbyid(n.nspowner)::text from pg_namespace n where n.nspname = 'cairn'",
+    )
+    .fetch_optional(&mut *tx)
+    .await
+    .db("inspecting schema cairn")?;
+    let ledger: bool = sqlx::query_scalar(
+        "select to_regclass('cairn.migrations') is not null \
+            and to_regclass('cairn.function_bundle') is not null",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .db("inspecting schema cairn")?;
+    let Some(owner) = owner.filter(|_| ledger) else {
+        return Ok(vec![Check::new(
+            "migrations",
+            Health::Fail,
+            "cairn is not installed in this database: run `cairn migrate` (or app.initialize())",
+        )]);
+    };
+    let (sums, bundle_sum) = checksums(&mut tx).await?;
+    let applied: Vec<(i32, String, String)> =
+        sqlx::query_as("select version, name, checksum from cairn.migrations order by version")
+            .fetch_all(&mut *tx)
+            .await
+            .db("reading the migration ledger")?;
+    let known = latest_version();
+    let mut checks = Vec::new();
+
+    let edited: Vec<&str> = applied
+        .iter()
+        .filter(|(v, _, sum)| {
+            MIGRATIONS
+                .iter()
+                .zip(&sums)
+                .any(|(m, ours)| m.version == *v && ours != sum)
+        })
+        .map(|(_, name, _)| name.as_str())
+        .collect();
+    let newest = applied.iter().map(|(v, _, _)| *v).max().unwrap_or(0);
+    let pending: Vec<i32> = MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.iter().any(|(a, _, _)| a == v))
+        .collect();
+    checks.push(if newest > known {
+        Check::new(
+            "migrations",
+            Health::Fail,
+            format!("the schema is at version {newest}, newer than this binary knows ({known}): upgrade cairn"),
+        )
+    } else if !edited.is_empty() {
+        Check::new(
+            "migrations",
+            Health::Fail,
+            format!("applied migrations differ from this release's: {}", edited.join(", ")),
+        )
+    } else if !pending.is_empty() {
+        Check::new(
+            "migrations",
+            Health::Fail,
+            format!("migrations {pending:?} are not applied: run `cairn migrate`"),
+        )
+    } else {
+        Check::new("migrations", Health::Ok, format!("all {known} applied"))
+    });
+
+    let installed: Option<(String, Option<String>, Option<serde_json::Value>)> =
+        sqlx::query_as("select checksum, release, catalog from cairn.function_bundle")
+            .fetch_optional(&mut *tx)
+            .await
+            .db("reading the function ledger")?;
+    let current = installed
+        .as_ref()
+        .is_some_and(|(sum, release, _)| *sum == bundle_sum && release.as_deref() == Some(RELEASE));
+    checks.push(match &installed {
+        None => Check::new(
+            "functions",
+            Health::Fail,
+            "no functions are installed: run `cairn migrate`",
+        ),
+        Some((_, Some(release), _)) if newer(release, RELEASE) => Check::new(
+            "functions",
+            Health::Fail,
+            format!(
+                "installed by cairn {release}, newer than this binary ({RELEASE}): upgrade cairn"
+            ),
+        ),
+        Some(_) if !current => Check::new(
+            "functions",
+            Health::Warn,
+            format!("not this release's ({RELEASE}): `cairn migrate` installs them"),
+        ),
+        Some(_) => Check::new(
+            "functions",
+            Health::Ok,
+            format!("release {RELEASE}, current"),
+        ),
+    });
+
+    let mut broken = Vec::new();
+    let mut fixable = Vec::new();
+    if let Some((_, _, Some(recorded))) = &installed
+        && current
+    {
+        let drift = diff(recorded, &catalog(&mut tx).await?);
+        broken.extend(drift.tables);
+        // diff says what an install did; nothing is done here.
+        fixable.extend(drift.repairable.iter().map(|m| {
+            [
+                (": put back", ": `cairn migrate` puts it back"),
+                (": dropped", ": `cairn migrate` drops it"),
+                (": re-created", ": `cairn migrate` re-creates it"),
+            ]
+            .iter()
+            .find_map(|(done, todo)| m.strip_suffix(done).map(|k| format!("{k}{todo}")))
+            .unwrap_or_else(|| m.clone())
+        }));
+        fixable.extend(drift.foreign);
+    }
+    let hooks: Vec<(String, String)> = sqlx::query_as(HOOKS)
+        .fetch_all(&mut *tx)
+        .await
+        .db("inspecting schema cairn")?;
+    fixable.extend(
+        hooks
+            .into_iter()
+            .map(|(what, _)| format!("{what} is not cairn's: `cairn migrate` drops it")),
+    );
+    let foreign: Vec<String> = sqlx::query_scalar(FOREIGN_OBJECTS)
+        .bind(&owner)
+        .fetch_all(&mut *tx)
+        .await
+        .db("inspecting schema cairn")?;
+    broken.extend(
+        foreign
+            .into_iter()
+            .map(|f| format!("{f} is not owned by the schema's owner {owner}")),
+    );
+    checks.push(if !broken.is_empty() {
+        broken.extend(fixable);
+        Check::new("drift", Health::Fail, broken.join("; "))
+    } else if !fixable.is_empty() {
+        Check::new("drift", Health::Warn, fixable.join("; "))
+    } else if current {
+        Check::new(
+            "drift",
+            Health::Ok,
+            format!("the catalog matches the last install (owner {owner})"),
+        )
+    } else {
+        Check::new(
+            "drift",
+            Health::Ok,
+            "checked after the functions are current",
+        )
+    });
+    tx.rollback().await.db("ending the schema check")?;
+    Ok(checks)
+}
+
 /// Runs SQL that is cairn's own, or that the catalog wrote (identifiers
 /// quoted by `format('%I')`, `regprocedure` or `pg_get_indexdef`).
 async fn exec(
@@ -407,8 +593,9 @@ async fn guard_schema(tx: &mut Transaction<'_, Postgres>) -> Result<()> {
              replace code that runs with its privileges. If the schema is yours, run \
              ALTER SCHEMA cairn OWNER TO {me}; otherwise drop it"
         ))),
-        Some(_) => {
+        Some((_, me)) => {
             let foreign: Vec<String> = sqlx::query_scalar(FOREIGN_OBJECTS)
+                .bind(&me)
                 .fetch_all(&mut **tx)
                 .await
                 .db("inspecting schema cairn")?;

@@ -1,5 +1,5 @@
 //! What an operator reads: the workers that are running, the workflows and
-//! flows there are, and the dead letters.
+//! flows there are, the dead letters, and the health of the installation.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -87,4 +87,65 @@ pub struct Requeued {
     pub requeued: i64,
     /// Step jobs left dead: only their run's retry puts them back.
     pub skipped: i64,
+}
+
+/// One finding of [`App::doctor`](crate::App::doctor).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct Check {
+    /// What was checked: `migrations`, `functions`, `drift`, `roles`,
+    /// `oldest ready job`, `workers`, `expired leases`, `long-running
+    /// steps`, `orphaned runs`, `dead letters`, `schedules`, `dead rows in
+    /// <table>`, `xmin horizon`.
+    pub name: String,
+    /// How it stands.
+    #[sqlx(try_from = "String")]
+    pub status: Health,
+    /// What was found, and what to do about it.
+    pub detail: String,
+}
+
+impl Check {
+    pub(crate) fn new(name: &str, status: Health, detail: impl Into<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            status,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// How a [`Check`] stands, from best to worst.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Nothing to do.
+    Ok,
+    /// Worth a look: work is waiting, or something drifts.
+    Warn,
+    /// Broken: cairn cannot do its job until it is fixed.
+    Fail,
+}
+
+impl Health {
+    /// Its name: `ok`, `warn` or `fail`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Warn => "warn",
+            Health::Fail => "fail",
+        }
+    }
+}
+
+impl TryFrom<String> for Health {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "ok" => Ok(Health::Ok),
+            "warn" => Ok(Health::Warn),
+            "fail" => Ok(Health::Fail),
+            _ => Err(format!("unknown health {s:?}")),
+        }
+    }
 }

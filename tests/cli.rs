@@ -1,7 +1,7 @@
 //! The `cairn runs` CLI against real runs served by a worker: start (with a
 //! key), list with filters, show with children, history, signal, cancel,
 //! retry one or all failed runs; `--json` output parses; exit codes say what
-//! went wrong.
+//! went wrong; `cairn doctor` finding what is wrong.
 
 mod common;
 
@@ -421,5 +421,150 @@ async fn workers_workflows_queues_flows_and_dead_letters(pool: PgPool) {
     assert_eq!(
         cli_json(&pool, &["workers", "--json"]),
         serde_json::json!([])
+    );
+}
+
+/// `cairn doctor`: the status of each check and the exit code of the worst.
+fn doctor(
+    pool: &PgPool,
+    warn_after: &str,
+) -> (i32, std::collections::BTreeMap<String, (String, String)>) {
+    let (code, out, err) = common::cli(pool, &["doctor", "--json", "--warn-after", warn_after]);
+    let checks: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    let map = checks
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                (
+                    c["status"].as_str().unwrap().to_owned(),
+                    c["detail"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect();
+    (code, map)
+}
+
+#[sqlx::test(migrations = false)]
+async fn doctor_finds_what_is_wrong_and_exits_by_the_worst(pool: PgPool) {
+    // Not installed: one failing check, exit 1.
+    let (code, checks) = doctor(&pool, "5m");
+    assert_eq!(code, 1);
+    assert!(
+        checks["migrations"].1.contains("not installed"),
+        "{checks:?}"
+    );
+
+    let app = common::app(&pool).await;
+    app.workflow("idle", |_ctx: WorkflowContext, _: ()| async move { Ok(()) })
+        .unwrap();
+    app.initialize().await.unwrap();
+
+    // Healthy: every check ok, exit 0; the human table says so too.
+    let (code, checks) = doctor(&pool, "5m");
+    assert_eq!(code, 0, "{checks:?}");
+    // (The xmin horizon is the whole cluster's: other tests' transactions
+    // may show there, so it is checked below with one of this test's own.)
+    assert!(
+        checks
+            .iter()
+            .all(|(name, (s, _))| s == "ok" || name == "xmin horizon"),
+        "{checks:?}"
+    );
+    for name in [
+        "migrations",
+        "functions",
+        "drift",
+        "roles",
+        "oldest ready job",
+        "workers",
+        "expired leases",
+        "long-running steps",
+        "orphaned runs",
+        "dead letters",
+        "schedules",
+        "dead rows in jobs",
+        "xmin horizon",
+    ] {
+        assert!(checks.contains_key(name), "no check {name}: {checks:?}");
+    }
+    let table = cli_ok(&pool, &["doctor"]);
+    assert!(
+        table
+            .lines()
+            .all(|l| l.starts_with("ok ") || l.contains("xmin horizon")),
+        "{table}"
+    );
+
+    // Work nobody serves, a lease that ran out, a function changed by hand,
+    // a transaction left open: warnings, exit 4.
+    sqlx::raw_sql(
+        "select cairn.create_queue('orphan_q'); \
+         select cairn.send('orphan_q', '{}'); select cairn.send('orphan_q', '{}'); \
+         update cairn.jobs set visible_at = now() - interval '10 minutes'; \
+         update cairn.jobs set lease = 7 where id = (select max(id) from cairn.jobs); \
+         alter function cairn.metrics_all() reset search_path;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut open = pool.begin().await.unwrap();
+    sqlx::query("select txid_current()")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let (code, checks) = doctor(&pool, "1m");
+    assert_eq!(code, 4, "{checks:?}");
+    let warned = |name: &str, text: &str| {
+        let (status, detail) = &checks[name];
+        assert_eq!(status, "warn", "{name}: {detail}");
+        assert!(detail.contains(text), "{name}: {detail}");
+    };
+    warned("oldest ready job", "in queue orphan_q");
+    warned("workers", "no live worker serves orphan_q");
+    warned("expired leases", "1 job(s) in orphan_q");
+    warned(
+        "drift",
+        "function cairn.metrics_all(): its settings changed",
+    );
+    let (_, checks) = doctor(&pool, "0s");
+    assert_eq!(checks["xmin horizon"].0, "warn", "{checks:?}");
+    assert!(
+        checks["xmin horizon"].1.contains("a transaction of"),
+        "{checks:?}"
+    );
+    open.rollback().await.unwrap();
+
+    // A run whose job is gone can never move: a failure, exit 1.
+    let run = app.start("idle", &()).await.unwrap();
+    sqlx::query("delete from cairn.jobs where run_id = $1")
+        .bind(run)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, checks) = doctor(&pool, "1m");
+    assert_eq!(code, 1, "{checks:?}");
+    assert_eq!(checks["orphaned runs"].0, "fail");
+    assert!(
+        checks["orphaned runs"].1.contains(&run.to_string()),
+        "{checks:?}"
+    );
+
+    // The doctor changed nothing; `cairn migrate` puts the function back.
+    let (_, checks) = doctor(&pool, "1m");
+    assert_eq!(checks["drift"].0, "warn");
+    cli_ok(&pool, &["migrate"]);
+    let (_, checks) = doctor(&pool, "1m");
+    assert_eq!(checks["drift"].0, "ok", "{checks:?}");
+
+    // The same from Rust.
+    let from_rust = app.doctor(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(from_rust.len(), checks.len());
+    assert!(
+        from_rust
+            .iter()
+            .any(|c| c.name == "orphaned runs" && c.status == cairn::Health::Fail)
     );
 }

@@ -453,6 +453,13 @@ async fn the_dashboard_in_headless_chromium(pool: PgPool) {
         workers.contains(&std::process::id().to_string()),
         "{workers}"
     );
+    browser.goto(&format!("{base}/#/health")).await.unwrap();
+    shows(
+        &browser,
+        "health",
+        &["migrations", "xmin horizon", "dead letters"],
+    )
+    .await;
     browser.goto(&format!("{base}/#/workflows")).await.unwrap();
     shows(&browser, "workflows", &["order", "evil"]).await;
     screenshot(&browser, "workflows").await;

@@ -402,6 +402,30 @@ async fn every_endpoint_with_tokens_and_bad_input(pool: PgPool) {
             .iter()
             .any(|q| q["queue"] == "mail" && q["dead"] == 1)
     );
+    let health = api.get("/api/doctor?warn_after=600").await;
+    let names: Vec<&str> = health
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names[..4],
+        ["migrations", "functions", "drift", "roles"],
+        "{health}"
+    );
+    assert!(
+        health
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["status"] != "fail"),
+        "{health}"
+    );
+    let (status, body) = api
+        .call(Method::GET, "/api/doctor?warn_after=-1", Some(READ), None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let workers = api.get("/api/workers").await;
     assert_eq!(workers[0]["alive"], true, "{workers}");
     assert_eq!(api.get("/api/schedules").await, json!([]));
@@ -443,7 +467,7 @@ async fn every_endpoint_with_tokens_and_bad_input(pool: PgPool) {
     // The OpenAPI document lists exactly the routes that answer.
     let doc = api.get("/api/openapi.json").await;
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 17, "{:?}", paths.keys());
+    assert_eq!(paths.len(), 18, "{:?}", paths.keys());
     for (path, ops) in paths {
         for method in ops.as_object().unwrap().keys() {
             let concrete = path.replace("{id}", &run).replace("{queue}", "mail");

@@ -566,6 +566,9 @@ async fn operator_functions_refuse_bad_arguments(pool: PgPool) {
         ("select * from cairn.list_dead('nope', 10)", "42704", "nope"),
         ("select * from cairn.requeue_dead('nope')", "42704", "nope"),
         ("select * from cairn.requeue_dead(null)", "22004", "queue"),
+        ("select * from cairn.doctor(-1)", "22023", "warn_after"),
+        ("select * from cairn.doctor('NaN')", "22023", "warn_after"),
+        ("select * from cairn.doctor(null)", "22004", "warn_after"),
         (
             "select cairn.worker_hello(gen_random_uuid(), null, 1, '{}', '{}', 1)",
             "22004",

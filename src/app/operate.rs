@@ -1,11 +1,52 @@
-//! The operator's reads of [`App`]: workers, workflows, dead letters.
+//! The operator's reads of [`App`]: workers, workflows, dead letters, and
+//! the installation's health.
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
 
 use super::{App, Call};
 use crate::db;
-use crate::error::Result;
-use crate::operate::{DeadLetter, Requeued, WorkerInfo, WorkflowInfo};
+use crate::error::{DbContext, Result};
+use crate::migrate;
+use crate::operate::{Check, DeadLetter, Health, Requeued, WorkerInfo, WorkflowInfo};
 
 impl App {
+    /// The installation's health, one [`Check`] per concern: migrations
+    /// applied, functions current and undrifted (what `initialize` would
+    /// change, found without changing it), roles and grants, the oldest
+    /// ready job, queues no live worker serves, expired leases, long-running
+    /// steps, orphaned runs, dead letters, late schedules, dead rows on the
+    /// hot tables, and the oldest transaction holding back vacuum. Ages over
+    /// `warn_after` are reported. Reads only; needs `cairn_admin`.
+    pub async fn doctor(&self, warn_after: Duration) -> Result<Vec<Check>> {
+        let mut checks = if let Some(direct) = self.db().direct() {
+            // One session throughout: not the pooler's.
+            let mut conn = PgConnection::connect_with(direct)
+                .await
+                .db("connecting for the schema check")?;
+            let checks = migrate::inspect(&mut conn).await;
+            let _ = conn.close().await;
+            checks?
+        } else {
+            let mut conn = self
+                .pool()
+                .acquire()
+                .await
+                .db("connecting for the schema check")?;
+            migrate::inspect(&mut conn).await?
+        };
+        if checks
+            .iter()
+            .any(|c| c.name == "migrations" && c.status == Health::Fail)
+        {
+            // The functions below may not exist, or not be these.
+            return Ok(checks);
+        }
+        checks.extend(db::doctor(self.db(), warn_after.as_secs_f64()).await?);
+        Ok(checks)
+    }
+
     /// The worker processes that are running (and, marked not alive, those
     /// that died in the last day without saying so), oldest first.
     pub async fn list_workers(&self) -> Result<Vec<WorkerInfo>> {

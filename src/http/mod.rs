@@ -117,6 +117,7 @@ pub fn router(app: App, tokens: Tokens) -> axum::Router {
         .route("/api/workflows", get(workflows))
         .route("/api/queues", get(queues))
         .route("/api/workers", get(workers))
+        .route("/api/doctor", get(doctor))
         .route("/api/dead", get(dead))
         .route("/api/dead/{queue}/requeue", post(requeue_dead))
         .route("/api/schedules", get(schedules))
@@ -407,6 +408,26 @@ async fn queues(State(api): State<Api>) -> Answer {
 
 async fn workers(State(api): State<Api>) -> Answer {
     ok(api.app.list_workers().await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DoctorQuery {
+    /// Seconds a waiting job, lease, step, transaction or schedule may age
+    /// before it is reported (default 300).
+    warn_after: Option<f64>,
+}
+
+async fn doctor(State(api): State<Api>, q: Result<Query<DoctorQuery>, QueryRejection>) -> Answer {
+    let Query(q) = q?;
+    let seconds = q.warn_after.unwrap_or(300.0);
+    let warn_after = Duration::try_from_secs_f64(seconds).map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("warn_after must be a number of seconds ≥ 0, got {seconds}"),
+        )
+    })?;
+    ok(api.app.doctor(warn_after).await?)
 }
 
 #[derive(Deserialize)]

@@ -58,6 +58,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The installation's health: schema current and undrifted, roles,
+    /// waiting work, leases, orphaned runs, dead rows, the xmin horizon.
+    /// Exit status 0 all ok, 4 warnings, 1 a failure.
+    Doctor {
+        /// Report ready jobs, expired leases, running steps, open
+        /// transactions and late schedules older than this.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        warn_after: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
     /// The worker processes: alive or lost, what they serve, since when.
     Workers {
         #[arg(long)]
@@ -142,7 +153,7 @@ async fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("cairn: {e}");
             match e {
@@ -153,7 +164,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> cairn::Result<()> {
+async fn run(cli: Cli) -> cairn::Result<ExitCode> {
     let app = App::builder()
         .database_url(cli.database_url)
         .max_connections(if matches!(cli.command, Command::Serve { .. }) {
@@ -203,6 +214,9 @@ async fn run(cli: Cli) -> cairn::Result<()> {
             }
         },
         Command::Queues { queue, json } => operate::queues(&app, queue, json).await?,
+        Command::Doctor { warn_after, json } => {
+            return operate::doctor(&app, warn_after, json).await;
+        }
         Command::Workers { json } => operate::workers(&app, json).await?,
         Command::Workflows { json } => operate::workflows(&app, json).await?,
         Command::Flows { action } => operate::flows(&app, action).await?,
@@ -248,7 +262,7 @@ async fn run(cli: Cli) -> cairn::Result<()> {
         Command::Schedules { action } => schedules(&app, action).await?,
         Command::Runs { action } => runs(&app, action).await?,
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A JSON argument, refused before anything is sent if it does not parse.

@@ -1,9 +1,11 @@
-//! `cairn queues`, `workers`, `workflows`, `flows` and `dead`: what an
-//! operator looks at.
+//! `cairn queues`, `workers`, `workflows`, `flows`, `dead` and `doctor`:
+//! what an operator looks at.
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
 
-use cairn::App;
+use cairn::{App, Health};
 use clap::Subcommand;
 
 use crate::print_json;
@@ -230,4 +232,21 @@ pub async fn dead(app: &App, action: DeadAction) -> cairn::Result<()> {
         }
     }
     Ok(())
+}
+
+pub async fn doctor(app: &App, warn_after: Duration, json: bool) -> cairn::Result<ExitCode> {
+    let checks = app.doctor(warn_after).await?;
+    if json {
+        print_json(&checks);
+    } else {
+        let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+        for c in &checks {
+            println!("{:<4}  {:<width$}  {}", c.status.as_str(), c.name, c.detail);
+        }
+    }
+    Ok(match checks.iter().map(|c| c.status).max() {
+        Some(Health::Fail) => ExitCode::FAILURE,
+        Some(Health::Warn) => ExitCode::from(4),
+        _ => ExitCode::SUCCESS,
+    })
 }

@@ -440,6 +440,25 @@ const pages = {
       ),
   },
 
+  health: {
+    title: "Health",
+    load: () => api("/doctor"),
+    render: (checks) =>
+      h(
+        "div",
+        {},
+        table(
+          [
+            ["", (c) => badge(c.status)],
+            ["Check", (c) => h("strong", {}, c.name)],
+            ["Found", (c) => c.detail],
+          ],
+          checks,
+        ),
+        h("p", { class: "muted" }, "The same as `cairn doctor`: ages over 5 minutes are reported."),
+      ),
+  },
+
   schedules: {
     title: "Schedules",
     load: () => api("/schedules"),
