@@ -8,6 +8,8 @@
 //!
 //! # with traces: docker compose -f docker/compose.yml up -d, then
 //! OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 cargo run --example order_saga
+//! # and metrics for its Grafana dashboard too:
+//! CAIRN_METRICS=1 OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 cargo run --example order_saga
 //! ```
 //!
 //! Each step takes a second, so there is time to interrupt. The orders are
@@ -111,11 +113,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok("http/protobuf") => cairn::otel::Protocol::HttpProtobuf,
                 _ => cairn::otel::Protocol::Grpc,
             };
-            let otel = cairn::otel::OtelPlugin::builder()
-                .protocol(protocol)
-                .build()?;
+            let mut otel = cairn::otel::OtelPlugin::builder().protocol(protocol);
+            // CAIRN_METRICS=1: metrics too, for the compose stack's Grafana.
+            let metrics = std::env::var("CAIRN_METRICS").is_ok_and(|v| v == "1");
+            if metrics {
+                otel = otel
+                    .metrics_interval(Duration::from_secs(5))
+                    .queue_metrics(&app, Duration::from_secs(5));
+            }
+            let otel = otel.build()?;
             app.plugin(otel.clone());
-            println!("exporting spans over OTLP ({protocol:?})");
+            println!(
+                "exporting spans{} over OTLP ({protocol:?})",
+                if metrics { " and metrics" } else { "" }
+            );
             Some(otel)
         }
         None => None,

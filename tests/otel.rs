@@ -655,6 +655,77 @@ async fn metrics_count_outcomes_time_steps_and_watch_queues(pool: PgPool) {
             .iter()
             .any(|l| l["metric"] == "cairn.queue.oldest_age")
     );
+
+    // The compose stack's Grafana dashboard asks only for metrics and labels
+    // cairn sends, under the names the collector's Prometheus exporter gives
+    // them: dots become underscores, counters end in `_total`, unit `s` adds
+    // `_seconds`, histograms are read through `_bucket`.
+    let prometheus = |otel: &str| -> String {
+        let base = otel.replace('.', "_");
+        match otel {
+            "cairn.jobs" | "cairn.jobs.claimed" | "cairn.steps" | "cairn.runs" => {
+                format!("{base}_total")
+            }
+            "cairn.step.duration" | "cairn.task.duration" => format!("{base}_seconds_bucket"),
+            "cairn.queue.oldest_age" => format!("{base}_seconds"),
+            _ => base,
+        }
+    };
+    let mut sent: std::collections::HashMap<String, std::collections::HashSet<String>> =
+        Default::default();
+    for l in lines.iter().filter(|l| l["metric"].is_string()) {
+        sent.entry(prometheus(l["metric"].as_str().unwrap()))
+            .or_default()
+            .extend(
+                l["attributes"]
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .map(|k| k.replace('.', "_")),
+            );
+    }
+    let dashboard: Value =
+        serde_json::from_str(include_str!("../docker/grafana/dashboards/cairn.json")).unwrap();
+    let mut asked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        assert_eq!(
+            panel["datasource"]["uid"], "prometheus",
+            "{}",
+            panel["title"]
+        );
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            // The metric is the cairn_ name outside the `by (…)` groups.
+            let outside: String = expr
+                .split("by (")
+                .enumerate()
+                .map(|(i, part)| {
+                    if i == 0 {
+                        part
+                    } else {
+                        part.split_once(')').map_or("", |p| p.1)
+                    }
+                })
+                .collect();
+            let metric = outside
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .find(|w| w.starts_with("cairn_"))
+                .unwrap_or_else(|| panic!("no cairn metric in {expr}"));
+            let labels = sent.get(metric).unwrap_or_else(|| {
+                panic!("the dashboard asks for {metric}, which cairn does not send: {expr}")
+            });
+            for group in expr.split("by (").skip(1) {
+                for label in group.split(')').next().unwrap().split(',').map(str::trim) {
+                    assert!(
+                        label == "le" || labels.contains(label),
+                        "{expr}: cairn sends no {label} on {metric} (it sends {labels:?})"
+                    );
+                }
+            }
+            asked += 1;
+        }
+    }
+    assert_eq!(asked, 12, "every panel's queries were checked");
 }
 
 /// A program instrumented with `tracing`: its own spans and events, inside a
