@@ -66,30 +66,40 @@ comment on function cairn.create_queue(text) is
 
 -- Internal: delete a queue's live jobs — the workflow's jobs through
 -- settle_jobs (their runs fail, their steps fail), plain jobs in one
--- statement. Returns how many. Locks, in the engine's order: the runs those
--- jobs concern and their parents (rank 1), then every job of the queue and
--- the jobs of those runs, in id order (rank 2).
-create or replace function cairn.remove_queue_jobs(queue_id integer, reason text)
+-- statement: all of them, or (lim) the lim with the lowest ids. Returns how
+-- many. Locks, in the engine's order: the runs those jobs concern and their
+-- parents (rank 1), then those jobs and the jobs of those runs, in id order
+-- (rank 2).
+create or replace function cairn.remove_queue_jobs(queue_id integer, reason text, lim integer)
 returns bigint
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 declare
+    v_upto   bigint;
     v_jobs   bigint[];
     v_runs   uuid[];
     v_locked uuid[];
     v_count  bigint;
     v_plain  bigint;
 begin
+    if lim is not null then
+        -- The lim-th job by id; NULL when there are fewer: then all of them.
+        select j.id into v_upto
+          from cairn.jobs j
+         where j.queue_id = remove_queue_jobs.queue_id
+         order by j.id offset lim - 1 limit 1;
+    end if;
     select array_agg(j.id), array_agg(distinct coalesce(j.parent_run, j.run_id)) into v_jobs, v_runs
       from cairn.jobs j
      where j.queue_id = remove_queue_jobs.queue_id
+       and (v_upto is null or j.id <= v_upto)
        and (j.run_id is not null or j.parent_run is not null);
     if v_runs is not null then
         select array_agg(l) into v_locked from cairn.lock_runs(v_runs) l;
     end if;
     perform 1 from cairn.jobs j
-     where j.queue_id = remove_queue_jobs.queue_id
+     where (j.queue_id = remove_queue_jobs.queue_id and (v_upto is null or j.id <= v_upto))
         or j.id in (select r.job_id from cairn.runs r
                      where r.id = any (coalesce(v_locked, '{}')) and r.job_id is not null)
      order by j.id
@@ -97,7 +107,8 @@ begin
     v_count := (select count(*)
                   from cairn.settle_jobs(coalesce(v_jobs, '{}'), null, null, 'removed', reason, false));
     delete from cairn.jobs j
-     where j.queue_id = remove_queue_jobs.queue_id and j.run_id is null and j.parent_run is null;
+     where j.queue_id = remove_queue_jobs.queue_id and (v_upto is null or j.id <= v_upto)
+       and j.run_id is null and j.parent_run is null;
     get diagnostics v_plain = row_count;
     return v_count + v_plain;
 end $$;
@@ -117,7 +128,7 @@ begin
     if not found then
         return false;
     end if;
-    perform cairn.remove_queue_jobs(v_qid, format('its queue %s was dropped', queue));
+    perform cairn.remove_queue_jobs(v_qid, format('its queue %s was dropped', queue), null);
     delete from cairn.archive a where a.queue = drop_queue.queue;
     delete from cairn.queues q where q.id = v_qid;
     return true;
@@ -131,10 +142,25 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    return cairn.remove_queue_jobs(cairn.queue_id(queue), format('its queue %s was purged', queue));
+    return cairn.remove_queue_jobs(cairn.queue_id(queue), format('its queue %s was purged', queue), null);
 end $$;
 comment on function cairn.purge_queue(text) is
     'Delete every live job (ready, delayed or leased) of a queue; returns how many. Workflow runs driven by those jobs fail, and steps run as those jobs fail.';
+
+-- A purge in steps, for a queue too big for one transaction: each call
+-- deletes the lim oldest live jobs (by id) and returns how many (fewer than
+-- lim: the queue is empty).
+create or replace function cairn.purge_queue(queue text, lim integer)
+returns bigint
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform cairn.check_batch(lim, 'lim', 100000);
+    return cairn.remove_queue_jobs(cairn.queue_id(queue), format('its queue %s was purged', queue), lim);
+end $$;
+comment on function cairn.purge_queue(text, integer) is
+    'Delete the lim (1 to 100,000) oldest live jobs of a queue, as purge_queue(queue) does all of them; returns how many.';
 
 create or replace function cairn.send(
     queue       text,

@@ -137,6 +137,7 @@ declare
     v_admin constant text[] := v_worker || array[
         'cairn.drop_queue(text)',
         'cairn.purge_queue(text)',
+        'cairn.purge_queue(text, integer)',
         'cairn.delete(text, bigint)',
         'cairn.requeue(text, bigint)',
         'cairn.cancel_run(uuid)',

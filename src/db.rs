@@ -66,6 +66,19 @@ pub(crate) async fn purge_queue(db: impl PgExecutor<'_>, queue: &str) -> Result<
         .db("purging a queue")
 }
 
+pub(crate) async fn purge_queue_batch(
+    db: impl PgExecutor<'_>,
+    queue: &str,
+    limit: u32,
+) -> Result<i64> {
+    sqlx::query_scalar("select cairn.purge_queue($1, $2)")
+        .bind(queue)
+        .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+        .fetch_one(db)
+        .await
+        .db("purging a queue")
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn send(
     db: impl PgExecutor<'_>,

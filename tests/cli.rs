@@ -568,3 +568,21 @@ async fn doctor_finds_what_is_wrong_and_exits_by_the_worst(pool: PgPool) {
             .any(|c| c.name == "orphaned runs" && c.status == cairn::Health::Fail)
     );
 }
+
+#[sqlx::test(migrations = false)]
+async fn queue_purge_empties_a_queue_in_batches(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.create_queue("bulk").await.unwrap();
+    sqlx::query("select cairn.send_batch('bulk', array_fill('{}'::jsonb, array[12345]))")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let out = cli_ok(&pool, &["queue", "purge", "bulk"]);
+    assert_eq!(out.trim(), "purged 12345 jobs");
+    assert_eq!(
+        common::scalar_i64(&pool, "select count(*) from cairn.jobs").await,
+        0
+    );
+    let (code, _, err) = common::cli(&pool, &["queue", "purge", "nope"]);
+    assert_eq!(code, 3, "{err}");
+}

@@ -445,6 +445,50 @@ async fn delays_priorities_pop_and_purge(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = false)]
+async fn purge_in_batches_takes_the_oldest_first_and_refuses_bad_limits(pool: PgPool) {
+    setup(&pool).await;
+    sqlx::query("select cairn.send_batch('q', array_fill('{}'::jsonb, array[25]))")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let newest: i64 = sqlx::query_scalar("select max(id) from cairn.jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut batches = Vec::new();
+    for _ in 0..4 {
+        let n: i64 = sqlx::query_scalar("select cairn.purge_queue('q', 10)")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let left: Vec<i64> = sqlx::query_scalar("select id from cairn.jobs order by id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        batches.push((n, left.len(), left.first().copied()));
+    }
+    assert_eq!(
+        batches,
+        [
+            (10, 15, Some(newest - 14)),
+            (10, 5, Some(newest - 4)),
+            (5, 0, None),
+            (0, 0, None)
+        ],
+        "the oldest ten each time"
+    );
+    for (sql, code) in [
+        ("select cairn.purge_queue('q', 0)", "22023"),
+        ("select cairn.purge_queue('q', 100001)", "22023"),
+        ("select cairn.purge_queue('q', null)", "22004"),
+        ("select cairn.purge_queue('nope', 10)", "42704"),
+    ] {
+        let (got, message) = common::refused(&pool, sql).await;
+        assert_eq!(got, code, "{sql}: {message}");
+    }
+}
+
+#[sqlx::test(migrations = false)]
 async fn producer_role_can_send_but_not_claim_or_read_tables(pool: PgPool) {
     setup(&pool).await;
     let login = common::Login::create(&pool, "cairn_producer", "producer").await;

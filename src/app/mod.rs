@@ -246,6 +246,26 @@ impl App {
         })
     }
 
+    /// Deletes the `limit` (1 to 100,000) oldest live jobs of a queue, as
+    /// [`purge_queue`](Self::purge_queue) deletes all: call it until it
+    /// returns less than `limit` to empty a queue too big for one
+    /// transaction. Returns how many.
+    pub fn purge_queue_batch(&self, queue: &str, limit: u32) -> Call<'_, i64> {
+        let queue = queue.to_owned();
+        let valid = validate_queue_name(&queue).and_then(|()| {
+            if (1..=100_000).contains(&limit) {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "limit must be between 1 and 100000, got {limit}"
+                )))
+            }
+        });
+        self.call(valid, move |conn| {
+            Box::pin(async move { db::purge_queue_batch(conn, &queue, limit).await })
+        })
+    }
+
     /// Deletes one live job, leased or not (an operator's tool). A run it
     /// drives fails; a step it runs fails. False if there is no such job.
     pub fn delete_job(&self, queue: &str, id: i64) -> Call<'_, bool> {

@@ -17,6 +17,7 @@
 //! Exit status: 0 done, 1 refused or failed (the reason on stderr), 2 bad
 //! usage, 3 no such run, schedule, queue or workflow.
 
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use cairn::App;
@@ -138,7 +139,8 @@ enum QueueAction {
     Create { name: String },
     /// Drop a queue with all its jobs, archive and dead letters.
     Drop { name: String },
-    /// Delete every live job of a queue.
+    /// Delete every live job of a queue (in batches of 5,000, with progress
+    /// on a terminal).
     Purge { name: String },
 }
 
@@ -210,7 +212,29 @@ async fn run(cli: Cli) -> cairn::Result<ExitCode> {
                 println!("{}", if dropped { "dropped" } else { "no such queue" });
             }
             QueueAction::Purge { name } => {
-                println!("purged {} jobs", app.purge_queue(&name).await?);
+                // In batches, each its own transaction, with progress on a
+                // terminal; it stops once as many jobs as were there at the
+                // start are gone, so producers cannot keep it going.
+                const BATCH: u32 = 5_000;
+                let m = app.metrics(&name).await?;
+                let total = m.ready + m.delayed + m.in_flight;
+                let progress = std::io::stderr().is_terminal() && total > i64::from(BATCH);
+                let mut purged = 0;
+                loop {
+                    let n = app.purge_queue_batch(&name, BATCH).await?;
+                    purged += n;
+                    if progress {
+                        eprint!("\rpurging {name}: {purged}/{total} ");
+                        let _ = std::io::stderr().flush();
+                    }
+                    if n < i64::from(BATCH) || purged >= total {
+                        break;
+                    }
+                }
+                if progress {
+                    eprintln!();
+                }
+                println!("purged {purged} jobs");
             }
         },
         Command::Queues { queue, json } => operate::queues(&app, queue, json).await?,
