@@ -117,6 +117,21 @@ async fn runs_are_listed_shown_started_signalled_cancelled_and_retried(pool: PgP
     assert_eq!(events.first(), Some(&"created"));
     assert_eq!(events.last(), Some(&"completed"));
     assert!(events.contains(&"attempt"), "{events:?}");
+    let steps = cli_json(&pool, &["runs", "steps", id.trim(), "--json"]);
+    assert_eq!(
+        (&steps[0]["key"], &steps[0]["status"], &steps[0]["output"]),
+        (
+            &serde_json::json!("compose#1"),
+            &serde_json::json!("completed"),
+            &serde_json::json!("hello ann")
+        ),
+        "{steps}"
+    );
+    let text = cli_ok(&pool, &["runs", "steps", id.trim()]);
+    assert!(
+        text.contains("compose#1") && text.contains("\"hello ann\""),
+        "{text}"
+    );
 
     // A parent shows its child.
     let parent = app.start("family", &1).await.unwrap();

@@ -266,6 +266,7 @@ async fn the_dashboard_in_headless_chromium(pool: PgPool) {
     })
     .unwrap();
     app.initialize().await.unwrap();
+    app.create_queue("mail").await.unwrap();
     let stop = CancellationToken::new();
     let worker = tokio::spawn(
         app.worker()

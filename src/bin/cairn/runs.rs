@@ -36,6 +36,13 @@ pub enum RunAction {
         #[arg(long)]
         json: bool,
     },
+    /// A run's durable steps as they stand: status, attempts, time taken,
+    /// output or error.
+    Steps {
+        run: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a run; prints its id.
     Start {
         workflow: String,
@@ -141,6 +148,28 @@ pub async fn runs(app: &App, action: RunAction) -> cairn::Result<()> {
                     e.attempt.map(|a| format!("#{a}")).unwrap_or_default(),
                     e.outcome.unwrap_or_default(),
                     e.error.or(e.detail).unwrap_or_default()
+                );
+            }
+        }
+        RunAction::Steps { run, json } => {
+            let steps = app.run_steps(run).await?;
+            if json {
+                print_json(&steps);
+                return Ok(());
+            }
+            for s in steps {
+                let took = match (s.started_at, s.finished_at) {
+                    (Some(a), Some(b)) => format!("{} ms", (b - a).num_milliseconds()),
+                    (Some(_), None) => "…".to_owned(),
+                    _ => String::new(),
+                };
+                let mut shown = s.error.or(s.output).unwrap_or_default();
+                if shown.chars().count() > 80 {
+                    shown = shown.chars().take(79).chain(['…']).collect();
+                }
+                println!(
+                    "{:>3}  {:<20} {:<7} {:<10} #{:<3} {:>9}  {}",
+                    s.seq, s.key, s.kind, s.status, s.attempts, took, shown
                 );
             }
         }

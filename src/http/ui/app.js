@@ -5,6 +5,7 @@
 const REFRESH_MS = 2000;
 const SAMPLES = 150; // queue samples kept: five minutes at one per refresh
 const TOKEN_KEY = "cairn.token";
+const MAX_LANES = 200; // timeline lanes drawn for one run
 
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY),
@@ -483,7 +484,9 @@ const pages = {
 // end (or now).
 function timeline(run, history) {
   const t0 = new Date(run.created_at).getTime();
-  const bars = history.filter((e) => e.ended_at !== undefined && e.step && e.at);
+  const all = history.filter((e) => e.step && e.at);
+  // A map over thousands of elements would draw thousands of lanes.
+  const bars = all.slice(0, MAX_LANES);
   const marks = history.filter((e) => !e.step && ["signal", "suspended", "resumed", "failed", "retried", "cancelled"].includes(e.event));
   const ends = [Date.now()];
   if (run.finished_at) ends[0] = new Date(run.finished_at).getTime();
@@ -511,6 +514,8 @@ function timeline(run, history) {
         h("span", { class: "took" }, `${took} · ${e.outcome || "running"}`),
       );
     }),
+    all.length > bars.length &&
+      h("p", { class: "muted" }, `The first ${MAX_LANES} of ${all.length} attempts; the history below has them all.`),
     marks.length > 0 &&
       h(
         "div",
