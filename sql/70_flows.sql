@@ -967,7 +967,8 @@ $$;
 -- record it skipped), fail the run if a step failed, complete it when every
 -- step is done. The caller holds the run and its ancestors (rank 1).
 -- Re-entrant: a child that ends at once settles its step from inside.
-create or replace function cairn.advance_flow(run_id uuid)
+-- `definition` is the run's flow definition when the caller has read it.
+create or replace function cairn.advance_flow(run_id uuid, definition jsonb default null)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -976,12 +977,12 @@ as $$
 declare
     v_now     timestamptz := cairn.now();
     v_run     cairn.runs;
-    v_def     jsonb;
+    v_def     jsonb := definition;
     v_state   jsonb;
     v_ctx     jsonb;
     v_step    jsonb;
     v_ord     integer;
-    v_moved   boolean;
+    v_again   boolean;
     v_failed  record;
     v_at      timestamptz;
     v_output  jsonb;
@@ -1010,7 +1011,7 @@ begin
             return;
         end if;
         v_ctx := null;
-        v_moved := false;
+        v_again := false;
         v_at := greatest(v_now, coalesce(v_run.wake_at, v_now));
         for v_step, v_ord in
             select e.value, e.o::integer from jsonb_array_elements(v_def->'steps') with ordinality e(value, o)
@@ -1021,8 +1022,10 @@ begin
             if v_ctx is null then
                 v_ctx := cairn.flow_context(run_id, v_run.input);
             end if;
-            v_moved := true;
             if v_step ? 'when' and not coalesce(v_ctx @@ (v_step->>'when')::jsonpath, false) then
+                -- A skip counts as done for its dependents: one listed
+                -- before it is found on the next pass.
+                v_again := true;
                 insert into cairn.steps (run_id, key, seq, kind, status, attempts, started_at, finished_at)
                 values (run_id, v_step->>'name', v_ord,
                         case when v_step ? 'map' then 'map' when v_step ? 'handler' then 'task'
@@ -1037,10 +1040,13 @@ begin
             if v_status is distinct from 'waiting' then
                 -- Done at once (or failed, or moved by a child that ended):
                 -- read everything again.
+                v_again := true;
                 exit;
             end if;
         end loop;
-        if not v_moved then
+        -- A step that started and waits unlocks nothing yet: another pass
+        -- is needed only after a skip or a step that ended at once.
+        if not v_again then
             exit;
         end if;
     end loop;
@@ -1075,6 +1081,7 @@ declare
     v_map  text;
     v_left integer;
     v_run  cairn.runs;
+    v_def  jsonb;
 begin
     update cairn.runs r set status = 'running', wake_at = null, updated_at = v_now
      where r.id = flow_step_settled.run_id and r.status = 'sleeping';
@@ -1104,11 +1111,11 @@ begin
     end if;
     if status = 'completed' then
         select * into v_run from cairn.runs r where r.id = flow_step_settled.run_id;
-        perform cairn.flow_loop(v_run, (select v.definition from cairn.flow_versions v
-                                         where v.flow = v_run.workflow
-                                           and v.version = v_run.flow_version), key);
+        select v.definition into v_def from cairn.flow_versions v
+         where v.flow = v_run.workflow and v.version = v_run.flow_version;
+        perform cairn.flow_loop(v_run, v_def, key);
     end if;
-    perform cairn.advance_flow(run_id);
+    perform cairn.advance_flow(run_id, v_def);
 end $$;
 
 -- Internal: the step `key` of flow run `run` (definition `def`) just
