@@ -141,6 +141,22 @@ async fn every_endpoint_with_tokens_and_bad_input(pool: PgPool) {
         0,
         "a refused write wrote nothing"
     );
+    // The scheme is case-insensitive; another scheme is no token.
+    for (header, expected) in [
+        (format!("bearer {READ}"), StatusCode::OK),
+        (format!("BEARER {READ}"), StatusCode::OK),
+        (format!("Basic {READ}"), StatusCode::UNAUTHORIZED),
+        (READ.to_owned(), StatusCode::UNAUTHORIZED),
+    ] {
+        let res = api
+            .http
+            .get(format!("{}/api/runs", api.base))
+            .header("authorization", &header)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), expected, "{header}");
+    }
 
     // Start, await, show, history.
     let (status, started) = api

@@ -157,10 +157,13 @@ async fn authorize(
     request: Request,
     next: Next,
 ) -> Response {
+    // The scheme is case-insensitive (RFC 9110): "bearer x" is "Bearer x".
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
     match token.and_then(|t| api.tokens.access(t.trim())) {
         None => {
             let mut refused = ApiError(
