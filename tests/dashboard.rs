@@ -440,7 +440,7 @@ async fn the_dashboard_in_headless_chromium(pool: PgPool) {
     // Queues and workers.
     browser.goto(&format!("{base}/#/queues")).await.unwrap();
     let queues = shows(&browser, "queues", &["mail", "workflows"]).await;
-    assert!(queues.contains("sampled every 2 s"), "{queues}");
+    assert!(queues.contains("Sampled every 2 s"), "{queues}");
     // A second sample draws each queue's depth line.
     browser
         .wait()
@@ -448,6 +448,11 @@ async fn the_dashboard_in_headless_chromium(pool: PgPool) {
         .for_element(Locator::Css("svg.spark polyline.ready"))
         .await
         .expect("a queue's depth over time");
+    browser
+        .find(Locator::Css("svg.spark polyline.age"))
+        .await
+        .expect("a queue's oldest job age over time");
+    screenshot(&browser, "queues").await;
     browser.goto(&format!("{base}/#/workers")).await.unwrap();
     let workers = shows(&browser, "workers", &["alive", "mail"]).await;
     assert!(

@@ -489,6 +489,53 @@ async fn purge_in_batches_takes_the_oldest_first_and_refuses_bad_limits(pool: Pg
 }
 
 #[sqlx::test(migrations = false)]
+async fn the_doctor_answers_an_admin_and_no_one_else(pool: PgPool) {
+    setup(&pool).await;
+    let admin = common::Login::create(&pool, "cairn_admin", "doctor_a").await;
+    let worker = common::Login::create(&pool, "cairn_worker", "doctor_w").await;
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("select check_name, status from cairn.doctor()")
+            .fetch_all(&admin.pool)
+            .await
+            .unwrap();
+    let refused = sqlx::query("select * from cairn.doctor()")
+        .execute(&worker.pool)
+        .await
+        .unwrap_err();
+    // The whole doctor, schema half included, from Rust as that admin.
+    let as_admin = cairn::App::builder()
+        .database_url(common::url_of(&admin.pool))
+        .max_connections(1)
+        .build()
+        .await
+        .unwrap();
+    let checks = as_admin.doctor(Duration::from_secs(300)).await.unwrap();
+    as_admin.pool().close().await;
+    admin.drop(&pool).await;
+    worker.drop(&pool).await;
+    assert!(
+        rows.iter()
+            .any(|(name, status)| name == "roles" && status == "ok"),
+        "{rows:?}"
+    );
+    assert_eq!(common::sqlstate(&refused).as_deref(), Some("42501"));
+    let schema: Vec<_> = checks
+        .iter()
+        .take(3)
+        .map(|c| (c.name.as_str(), c.status))
+        .collect();
+    assert_eq!(
+        schema,
+        [
+            ("migrations", cairn::Health::Ok),
+            ("functions", cairn::Health::Ok),
+            ("drift", cairn::Health::Ok)
+        ],
+        "{checks:?}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
 async fn producer_role_can_send_but_not_claim_or_read_tables(pool: PgPool) {
     setup(&pool).await;
     let login = common::Login::create(&pool, "cairn_producer", "producer").await;

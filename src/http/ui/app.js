@@ -360,12 +360,16 @@ const pages = {
             ["In flight", (q) => q.in_flight],
             ["Dead", (q) => (q.dead ? h("a", { href: `#/dead?queue=${encodeURIComponent(q.queue)}`, class: "error-text" }, q.dead) : 0)],
             ["Oldest ready", (q) => (q.ready ? span(q.oldest_ready_age) : "—")],
-            ["Depth over time", (q) => sparkline(state.samples.get(q.queue) || [])],
+            [
+              "Depth over time",
+              (q) => sparkline(state.samples.get(q.queue) || [], [["in_flight", "in-flight"], ["ready", "ready"]], (n) => `${n} jobs`),
+            ],
+            ["Age over time", (q) => sparkline(state.samples.get(q.queue) || [], [["age", "age"]], span)],
           ],
           queues,
           { empty: "No queue yet." },
         ),
-        h("p", { class: "muted" }, "Depth is sampled every 2 s while this page is open: ready (blue) and in flight (grey), over the last five minutes."),
+        h("p", { class: "muted" }, "Sampled every 2 s while this page is open, over the last five minutes: depth ready (blue) and in flight (grey), and the oldest ready job's age (amber)."),
       ),
   },
 
@@ -571,20 +575,20 @@ function historyTable(history) {
   );
 }
 
-function sparkline(samples) {
+// Lines over the samples kept for a queue: `fields` as [field, class],
+// on one scale; `describe` says what the peak was.
+function sparkline(samples, fields, describe) {
   const w = 160;
   const hgt = 28;
   const box = svg("svg", { viewBox: `0 0 ${w} ${hgt}`, width: w, height: hgt, class: "spark" });
   if (samples.length < 2) return box;
-  const top = Math.max(1, ...samples.map((s) => Math.max(s.ready, s.in_flight)));
-  const line = (field, cls) => {
-    const pts = samples.map((s, i) => `${((i / (SAMPLES - 1)) * w).toFixed(1)},${(hgt - 1 - (s[field] / top) * (hgt - 2)).toFixed(1)}`);
+  const top = Math.max(1e-9, ...samples.flatMap((s) => fields.map(([f]) => s[f])));
+  for (const [field, cls] of fields) {
+    const pts = samples.map((s, i) => `${((i / (samples.length - 1)) * w).toFixed(1)},${(hgt - 1 - (s[field] / top) * (hgt - 2)).toFixed(1)}`);
     box.append(svg("polyline", { points: pts.join(" "), class: cls }));
-  };
-  line("in_flight", "in-flight");
-  line("ready", "ready");
+  }
   const title = svg("title");
-  title.textContent = `peak ${top} over ${span((samples.at(-1).at - samples[0].at) / 1000)}`;
+  title.textContent = `peak ${describe(top)} over ${span((samples.at(-1).at - samples[0].at) / 1000)}`;
   box.append(title);
   return box;
 }
