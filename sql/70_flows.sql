@@ -14,7 +14,7 @@
 --               "map": "<path to an array>",     -- one job per element
 --               "queue": "payments",
 --               "retry": {"max_attempts": 5, "backoff": 1, "max_backoff": 60},
---               "timeout": 30,
+--               "timeout": 30,                 -- a handler's attempt; a signal's wait
 --               "goto": {"step": "review", "when": "<path predicate>", "max": 3}}]}
 -- Paths are Postgres's SQL/JSON path language, read against the run's
 -- context: {"input": <the run's input>, "<step>": <its output>, ...} for
@@ -274,9 +274,13 @@ begin
         end case;
         if v_kinds[1] <> 'handler' then
             foreach v_key in array array['queue', 'retry', 'timeout'] loop
+                -- A signal step's timeout bounds its wait.
+                continue when v_kinds[1] = 'signal' and v_key = 'timeout';
                 if v_step ? v_key then
                     perform cairn.flow_error(flow, v_name,
-                        format('"%s" applies to handler steps only; this step runs a %s', v_key, v_kinds[1]));
+                        format('"%s" applies to handler steps%s only; this step runs a %s', v_key,
+                               case when v_key = 'timeout' then ' and signal steps' else '' end,
+                               v_kinds[1]));
                 end if;
             end loop;
         end if;
@@ -806,11 +810,15 @@ begin
         v_problem := 'the step''s input ' || cairn.json_problem(v_input);
     end if;
     insert into cairn.steps (run_id, key, seq, kind, status, input, error, attempts, started_at,
-                             finished_at)
+                             finished_at, wake_at)
     values (run.id, v_name, seq, case when step ? 'map' then 'map' else v_kind end,
             case when v_problem is null then 'waiting' else 'failed' end,
             case when v_kind = 'signal' then step->'signal' else v_input end, v_problem, 1, v_now,
-            case when v_problem is not null then v_now end)
+            case when v_problem is not null then v_now end,
+            -- A signal's wait runs out at its deadline (cairn.fire_timers).
+            case when v_kind = 'signal' and step ? 'timeout'
+                 then greatest(v_now, visible_at) + make_interval(secs => (step->>'timeout')::double precision)
+            end)
     on conflict on constraint steps_pkey do nothing;
     if not found then
         return null;
@@ -1194,7 +1202,7 @@ begin
     update cairn.signals g set consumed_by = flow_take_signal.key where g.id = v_signal.id;
     update cairn.steps s
        set status = 'completed', output = jsonb_build_object('payload', v_signal.payload),
-           finished_at = cairn.now()
+           finished_at = cairn.now(), wake_at = null
      where s.run_id = flow_take_signal.run_id and s.key = flow_take_signal.key;
     return true;
 end $$;
@@ -1219,3 +1227,56 @@ begin
         perform cairn.flow_step_settled(run_id, v_key, 'completed', null);
     end if;
 end $$;
+
+-- Signal waits of flow runs that ran out: each such step completes with
+-- {"timeout": true} (as ctx.wait_for_signal's does) and its run moves on.
+-- Every worker calls this about once a second (beside tick_schedules);
+-- returns how many fired (at most lim: call again while it returns lim).
+-- Locks: the runs concerned with their ancestors, all at once in the
+-- engine's order (lock_runs, rank 1), then their steps (rank 3); a wait a
+-- signal or another caller settled first is left alone.
+create or replace function cairn.fire_timers(lim integer default 100)
+returns integer
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_now  timestamptz := cairn.now();
+    v_runs uuid[];
+    v_due  record;
+    v_n    integer := 0;
+begin
+    perform cairn.check_batch(lim, 'lim', 10000);
+    select array_agg(distinct d.run_id) into v_runs
+      from (select s.run_id
+              from cairn.steps s join cairn.runs r on r.id = s.run_id
+             where s.kind = 'signal' and s.status = 'waiting' and s.wake_at <= v_now
+               and r.flow_version is not null
+             order by s.wake_at
+             limit lim) d;
+    if v_runs is null then
+        return 0;
+    end if;
+    perform from cairn.lock_runs(v_runs);
+    for v_due in
+        select s.run_id, s.key
+          from cairn.steps s
+         where s.run_id = any (v_runs) and s.kind = 'signal' and s.status = 'waiting'
+           and s.wake_at <= v_now
+         order by s.wake_at, s.run_id, s.key
+    loop
+        -- An earlier one may have moved this run on (ended it, looped it).
+        update cairn.steps s
+           set status = 'completed', output = '{"timeout": true}', finished_at = v_now, wake_at = null
+          from cairn.runs r
+         where s.run_id = v_due.run_id and s.key = v_due.key
+           and s.status = 'waiting' and s.wake_at <= v_now
+           and r.id = s.run_id and r.status in ('pending', 'running', 'sleeping', 'waiting');
+        continue when not found;
+        perform cairn.flow_step_settled(v_due.run_id, v_due.key, 'completed', null);
+        v_n := v_n + 1;
+    end loop;
+    return v_n;
+end $$;
+comment on function cairn.fire_timers(integer) is
+    'Complete the signal steps of flow runs whose timeout ran out, with {"timeout": true}, and move their runs on; returns how many (at most lim). Workers call it about once a second.';

@@ -10,7 +10,7 @@
 --   cairn_worker    producer + claim/read/pop, the fenced ack/archive/retry/
 --                   fail/extend/set_vt/release, create_queue, and the run
 --                   engine's worker calls (40_worker.sql), prune,
---                   tick_schedules, register_step_handler, worker_hello,
+--                   tick_schedules, fire_timers, register_step_handler, worker_hello,
 --                   worker_seen, worker_bye
 --   cairn_admin     worker + drop_queue, purge_queue, delete, requeue,
 --                   cancel_run, retry_run, set_retention, create_,
@@ -130,6 +130,7 @@ declare
         'cairn.fail_run(uuid, bigint, bigint, jsonb, text)',
         'cairn.prune(integer)',
         'cairn.tick_schedules(integer)',
+        'cairn.fire_timers(integer)',
         'cairn.register_step_handler(text)',
         'cairn.worker_hello(uuid, text, integer, text[], text[], integer)',
         'cairn.worker_seen(uuid)',

@@ -955,6 +955,15 @@ pub(crate) async fn tick_schedules(db: impl PgExecutor<'_>, batch: u32) -> Resul
 
 // ---- flows ---------------------------------------------------------------
 
+pub(crate) async fn fire_timers(db: impl PgExecutor<'_>, batch: u32) -> Result<u32> {
+    let fired: i32 = sqlx::query_scalar("select cairn.fire_timers($1)")
+        .bind(i32::try_from(batch).unwrap_or(i32::MAX))
+        .fetch_one(db)
+        .await
+        .db("firing due flow timers")?;
+    Ok(u32::try_from(fired).unwrap_or(0))
+}
+
 pub(crate) async fn register_step_handler(db: impl PgExecutor<'_>, name: &str) -> Result<()> {
     sqlx::query("select cairn.register_step_handler($1)")
         .bind(name)

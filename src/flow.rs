@@ -98,7 +98,8 @@ impl Flow {
 
     /// The last step waits for a signal named `signal` (sent with
     /// [`App::send_signal`](crate::App::send_signal) or `cairn.send_signal`); its
-    /// output is `{"payload": ...}`.
+    /// output is `{"payload": ...}`, or with a [`timeout`](Self::timeout)
+    /// that ran out, `{"timeout": true}`.
     pub fn signal(self, signal: impl Into<String>) -> Self {
         self.runs("signal", signal.into())
     }
@@ -163,7 +164,9 @@ impl Flow {
         )
     }
 
-    /// An attempt of the last step that runs longer fails (and is retried).
+    /// An attempt of the last step that runs longer fails (and is
+    /// retried); for a signal step, how long it waits before it completes
+    /// with `{"timeout": true}`.
     pub fn timeout(self, timeout: Duration) -> Self {
         self.set("timeout", json!(timeout.as_secs_f64()))
     }

@@ -68,6 +68,11 @@ const MIGRATIONS: &[Script] = &[
         name: "0008_operate.sql",
         sql: include_str!("../migrations/0008_operate.sql"),
     },
+    Script {
+        version: 9,
+        name: "0009_timers.sql",
+        sql: include_str!("../migrations/0009_timers.sql"),
+    },
 ];
 
 const FUNCTIONS: &[&str] = &[

@@ -586,6 +586,86 @@ async fn a_signal_step_waits_for_its_signal(pool: PgPool) {
     worker.await.unwrap();
 }
 
+/// A signal step with a timeout: a signal in time is taken as usual; past
+/// the deadline (on the test clock) the step completes with
+/// `{"timeout": true}` once, and a condition on it chooses the branch.
+#[sqlx::test(migrations = false)]
+async fn a_signal_step_times_out_and_a_condition_takes_the_other_branch(pool: PgPool) {
+    let app = common::app(&pool).await;
+    let shipped = Arc::new(AtomicUsize::new(0));
+    let escalated = Arc::new(AtomicUsize::new(0));
+    echo(&app, "ship", &shipped);
+    echo(&app, "escalate", &escalated);
+    app.flow(
+        Flow::new("approval_timeout")
+            .step("approved")
+            .signal("approve")
+            .timeout(Duration::from_secs(3600))
+            .step("ship")
+            .after(["approved"])
+            .when("exists($.approved.payload)")
+            .step("escalate")
+            .after(["approved"])
+            .when("$.approved.timeout == true"),
+    )
+    .unwrap();
+    app.initialize().await.unwrap();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(
+        app.worker()
+            .queues(["workflows"])
+            .schedule_interval(Duration::from_millis(50))
+            .run_until(stop.clone().cancelled_owned()),
+    );
+
+    // Signalled in time: shipped, not escalated.
+    let in_time = app
+        .start_flow("approval_timeout", &json!({}))
+        .await
+        .unwrap();
+    let late = app
+        .start_flow("approval_timeout", &json!({}))
+        .await
+        .unwrap();
+    app.send_signal(in_time, "approve", &json!({"who": "ann"}))
+        .await
+        .unwrap();
+    result(&app, in_time).await;
+    assert_eq!(steps(&pool, in_time).await["escalate"], "skipped");
+
+    // Still waiting until the deadline passes; then it times out, once.
+    assert_eq!(app.fire_timers().await.unwrap(), 0);
+    assert_eq!(steps(&pool, late).await["approved"], "waiting");
+    sqlx::query("select cairn.advance_test_clock(3601)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let output = result(&app, late).await;
+    assert_eq!(output["approved"], json!({"timeout": true}), "{output}");
+    let late_steps = steps(&pool, late).await;
+    assert_eq!(
+        (late_steps["ship"].as_str(), late_steps["escalate"].as_str()),
+        ("skipped", "completed")
+    );
+    assert_eq!(
+        (
+            shipped.load(Ordering::SeqCst),
+            escalated.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+    // The run is over: a late signal is refused.
+    let (code, _) = common::refused(
+        &pool,
+        &format!("select cairn.send_signal('{late}', 'approve', '{{}}')"),
+    )
+    .await;
+    assert_eq!(code, "55000", "the run has ended");
+    assert_eq!(app.fire_timers().await.unwrap(), 0, "nothing fires twice");
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}
+
 /// The FlowSmith quick start (create an order: validate it, get the
 /// product, total it, charge it, each step reading earlier outputs by
 /// name), defined and started from SQL alone; the handlers are Rust.
@@ -728,6 +808,16 @@ async fn bad_definitions_are_refused_saying_where_and_nothing_is_stored(pool: Pg
             r#"{"steps": [{"name": "a", "flow": "ghost"}]}"#,
             "42704",
             r#"step "a": unknown flow "ghost""#,
+        ),
+        (
+            r#"{"steps": [{"name": "a", "signal": "go", "retry": {"max_attempts": 2}}]}"#,
+            "22023",
+            r#"step "a": "retry" applies to handler steps only; this step runs a signal"#,
+        ),
+        (
+            r#"{"steps": [{"name": "a", "signal": "go", "timeout": 0}]}"#,
+            "22023",
+            r#"step "a": timeout = 0: seconds above 0"#,
         ),
         (
             r#"{"steps": [{"name": "a", "handler": "a", "signal": "go"}]}"#,

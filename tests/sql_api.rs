@@ -660,6 +660,8 @@ async fn operator_functions_refuse_bad_arguments(pool: PgPool) {
         ("select * from cairn.doctor(-1)", "22023", "warn_after"),
         ("select * from cairn.doctor('NaN')", "22023", "warn_after"),
         ("select * from cairn.doctor(null)", "22004", "warn_after"),
+        ("select cairn.fire_timers(0)", "22023", "lim"),
+        ("select cairn.fire_timers(null)", "22004", "lim"),
         (
             "select cairn.worker_hello(gen_random_uuid(), null, 1, '{}', '{}', 1)",
             "22004",

@@ -98,4 +98,12 @@ impl App {
     pub async fn tick_schedules(&self) -> Result<u32> {
         db::tick_schedules(self.db(), crate::worker::TICK_BATCH).await
     }
+
+    /// Completes the flow signal steps whose timeout ran out (at most 100),
+    /// each with `{"timeout": true}`, moves their runs on, and says how many.
+    /// Workers do this about once a second, beside
+    /// [`tick_schedules`](Self::tick_schedules).
+    pub async fn fire_timers(&self) -> Result<u32> {
+        db::fire_timers(self.db(), crate::worker::TICK_BATCH).await
+    }
 }

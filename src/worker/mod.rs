@@ -165,8 +165,9 @@ impl WorkerBuilder {
         self
     }
 
-    /// How often this worker fires due schedule ticks (default about once a
-    /// second, jittered); `None` leaves them to other workers or to
+    /// How often this worker fires due schedule ticks and the flow signal
+    /// waits that timed out (default about once a second, jittered); `None`
+    /// leaves them to other workers or to
     /// [`App::tick_schedules`](crate::App::tick_schedules). Workers split
     /// due schedules between them and each tick fires once.
     pub fn schedule_interval(mut self, every: impl Into<Option<Duration>>) -> Self {

@@ -1,7 +1,9 @@
-//! Fires due schedule ticks (`cairn.tick_schedules`): about once a second,
-//! and again at once while a call fires a full batch. Every worker runs one;
-//! the database splits due schedules between them (SKIP LOCKED) and fires a
-//! tick once. With nothing due a call is one index probe.
+//! Fires due schedule ticks (`cairn.tick_schedules`) and the flow timers
+//! that ran out (`cairn.fire_timers`): about once a second, and again at
+//! once while a call fires a full batch. Every worker runs one; the database
+//! splits due schedules between them (SKIP LOCKED) and fires a tick once,
+//! and a timer fires once under its run's lock. With nothing due each call
+//! is one index probe.
 
 use std::time::Duration;
 
@@ -25,20 +27,25 @@ pub(super) async fn run(pool: Db, every: Duration, stop: CancellationToken) {
             _ = tokio::time::sleep(wait) => {}
         }
         loop {
-            match db::tick_schedules(&pool, TICK_BATCH).await {
-                Ok(fired) => {
+            let fired = async {
+                let ticks = db::tick_schedules(&pool, TICK_BATCH).await?;
+                let timers = db::fire_timers(&pool, TICK_BATCH).await?;
+                Ok::<_, crate::Error>((ticks, timers))
+            };
+            match fired.await {
+                Ok((ticks, timers)) => {
                     failing = false;
-                    if fired > 0 {
-                        tracing::debug!(fired, "schedule ticks fired");
+                    if ticks + timers > 0 {
+                        tracing::debug!(ticks, timers, "schedule ticks and flow timers fired");
                     }
-                    if fired < TICK_BATCH {
+                    if ticks < TICK_BATCH && timers < TICK_BATCH {
                         break;
                     }
                 }
                 Err(e) => {
                     // Logged once per outage, not once a second.
                     if !failing {
-                        tracing::warn!(error = %e, "could not fire due schedules");
+                        tracing::warn!(error = %e, "could not fire due schedules and timers");
                     }
                     failing = true;
                     break;
