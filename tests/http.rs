@@ -459,6 +459,48 @@ async fn every_endpoint_with_tokens_and_bad_input(pool: PgPool) {
         .call(Method::POST, "/api/dead/mail/requeue", Some(READ), None)
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    // The body is optional whatever the Content-Type; a bad one is a 400
+    // in the API's own shape.
+    for (content_type, body, expected) in [
+        ("application/json", "", StatusCode::OK),
+        ("text/plain", "", StatusCode::OK),
+        ("application/json", "[1]", StatusCode::BAD_REQUEST),
+        (
+            "application/json",
+            r#"{"id": "x"}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "application/json",
+            r#"{"id": 1, "more": 2}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let res = api
+            .http
+            .post(format!("{}/api/dead/mail/requeue", api.base))
+            .bearer_auth(FULL)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let answer: Value = res.json().await.unwrap();
+        assert_eq!(status, expected, "{content_type} {body:?}: {answer}");
+        if expected == StatusCode::OK {
+            // (The requeued mail fails again: there may be one to requeue.)
+            assert!(answer["requeued"].is_i64(), "{answer}");
+        } else {
+            assert!(
+                answer["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("the body must be"),
+                "{answer}"
+            );
+        }
+    }
 
     // The dashboard's page and assets need no token (they hold no data),
     // and may load only themselves.

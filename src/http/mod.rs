@@ -458,9 +458,28 @@ struct RequeueBody {
 async fn requeue_dead(
     State(api): State<Api>,
     Path(queue): Path<String>,
-    body: Option<Json<RequeueBody>>,
+    body: axum::body::Bytes,
 ) -> Answer {
-    match body.map(|Json(b)| b).unwrap_or_default().id {
+    // The body is optional: none (or only whitespace) means every dead
+    // letter of the queue, whatever the Content-Type says.
+    let body: RequeueBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RequeueBody::default()
+    } else {
+        let refuse = |why: String| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be {{}} or {{\"id\": <job id>}}: {why}"),
+            )
+        };
+        // An object only (serde would read a struct from an array too).
+        match serde_json::from_slice::<Value>(&body).map_err(|e| refuse(e.to_string()))? {
+            object @ Value::Object(_) => {
+                RequeueBody::deserialize(object).map_err(|e| refuse(e.to_string()))?
+            }
+            other => return Err(refuse(format!("got {other}"))),
+        }
+    };
+    match body.id {
         Some(id) => {
             if api.app.requeue(&queue, id).await? {
                 ok(json!({ "requeued": 1, "skipped": 0 }))
