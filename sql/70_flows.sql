@@ -1252,6 +1252,8 @@ begin
               from cairn.steps s join cairn.runs r on r.id = s.run_id
              where s.kind = 'signal' and s.status = 'waiting' and s.wake_at <= v_now
                and r.flow_version is not null
+               -- A cancelled or failed run's waits stay as they were.
+               and r.status in ('pending', 'running', 'sleeping', 'waiting')
              order by s.wake_at
              limit lim) d;
     if v_runs is null then

@@ -664,6 +664,30 @@ async fn a_signal_step_times_out_and_a_condition_takes_the_other_branch(pool: Pg
     assert_eq!(app.fire_timers().await.unwrap(), 0, "nothing fires twice");
     stop.cancel();
     worker.await.unwrap().unwrap();
+
+    // With no worker: a cancelled run's wait, though due first, never
+    // fires and never holds up a live run's.
+    let cancelled = app
+        .start_flow("approval_timeout", &json!({}))
+        .await
+        .unwrap();
+    let live = app
+        .start_flow("approval_timeout", &json!({}))
+        .await
+        .unwrap();
+    app.cancel_run(cancelled).await.unwrap();
+    sqlx::query("select cairn.advance_test_clock(3601)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let fired: i32 = sqlx::query_scalar("select cairn.fire_timers(1)")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(fired, 1);
+    assert_eq!(steps(&pool, live).await["approved"], "completed");
+    assert_eq!(steps(&pool, cancelled).await["approved"], "waiting");
+    assert_eq!(app.fire_timers().await.unwrap(), 0);
 }
 
 /// The FlowSmith quick start (create an order: validate it, get the
