@@ -19,7 +19,9 @@
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Transaction};
 
 use crate::error::{DbContext, Error, Result};
-use crate::operate::{Check, Health};
+
+mod inspect;
+pub(crate) use inspect::inspect;
 
 struct Script {
     version: i32,
@@ -31,62 +33,62 @@ const MIGRATIONS: &[Script] = &[
     Script {
         version: 1,
         name: "0001_queue.sql",
-        sql: include_str!("../migrations/0001_queue.sql"),
+        sql: include_str!("../../migrations/0001_queue.sql"),
     },
     Script {
         version: 2,
         name: "0002_workflow.sql",
-        sql: include_str!("../migrations/0002_workflow.sql"),
+        sql: include_str!("../../migrations/0002_workflow.sql"),
     },
     Script {
         version: 3,
         name: "0003_integrity.sql",
-        sql: include_str!("../migrations/0003_integrity.sql"),
+        sql: include_str!("../../migrations/0003_integrity.sql"),
     },
     Script {
         version: 4,
         name: "0004_throughput.sql",
-        sql: include_str!("../migrations/0004_throughput.sql"),
+        sql: include_str!("../../migrations/0004_throughput.sql"),
     },
     Script {
         version: 5,
         name: "0005_retention.sql",
-        sql: include_str!("../migrations/0005_retention.sql"),
+        sql: include_str!("../../migrations/0005_retention.sql"),
     },
     Script {
         version: 6,
         name: "0006_schedules.sql",
-        sql: include_str!("../migrations/0006_schedules.sql"),
+        sql: include_str!("../../migrations/0006_schedules.sql"),
     },
     Script {
         version: 7,
         name: "0007_flows.sql",
-        sql: include_str!("../migrations/0007_flows.sql"),
+        sql: include_str!("../../migrations/0007_flows.sql"),
     },
     Script {
         version: 8,
         name: "0008_operate.sql",
-        sql: include_str!("../migrations/0008_operate.sql"),
+        sql: include_str!("../../migrations/0008_operate.sql"),
     },
     Script {
         version: 9,
         name: "0009_timers.sql",
-        sql: include_str!("../migrations/0009_timers.sql"),
+        sql: include_str!("../../migrations/0009_timers.sql"),
     },
 ];
 
 const FUNCTIONS: &[&str] = &[
-    include_str!("../sql/00_base.sql"),
-    include_str!("../sql/10_queue.sql"),
-    include_str!("../sql/20_run_engine.sql"),
-    include_str!("../sql/30_run_api.sql"),
-    include_str!("../sql/40_worker.sql"),
-    include_str!("../sql/50_retention.sql"),
-    include_str!("../sql/60_schedules.sql"),
-    include_str!("../sql/70_flows.sql"),
-    include_str!("../sql/80_operate.sql"),
+    include_str!("../../sql/00_base.sql"),
+    include_str!("../../sql/10_queue.sql"),
+    include_str!("../../sql/20_run_engine.sql"),
+    include_str!("../../sql/30_run_api.sql"),
+    include_str!("../../sql/40_worker.sql"),
+    include_str!("../../sql/50_retention.sql"),
+    include_str!("../../sql/60_schedules.sql"),
+    include_str!("../../sql/70_flows.sql"),
+    include_str!("../../sql/80_operate.sql"),
     // Last: install_functions finds stale functions before it grants.
-    include_str!("../sql/90_grants.sql"),
+    include_str!("../../sql/90_grants.sql"),
 ];
 
 /// The release whose functions this binary installs.
@@ -382,184 +384,6 @@ async fn checksums(tx: &mut Transaction<'_, Postgres>) -> Result<(Vec<String>, S
     .db("checksumming migrations")?;
     let bundle_sum = sums.pop().unwrap_or_default();
     Ok((sums, bundle_sum))
-}
-
-/// How the installed schema stands against what this binary would install
-/// (migrations, functions, drift), found in a read-only transaction:
-/// nothing is changed. For [`App::doctor`](crate::App::doctor).
-pub(crate) async fn inspect(conn: &mut PgConnection) -> Result<Vec<Check>> {
-    let mut tx = conn.begin().await.db("starting the schema check")?;
-    exec(
-        &mut tx,
-        "set transaction read only",
-        "starting the schema check",
-    )
-    .await?;
-    exec(
-        &mut tx,
-        "set local search_path = pg_catalog, pg_temp",
-        "setting search_path",
-    )
-    .await?;
-    let owner: Option<String> = sqlx::query_scalar(
-        "select pg_get_userbyid(n.nspowner)::text from pg_namespace n where n.nspname = 'cairn'",
-    )
-    .fetch_optional(&mut *tx)
-    .await
-    .db("inspecting schema cairn")?;
-    let ledger: bool = sqlx::query_scalar(
-        "select to_regclass('cairn.migrations') is not null \
-            and to_regclass('cairn.function_bundle') is not null",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .db("inspecting schema cairn")?;
-    let Some(owner) = owner.filter(|_| ledger) else {
-        return Ok(vec![Check::new(
-            "migrations",
-            Health::Fail,
-            "cairn is not installed in this database: run `cairn migrate` (or app.initialize())",
-        )]);
-    };
-    let (sums, bundle_sum) = checksums(&mut tx).await?;
-    let applied: Vec<(i32, String, String)> =
-        sqlx::query_as("select version, name, checksum from cairn.migrations order by version")
-            .fetch_all(&mut *tx)
-            .await
-            .db("reading the migration ledger")?;
-    let known = latest_version();
-    let mut checks = Vec::new();
-
-    let edited: Vec<&str> = applied
-        .iter()
-        .filter(|(v, _, sum)| {
-            MIGRATIONS
-                .iter()
-                .zip(&sums)
-                .any(|(m, ours)| m.version == *v && ours != sum)
-        })
-        .map(|(_, name, _)| name.as_str())
-        .collect();
-    let newest = applied.iter().map(|(v, _, _)| *v).max().unwrap_or(0);
-    let pending: Vec<i32> = MIGRATIONS
-        .iter()
-        .map(|m| m.version)
-        .filter(|v| !applied.iter().any(|(a, _, _)| a == v))
-        .collect();
-    checks.push(if newest > known {
-        Check::new(
-            "migrations",
-            Health::Fail,
-            format!("the schema is at version {newest}, newer than this binary knows ({known}): upgrade cairn"),
-        )
-    } else if !edited.is_empty() {
-        Check::new(
-            "migrations",
-            Health::Fail,
-            format!("applied migrations differ from this release's: {}", edited.join(", ")),
-        )
-    } else if !pending.is_empty() {
-        Check::new(
-            "migrations",
-            Health::Fail,
-            format!("migrations {pending:?} are not applied: run `cairn migrate`"),
-        )
-    } else {
-        Check::new("migrations", Health::Ok, format!("all {known} applied"))
-    });
-
-    let installed: Option<(String, Option<String>, Option<serde_json::Value>)> =
-        sqlx::query_as("select checksum, release, catalog from cairn.function_bundle")
-            .fetch_optional(&mut *tx)
-            .await
-            .db("reading the function ledger")?;
-    let current = installed
-        .as_ref()
-        .is_some_and(|(sum, release, _)| *sum == bundle_sum && release.as_deref() == Some(RELEASE));
-    checks.push(match &installed {
-        None => Check::new(
-            "functions",
-            Health::Fail,
-            "no functions are installed: run `cairn migrate`",
-        ),
-        Some((_, Some(release), _)) if newer(release, RELEASE) => Check::new(
-            "functions",
-            Health::Fail,
-            format!(
-                "installed by cairn {release}, newer than this binary ({RELEASE}): upgrade cairn"
-            ),
-        ),
-        Some(_) if !current => Check::new(
-            "functions",
-            Health::Warn,
-            format!("not this release's ({RELEASE}): `cairn migrate` installs them"),
-        ),
-        Some(_) => Check::new(
-            "functions",
-            Health::Ok,
-            format!("release {RELEASE}, current"),
-        ),
-    });
-
-    let mut broken = Vec::new();
-    let mut fixable = Vec::new();
-    if let Some((_, _, Some(recorded))) = &installed
-        && current
-    {
-        let drift = diff(recorded, &catalog(&mut tx).await?);
-        broken.extend(drift.tables);
-        // diff says what an install did; nothing is done here.
-        fixable.extend(drift.repairable.iter().map(|m| {
-            [
-                (": put back", ": `cairn migrate` puts it back"),
-                (": dropped", ": `cairn migrate` drops it"),
-                (": re-created", ": `cairn migrate` re-creates it"),
-            ]
-            .iter()
-            .find_map(|(done, todo)| m.strip_suffix(done).map(|k| format!("{k}{todo}")))
-            .unwrap_or_else(|| m.clone())
-        }));
-        fixable.extend(drift.foreign);
-    }
-    let hooks: Vec<(String, String)> = sqlx::query_as(HOOKS)
-        .fetch_all(&mut *tx)
-        .await
-        .db("inspecting schema cairn")?;
-    fixable.extend(
-        hooks
-            .into_iter()
-            .map(|(what, _)| format!("{what} is not cairn's: `cairn migrate` drops it")),
-    );
-    let foreign: Vec<String> = sqlx::query_scalar(FOREIGN_OBJECTS)
-        .bind(&owner)
-        .fetch_all(&mut *tx)
-        .await
-        .db("inspecting schema cairn")?;
-    broken.extend(
-        foreign
-            .into_iter()
-            .map(|f| format!("{f} is not owned by the schema's owner {owner}")),
-    );
-    checks.push(if !broken.is_empty() {
-        broken.extend(fixable);
-        Check::new("drift", Health::Fail, broken.join("; "))
-    } else if !fixable.is_empty() {
-        Check::new("drift", Health::Warn, fixable.join("; "))
-    } else if current {
-        Check::new(
-            "drift",
-            Health::Ok,
-            format!("the catalog matches the last install (owner {owner})"),
-        )
-    } else {
-        Check::new(
-            "drift",
-            Health::Ok,
-            "checked after the functions are current",
-        )
-    });
-    tx.rollback().await.db("ending the schema check")?;
-    Ok(checks)
 }
 
 /// Runs SQL that is cairn's own, or that the catalog wrote (identifiers
