@@ -991,7 +991,8 @@ declare
     v_step    jsonb;
     v_ord     integer;
     v_again   boolean;
-    v_failed  record;
+    v_failed_key   text;
+    v_failed_error text;
     v_at      timestamptz;
     v_output  jsonb;
     v_problem text;
@@ -1006,16 +1007,17 @@ begin
             select v.definition into v_def from cairn.flow_versions v
              where v.flow = v_run.workflow and v.version = v_run.flow_version;
         end if;
-        select coalesce(jsonb_object_agg(s.key, s.status), '{}') into v_state
+        -- One pass over the run's steps: their states, and the first that
+        -- failed.
+        select coalesce(jsonb_object_agg(s.key, s.status), '{}'),
+               (array_agg(s.key order by s.finished_at, s.key) filter (where s.status = 'failed'))[1],
+               (array_agg(s.error order by s.finished_at, s.key) filter (where s.status = 'failed'))[1]
+          into v_state, v_failed_key, v_failed_error
           from cairn.steps s
          where s.run_id = advance_flow.run_id and strpos(s.key, '[') = 0;
-        select s.key, s.error into v_failed
-          from cairn.steps s
-         where s.run_id = advance_flow.run_id and strpos(s.key, '[') = 0 and s.status = 'failed'
-         order by s.finished_at, s.key limit 1;
-        if found then
+        if v_failed_key is not null then
             perform cairn.finish_run(run_id, 'failed', null,
-                                     format('step %s failed: %s', v_failed.key, v_failed.error));
+                                     format('step %s failed: %s', v_failed_key, v_failed_error));
             return;
         end if;
         v_ctx := null;
