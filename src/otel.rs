@@ -775,11 +775,13 @@ impl Plugin for OtelPlugin {
                 ],
             ),
             Attempt::Task(e) => {
-                // A job run as a workflow step is a child of its run's span;
-                // other jobs continue their producer's trace.
+                // A code-first run's step job is a child of its run's span.
+                // A flow's steps and other jobs continue their producer's
+                // trace: a flow run is driven by Postgres, and no worker
+                // emits a span for the run itself.
                 let parent = match e.parent_run {
-                    Some(run) => Some(run_span(run, e.traceparent.as_deref())),
-                    None => e.traceparent.as_deref().and_then(parse_traceparent),
+                    Some(run) if !e.flow_step => Some(run_span(run, e.traceparent.as_deref())),
+                    _ => e.traceparent.as_deref().and_then(parse_traceparent),
                 };
                 let mut attributes = messaging(&e.queue).to_vec();
                 attributes.push(KeyValue::new("cairn.job_id", e.job_id));
@@ -788,7 +790,8 @@ impl Plugin for OtelPlugin {
                 if let Some(run) = e.parent_run {
                     attributes.push(KeyValue::new("cairn.run_id", run.to_string()));
                 }
-                self.start_attempt(format!("task {}", e.task), parent, e.started, attributes)
+                let kind = if e.flow_step { "step" } else { "task" };
+                self.start_attempt(format!("{kind} {}", e.task), parent, e.started, attributes)
             }
         })
     }

@@ -78,6 +78,10 @@ pub struct TaskEvent {
     pub attempt: u32,
     /// The workflow run this job is a step of, if any.
     pub parent_run: Option<uuid::Uuid>,
+    /// Whether the job is a step of a flow run (Postgres drives the run: no
+    /// worker executes the run itself, so it has no execution of its own
+    /// to be a child of).
+    pub flow_step: bool,
     /// When the attempt started.
     pub started: SystemTime,
     /// How long it took (zero in `before_task`).

@@ -498,7 +498,7 @@ impl cairn::Task for Notify {
 }
 
 #[sqlx::test(migrations = false)]
-async fn http_protobuf_export_and_a_task_continuing_a_sql_producers_trace(pool: PgPool) {
+async fn http_protobuf_export_and_a_task_and_a_flow_continuing_a_sql_producers_trace(pool: PgPool) {
     let app = common::app(&pool).await;
     app.create_queue("notify").await.unwrap();
     let (mut receiver, port, spans_file) =
@@ -512,26 +512,39 @@ async fn http_protobuf_export_and_a_task_continuing_a_sql_producers_trace(pool: 
         .unwrap();
     app.plugin(otel.clone());
     app.task(|_n: Notify, _ctx| async move { Ok(()) }).unwrap();
+    // A flow from SQL too: its step's span continues the producer's trace
+    // (no worker emits a span for a flow run itself).
+    app.step_handler("pack", |_: Value, _ctx| async move { Ok(1) })
+        .unwrap();
+    app.flow(cairn::Flow::new("parcel").step("pack")).unwrap();
+    app.initialize().await.unwrap();
     sqlx::query("select cairn.send('notify', '{\"to\": \"ann\"}', traceparent => $1)")
         .bind(format!("00-{TRACE}-{PRODUCER_SPAN}-01"))
         .execute(&pool)
         .await
         .unwrap();
+    let parcel: cairn::Uuid =
+        sqlx::query_scalar("select cairn.start_flow('parcel', '{}', traceparent => $1)")
+            .bind(format!("00-{TRACE}-{PRODUCER_SPAN}-01"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let handle = tokio::spawn(
         app.worker()
-            .queues(["notify"])
+            .queues(["notify", "workflows"])
             .run_until(stop.clone().cancelled_owned()),
     );
     common::wait_for("the task", Duration::from_secs(10), || async {
         common::scalar_i64(&pool, "select count(*) from cairn.jobs").await == 0
     })
     .await;
+    app.result::<Value>(parcel).await.unwrap();
     stop.cancel();
     handle.await.unwrap().unwrap();
     otel.shutdown().await;
-    common::wait_for("the task's span", Duration::from_secs(30), || async {
-        !spans(&spans_file).is_empty()
+    common::wait_for("the spans", Duration::from_secs(30), || async {
+        spans(&spans_file).len() >= 2
     })
     .await;
     receiver.kill().unwrap();
@@ -541,8 +554,18 @@ async fn http_protobuf_export_and_a_task_continuing_a_sql_producers_trace(pool: 
         .filter(|l| l.get("name").is_some())
         .collect();
     let _ = std::fs::remove_file(&spans_file);
-    assert_eq!(got.len(), 1, "{got:#?}");
-    let task = &got[0];
+    assert_eq!(got.len(), 2, "{got:#?}");
+    let step = got
+        .iter()
+        .find(|s| s["name"] == "step pack")
+        .expect("the flow's step span");
+    assert_eq!(step["trace_id"], TRACE);
+    assert_eq!(step["parent_span_id"], PRODUCER_SPAN, "{step:#}");
+    assert_eq!(step["attributes"]["cairn.run_id"], parcel.to_string());
+    let task = got
+        .iter()
+        .find(|s| s["name"] == "task notify")
+        .expect("the task's span");
     assert_eq!(task["name"], "task notify");
     assert_eq!(task["trace_id"], TRACE);
     assert_eq!(task["parent_span_id"], PRODUCER_SPAN);

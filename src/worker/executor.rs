@@ -54,6 +54,7 @@ impl Worker {
             _ => None,
         };
         let policy = step.as_ref().map_or(reg.policy, |s| s.policy);
+        let flow_step = step.is_some();
         if attempt > policy.attempts() {
             // Delivered more often than the policy allows without a result:
             // the workers running it were lost (a crash loop). Stop here.
@@ -95,6 +96,7 @@ impl Worker {
             queue: plan.name.clone(),
             attempt,
             parent_run: job.parent_run,
+            flow_step,
             started: SystemTime::now(),
             elapsed: Duration::ZERO,
             traceparent: job.traceparent.clone(),
