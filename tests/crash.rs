@@ -24,7 +24,7 @@ impl Task for Work {
 /// the database (job, attempt, process), then finish — or, in "hang" mode,
 /// never finish.
 fn register(app: &App, hang: bool) {
-    let db = app.pool().clone();
+    let db = common::direct_pool(app);
     app.task(move |_job: Work, ctx| {
         let db = db.clone();
         async move {
@@ -53,8 +53,7 @@ fn child_worker() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let app = App::builder()
-            .database_url(url)
+        let app = common::builder(&url)
             .max_connections(8)
             .build()
             .await

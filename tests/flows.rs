@@ -1036,7 +1036,11 @@ async fn flows_are_composed_planned_versioned_and_exported_to_another_database(p
         .unwrap();
     let exported = app.export_flow("on_call").await.unwrap();
     assert!(script.contains(&exported));
-    let other = format!("{}_export", pool.connect_options().get_database().unwrap());
+    // Short: a name over 63 bytes would be cut to the test database's own.
+    let other = format!(
+        "cairn_export_{}",
+        &cairn::Uuid::new_v4().simple().to_string()[..12]
+    );
     for sql in [
         format!("drop database if exists {other}"),
         format!("create database {other}"),
@@ -1048,7 +1052,7 @@ async fn flows_are_composed_planned_versioned_and_exported_to_another_database(p
     }
     let url = common::url_of(&pool).rsplit_once('/').unwrap().0.to_owned() + "/" + &other;
     {
-        let prod = App::builder().database_url(&url).build().await.unwrap();
+        let prod = common::builder(&url).build().await.unwrap();
         for name in ["check_health", "diagnose", "remediate"] {
             echo(&prod, name, &calls);
         }
@@ -1125,13 +1129,12 @@ fn child_flow_worker() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let app = App::builder()
-            .database_url(&url)
+        let app = common::builder(&url)
             .max_connections(6)
             .build()
             .await
             .unwrap();
-        let pool = app.pool().clone();
+        let pool = common::direct_pool(&app);
         app.step_handler("work", move |input: Value, ctx| {
             let pool = pool.clone();
             async move {

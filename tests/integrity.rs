@@ -987,7 +987,7 @@ async fn initialize_refuses_a_schema_someone_else_created(pool: PgPool) {
     )
     .await;
     theirs.close().await;
-    let app = App::builder().database_url(&url).build().await.unwrap();
+    let app = common::builder(&url).build().await.unwrap();
     let err = app.initialize().await.unwrap_err();
     assert!(matches!(err, Error::UnsafeSchema(_)), "{err}");
     assert!(err.to_string().contains(&squatter.name), "{err}");
@@ -1261,7 +1261,7 @@ async fn upgrading_from_0_1_0_gives_exactly_a_fresh_install_and_keeps_runs_going
 async fn a_producer_starts_runs_before_any_worker_has_run(pool: PgPool) {
     let url = common::url_of(&pool);
     // The service that defines the workflow initializes; no worker runs.
-    let service = App::builder().database_url(&url).build().await.unwrap();
+    let service = common::builder(&url).build().await.unwrap();
     service
         .workflow(
             "welcome",
@@ -1274,7 +1274,7 @@ async fn a_producer_starts_runs_before_any_worker_has_run(pool: PgPool) {
     // From SQL too.
     exec(&pool, "select cairn.start_workflow('welcome', '\"bob\"')").await;
     // A producer that does not define it gets the hint that says what to do.
-    let producer = App::builder().database_url(&url).build().await.unwrap();
+    let producer = common::builder(&url).build().await.unwrap();
     let err = producer.start("unknown_one", &1).await.unwrap_err();
     assert!(
         matches!(err, Error::NotFound(ref m) if m.contains("unknown workflow") && m.contains("hint:") && m.contains("register_workflow")),

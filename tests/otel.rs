@@ -250,8 +250,7 @@ fn child_process() {
                 .unwrap();
             axum::serve(listener, receiver::http(file)).await.unwrap();
         } else {
-            let app = App::builder()
-                .database_url(url)
+            let app = common::builder(&url)
                 .max_connections(4)
                 .build()
                 .await
@@ -268,7 +267,7 @@ fn child_process() {
 }
 
 fn register(app: &App, hang: bool) {
-    let db = app.pool().clone();
+    let db = common::direct_pool(app);
     app.workflow("traced", move |ctx: WorkflowContext, _: ()| {
         let db = db.clone();
         async move {
@@ -758,8 +757,7 @@ async fn metrics_count_outcomes_time_steps_and_watch_queues(pool: PgPool) {
 async fn traced_program(url: String) {
     use tracing_subscriber::layer::SubscriberExt;
     let port = std::env::var("CAIRN_PORT").unwrap();
-    let app = App::builder()
-        .database_url(url)
+    let app = common::builder(&url)
         .max_connections(4)
         .build()
         .await
@@ -816,7 +814,12 @@ async fn traced_program(url: String) {
         .await;
     app.result::<()>(run).await.unwrap();
     common::wait_for("the task", Duration::from_secs(30), || async {
-        common::scalar_i64(app.pool(), "select count(*) from cairn.jobs").await == 0
+        common::scalar_i64(
+            &common::direct_pool(&app),
+            "select count(*) from cairn.jobs",
+        )
+        .await
+            == 0
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await; // a few refused metric exports

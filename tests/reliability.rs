@@ -21,7 +21,7 @@ const WORKERS: usize = 3;
 /// transaction, so the commit time orders it against the checkpoint), then
 /// works for a few milliseconds.
 fn register(app: &App) {
-    let db = app.pool().clone();
+    let db = common::direct_pool(app);
     app.workflow("three", move |ctx: WorkflowContext, n: i64| {
         let db = db.clone();
         async move {
@@ -59,12 +59,7 @@ fn child_storm_worker() {
     };
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         loop {
-            let app = match App::builder()
-                .database_url(&url)
-                .max_connections(8)
-                .build()
-                .await
-            {
+            let app = match common::builder(&url).max_connections(8).build().await {
                 Ok(app) => app,
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -103,13 +98,13 @@ async fn connect(url: &str) -> PgPool {
 async fn runs_survive_worker_kills_and_database_crashes() {
     let cluster = Cluster::start(&["track_commit_timestamp = on", "deadlock_timeout = 200ms"]);
     let url = cluster.url("postgres");
-    let app = App::builder().database_url(&url).build().await.unwrap();
+    let app = common::builder(&url).build().await.unwrap();
     register(&app);
     app.initialize().await.unwrap();
     sqlx::query(
         "create table bodies (run uuid, step text, at timestamptz default clock_timestamp())",
     )
-    .execute(app.pool())
+    .execute(&common::direct_pool(&app))
     .await
     .unwrap();
     let observer = connect(&url).await;

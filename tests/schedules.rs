@@ -371,8 +371,7 @@ fn child_ticker() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let app = App::builder()
-            .database_url(url)
+        let app = common::builder(&url)
             .max_connections(4)
             .build()
             .await

@@ -16,7 +16,7 @@ const STEPS: usize = 5;
 
 /// Five steps; each records its execution, then takes 150 ms.
 fn register(app: &App) {
-    let db = app.pool().clone();
+    let db = common::direct_pool(app);
     app.workflow("five", move |ctx: WorkflowContext, input: String| {
         let db = db.clone();
         async move {
@@ -51,8 +51,7 @@ fn child_workflow_worker() {
     };
     let queue = std::env::var("CAIRN_QUEUE").unwrap();
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let app = App::builder()
-            .database_url(url)
+        let app = common::builder(&url)
             .max_connections(4)
             .build()
             .await

@@ -33,7 +33,7 @@ async fn effect(db: &PgPool, run: cairn::Uuid, what: &str) -> Result<(), sqlx::E
 }
 
 fn register(app: &App) {
-    let db = app.pool().clone();
+    let db = common::direct_pool(app);
     app.workflow("leaf", move |ctx: WorkflowContext, n: i64| {
         let db = db.clone();
         async move {
@@ -48,7 +48,7 @@ fn register(app: &App) {
         }
     })
     .unwrap();
-    let db = app.pool().clone();
+    let db = common::direct_pool(app);
     app.workflow("mix", move |ctx: WorkflowContext, n: i64| {
         let db = db.clone();
         async move {
@@ -72,7 +72,7 @@ fn register(app: &App) {
         }
     })
     .unwrap();
-    let db = app.pool().clone();
+    let db = common::direct_pool(app);
     app.task(move |r: Remote, _ctx| {
         let db = db.clone();
         async move {
@@ -91,8 +91,7 @@ fn child_mixed_worker() {
         return;
     };
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let app = App::builder()
-            .database_url(url)
+        let app = common::builder(&url)
             .max_connections(8)
             .build()
             .await

@@ -20,10 +20,44 @@ pub fn url_of(pool: &PgPool) -> String {
     )
 }
 
+/// A builder for the database at `url`: direct, or, when
+/// `CAIRN_TEST_POOLER` names a transaction pooler in front of the shared
+/// server (`scripts/with-pgbouncer.sh`), through it, with `url` as the direct
+/// URL the listener and migrations need. Other users and private clusters
+/// stay direct (the pooler knows only `postgres` on port 5432).
+pub fn builder(url: &str) -> cairn::AppBuilder {
+    let shared = url.starts_with("postgres://postgres@127.0.0.1:5432/");
+    match std::env::var("CAIRN_TEST_POOLER") {
+        Ok(pooler) if shared => {
+            let database = url.rsplit('/').next().unwrap_or("postgres");
+            App::builder()
+                .database_url(format!("{pooler}/{database}"))
+                .transaction_pooler(url)
+        }
+        _ => App::builder().database_url(url),
+    }
+}
+
+/// A pool for a test's own statements beside `app`'s: `app.pool()` itself,
+/// or, when that goes through the test pooler, the same database reached
+/// directly (sqlx keeps named statements, which need a session; cairn's own
+/// calls behind a pooler are sent unnamed, user code must do the same).
+pub fn direct_pool(app: &App) -> PgPool {
+    let options = app.pool().connect_options();
+    let pooler_port = std::env::var("CAIRN_TEST_POOLER")
+        .ok()
+        .and_then(|u| u.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()));
+    if pooler_port != Some(options.get_port()) {
+        return app.pool().clone();
+    }
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_lazy_with((*options).clone().port(5432))
+}
+
 /// An App with its own pool on the test database, schema initialized.
 pub async fn app(pool: &PgPool) -> App {
-    let app = App::builder()
-        .database_url(url_of(pool))
+    let app = builder(&url_of(pool))
         .max_connections(12)
         .build()
         .await
