@@ -326,6 +326,19 @@ begin
               end;
     return next;
 
+    -- Flow signal waits past their timeout: no worker fires timers.
+    select count(*) as n into v_row
+      from cairn.steps s join cairn.runs r on r.id = s.run_id
+     where s.kind = 'signal' and s.status = 'waiting' and s.wake_at < v_now - v_limit
+       and r.flow_version is not null and r.status in ('pending', 'running', 'sleeping', 'waiting');
+    check_name := 'timers';
+    status := case when v_row.n = 0 then 'ok' else 'warn' end;
+    detail := case when v_row.n = 0 then 'none late'
+                   else pg_catalog.format('%s flow signal wait(s) timed out over %s s ago and were not fired (no worker is firing timers)',
+                                          v_row.n, warn_after)
+              end;
+    return next;
+
     -- Dead rows on the hot tables: vacuum falling behind.
     for v_row in
         select t.relname, t.n_live_tup, t.n_dead_tup,
@@ -381,4 +394,4 @@ begin
     return next;
 end $$;
 comment on function cairn.doctor(double precision) is
-    'The installation''s health, one row per check (ok, warn or fail): roles, the oldest ready job, queues no worker serves, expired leases, long-running steps, orphaned runs, dead letters, late schedules, dead rows on the hot tables, the xmin horizon. Reads only.';
+    'The installation''s health, one row per check (ok, warn or fail): roles, the oldest ready job, queues no worker serves, expired leases, long-running steps, orphaned runs, dead letters, late schedules, late flow timers, dead rows on the hot tables, the xmin horizon. Reads only.';

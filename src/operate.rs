@@ -95,8 +95,8 @@ pub struct Requeued {
 pub struct Check {
     /// What was checked: `migrations`, `functions`, `drift`, `roles`,
     /// `oldest ready job`, `workers`, `expired leases`, `long-running
-    /// steps`, `orphaned runs`, `dead letters`, `schedules`, `dead rows in
-    /// <table>`, `xmin horizon`.
+    /// steps`, `orphaned runs`, `dead letters`, `schedules`, `timers`,
+    /// `dead rows in <table>`, `xmin horizon`.
     pub name: String,
     /// How it stands.
     #[sqlx(try_from = "String")]

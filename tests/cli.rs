@@ -500,6 +500,7 @@ async fn doctor_finds_what_is_wrong_and_exits_by_the_worst(pool: PgPool) {
         "orphaned runs",
         "dead letters",
         "schedules",
+        "timers",
         "dead rows in jobs",
         "xmin horizon",
     ] {

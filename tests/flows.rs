@@ -680,6 +680,16 @@ async fn a_signal_step_times_out_and_a_condition_takes_the_other_branch(pool: Pg
         .execute(&pool)
         .await
         .unwrap();
+    // No worker fires it: the doctor says so (the cancelled run's aside).
+    let late: String =
+        sqlx::query_scalar("select detail from cairn.doctor(0) where check_name = 'timers'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        late.starts_with("1 flow signal wait(s) timed out"),
+        "{late}"
+    );
     let fired: i32 = sqlx::query_scalar("select cairn.fire_timers(1)")
         .fetch_one(&pool)
         .await

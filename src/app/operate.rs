@@ -16,7 +16,7 @@ impl App {
     /// applied, functions current and undrifted (what `initialize` would
     /// change, found without changing it), roles and grants, the oldest
     /// ready job, queues no live worker serves, expired leases, long-running
-    /// steps, orphaned runs, dead letters, late schedules, dead rows on the
+    /// steps, orphaned runs, dead letters, late schedules and timers, dead rows on the
     /// hot tables, and the oldest transaction holding back vacuum. Ages over
     /// `warn_after` are reported. Reads only; needs `cairn_admin`.
     pub async fn doctor(&self, warn_after: Duration) -> Result<Vec<Check>> {
