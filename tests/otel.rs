@@ -813,13 +813,9 @@ async fn traced_program(url: String) {
         .instrument(tracing::info_span!("producer"))
         .await;
     app.result::<()>(run).await.unwrap();
+    let db = common::direct_pool(&app);
     common::wait_for("the task", Duration::from_secs(30), || async {
-        common::scalar_i64(
-            &common::direct_pool(&app),
-            "select count(*) from cairn.jobs",
-        )
-        .await
-            == 0
+        common::scalar_i64(&db, "select count(*) from cairn.jobs").await == 0
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await; // a few refused metric exports

@@ -170,21 +170,33 @@ impl App {
     /// settings or grants, a dropped function or index, a trigger someone
     /// added — it puts back, and says so in [`MigrationReport::repaired`].
     pub async fn initialize(&self) -> Result<MigrationReport> {
-        let report = if let Some(direct) = self.db().direct() {
-            // A migration needs one session throughout: not the pooler's.
-            let mut conn = PgConnection::connect_with(direct)
-                .await
-                .db("connecting for migration")?;
-            let report = migrate::run(&mut conn).await;
-            let _ = conn.close().await;
-            report?
-        } else {
-            let mut conn = self.pool().acquire().await.db("connecting for migration")?;
-            migrate::run(&mut conn).await?
-        };
+        let report = self
+            .in_own_session("connecting for migration", |conn| {
+                Box::pin(migrate::run(conn))
+            })
+            .await?;
         self.register_workflows().await?;
         self.register_flows().await?;
         Ok(report)
+    }
+
+    /// Runs `work` on one session throughout (a migration's advisory lock,
+    /// the schema check's read-only transaction): a connection of the pool,
+    /// or behind a transaction pooler, one made to Postgres directly.
+    pub(crate) async fn in_own_session<T>(
+        &self,
+        connecting: &'static str,
+        work: impl for<'c> FnOnce(&'c mut PgConnection) -> crate::BoxFuture<'c, Result<T>>,
+    ) -> Result<T> {
+        if let Some(direct) = self.db().direct() {
+            let mut conn = PgConnection::connect_with(direct).await.db(connecting)?;
+            let done = work(&mut conn).await;
+            let _ = conn.close().await;
+            done
+        } else {
+            let mut conn = self.pool().acquire().await.db(connecting)?;
+            work(&mut conn).await
+        }
     }
 
     /// Announces this app's workflows to the database (creating their

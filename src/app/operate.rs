@@ -3,11 +3,9 @@
 
 use std::time::Duration;
 
-use sqlx::{Connection, PgConnection};
-
 use super::{App, Call};
 use crate::db;
-use crate::error::{DbContext, Result};
+use crate::error::Result;
 use crate::migrate;
 use crate::operate::{Check, DeadLetter, Health, Requeued, WorkerInfo, WorkflowInfo};
 
@@ -20,22 +18,11 @@ impl App {
     /// hot tables, and the oldest transaction holding back vacuum. Ages over
     /// `warn_after` are reported. Reads only; needs `cairn_admin`.
     pub async fn doctor(&self, warn_after: Duration) -> Result<Vec<Check>> {
-        let mut checks = if let Some(direct) = self.db().direct() {
-            // One session throughout: not the pooler's.
-            let mut conn = PgConnection::connect_with(direct)
-                .await
-                .db("connecting for the schema check")?;
-            let checks = migrate::inspect(&mut conn).await;
-            let _ = conn.close().await;
-            checks?
-        } else {
-            let mut conn = self
-                .pool()
-                .acquire()
-                .await
-                .db("connecting for the schema check")?;
-            migrate::inspect(&mut conn).await?
-        };
+        let mut checks = self
+            .in_own_session("connecting for the schema check", |conn| {
+                Box::pin(migrate::inspect(conn))
+            })
+            .await?;
         if checks
             .iter()
             .any(|c| c.name == "migrations" && c.status == Health::Fail)

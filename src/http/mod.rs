@@ -243,6 +243,16 @@ fn run_id(text: &str) -> std::result::Result<Uuid, ApiError> {
     })
 }
 
+/// A number of seconds given as `name`, as a duration: 400 unless ≥ 0.
+fn seconds(name: &str, value: f64) -> std::result::Result<Duration, ApiError> {
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{name} must be a number of seconds ≥ 0, got {value}"),
+        )
+    })
+}
+
 async fn health(State(api): State<Api>) -> Answer {
     sqlx::query("select 1")
         .execute(api.app.db())
@@ -301,13 +311,7 @@ async fn start_run(State(api): State<Api>, body: Result<Json<StartBody>, JsonRej
         start = start.priority(p);
     }
     if let Some(d) = b.delay {
-        let delay = Duration::try_from_secs_f64(d).map_err(|_| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("delay must be a number of seconds ≥ 0, got {d}"),
-            )
-        })?;
-        start = start.delay(delay);
+        start = start.delay(seconds("delay", d)?);
     }
     let run = start.await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": run }))).into_response())
@@ -423,13 +427,7 @@ struct DoctorQuery {
 
 async fn doctor(State(api): State<Api>, q: Result<Query<DoctorQuery>, QueryRejection>) -> Answer {
     let Query(q) = q?;
-    let seconds = q.warn_after.unwrap_or(300.0);
-    let warn_after = Duration::try_from_secs_f64(seconds).map_err(|_| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("warn_after must be a number of seconds ≥ 0, got {seconds}"),
-        )
-    })?;
+    let warn_after = seconds("warn_after", q.warn_after.unwrap_or(300.0))?;
     ok(api.app.doctor(warn_after).await?)
 }
 
