@@ -700,6 +700,71 @@ async fn a_signal_step_times_out_and_a_condition_takes_the_other_branch(pool: Pg
     assert_eq!(app.fire_timers().await.unwrap(), 0);
 }
 
+/// Timers fired by several callers at once: each due wait fires exactly
+/// once, in total, and no caller deadlocks on another's runs.
+#[sqlx::test(migrations = false)]
+async fn concurrent_timer_firing_fires_each_wait_once(pool: PgPool) {
+    let app = common::app(&pool).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    echo(&app, "after", &calls);
+    app.flow(
+        Flow::new("waits")
+            .step("approved")
+            .signal("approve")
+            .timeout(Duration::from_secs(60))
+            .step("after")
+            .after(["approved"]),
+    )
+    .unwrap();
+    app.initialize().await.unwrap();
+    const RUNS: usize = 300;
+    for _ in 0..RUNS {
+        app.start_flow("waits", &json!({})).await.unwrap();
+    }
+    sqlx::query("select cairn.advance_test_clock(61)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Six callers, small batches: they meet on the same due waits.
+    let callers: Vec<_> = (0..6)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut fired = 0i64;
+                loop {
+                    let n: i32 = sqlx::query_scalar("select cairn.fire_timers(7)")
+                        .fetch_one(&pool)
+                        .await
+                        .expect("no error, no deadlock");
+                    fired += i64::from(n);
+                    let left = common::scalar_i64(
+                        &pool,
+                        "select count(*) from cairn.steps where kind = 'signal' and status = 'waiting'",
+                    )
+                    .await;
+                    if left == 0 {
+                        return fired;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut fired = 0;
+    for caller in callers {
+        fired += caller.await.unwrap();
+    }
+    assert_eq!(fired, RUNS as i64, "each wait fired once in all");
+    assert_eq!(
+        common::scalar_i64(
+            &pool,
+            "select count(*) from cairn.steps where key = 'after' and status = 'waiting'"
+        )
+        .await,
+        RUNS as i64,
+        "every run moved on to its next step, once"
+    );
+}
+
 /// The FlowSmith quick start (create an order: validate it, get the
 /// product, total it, charge it, each step reading earlier outputs by
 /// name), defined and started from SQL alone; the handlers are Rust.
