@@ -268,28 +268,12 @@ async fn list_runs_and_run_from_rust(pool: PgPool) {
     ));
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Mail {
-    to: String,
-}
-impl cairn::Task for Mail {
-    const QUEUE: &'static str = "mail";
-    type Output = ();
-}
-
 /// `cairn workers`, `workflows`, `queues`, `flows` and `dead` against a
 /// running worker, a flow, and dead letters (a task's and a flow step's).
 #[sqlx::test(migrations = false)]
 async fn workers_workflows_queues_flows_and_dead_letters(pool: PgPool) {
     let app = common::app(&pool).await;
-    app.task(|m: Mail, _ctx| async move {
-        if m.to.is_empty() {
-            Err(HandlerError::fatal("no address"))
-        } else {
-            Ok(())
-        }
-    })
-    .unwrap();
+    common::mail_task(&app);
     app.workflow(
         "greet",
         |_ctx: WorkflowContext, n: i64| async move { Ok(n) },
@@ -347,8 +331,12 @@ async fn workers_workflows_queues_flows_and_dead_letters(pool: PgPool) {
         .await
         .unwrap();
     assert!(app.result::<serde_json::Value>(doomed).await.is_err());
-    app.enqueue(&Mail { to: "ann".into() }).await.unwrap();
-    app.enqueue(&Mail { to: String::new() }).await.unwrap();
+    app.enqueue(&common::Mail { to: "ann".into() })
+        .await
+        .unwrap();
+    app.enqueue(&common::Mail { to: String::new() })
+        .await
+        .unwrap();
     common::wait_for("the dead mail", Duration::from_secs(10), || async {
         app.metrics("mail").await.unwrap().dead == 1
     })

@@ -70,15 +70,6 @@ async fn serve(app: &cairn::App, stop: &CancellationToken) -> Api {
     }
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Mail {
-    to: String,
-}
-impl cairn::Task for Mail {
-    const QUEUE: &'static str = "mail";
-    type Output = ();
-}
-
 #[sqlx::test(migrations = false)]
 async fn every_endpoint_with_tokens_and_bad_input(pool: PgPool) {
     let app = common::app(&pool).await;
@@ -100,14 +91,7 @@ async fn every_endpoint_with_tokens_and_bad_input(pool: PgPool) {
         Ok(got.unwrap_or(0))
     })
     .unwrap();
-    app.task(|m: Mail, _ctx| async move {
-        if m.to.is_empty() {
-            Err(HandlerError::fatal("no address"))
-        } else {
-            Ok(())
-        }
-    })
-    .unwrap();
+    common::mail_task(&app);
     app.initialize().await.unwrap();
     let stop = CancellationToken::new();
     let worker = tokio::spawn(
@@ -397,7 +381,9 @@ async fn every_endpoint_with_tokens_and_bad_input(pool: PgPool) {
     );
 
     // Catalog, queues, workers, dead letters.
-    app.enqueue(&Mail { to: String::new() }).await.unwrap();
+    app.enqueue(&common::Mail { to: String::new() })
+        .await
+        .unwrap();
     common::wait_for("the dead mail", Duration::from_secs(10), || async {
         app.metrics("mail").await.unwrap().dead == 1
     })

@@ -29,52 +29,27 @@ struct Script {
     sql: &'static str,
 }
 
+/// One migration: its version and its file under `migrations/`.
+macro_rules! migration {
+    ($version:literal, $name:literal) => {
+        Script {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../../migrations/", $name)),
+        }
+    };
+}
+
 const MIGRATIONS: &[Script] = &[
-    Script {
-        version: 1,
-        name: "0001_queue.sql",
-        sql: include_str!("../../migrations/0001_queue.sql"),
-    },
-    Script {
-        version: 2,
-        name: "0002_workflow.sql",
-        sql: include_str!("../../migrations/0002_workflow.sql"),
-    },
-    Script {
-        version: 3,
-        name: "0003_integrity.sql",
-        sql: include_str!("../../migrations/0003_integrity.sql"),
-    },
-    Script {
-        version: 4,
-        name: "0004_throughput.sql",
-        sql: include_str!("../../migrations/0004_throughput.sql"),
-    },
-    Script {
-        version: 5,
-        name: "0005_retention.sql",
-        sql: include_str!("../../migrations/0005_retention.sql"),
-    },
-    Script {
-        version: 6,
-        name: "0006_schedules.sql",
-        sql: include_str!("../../migrations/0006_schedules.sql"),
-    },
-    Script {
-        version: 7,
-        name: "0007_flows.sql",
-        sql: include_str!("../../migrations/0007_flows.sql"),
-    },
-    Script {
-        version: 8,
-        name: "0008_operate.sql",
-        sql: include_str!("../../migrations/0008_operate.sql"),
-    },
-    Script {
-        version: 9,
-        name: "0009_timers.sql",
-        sql: include_str!("../../migrations/0009_timers.sql"),
-    },
+    migration!(1, "0001_queue.sql"),
+    migration!(2, "0002_workflow.sql"),
+    migration!(3, "0003_integrity.sql"),
+    migration!(4, "0004_throughput.sql"),
+    migration!(5, "0005_retention.sql"),
+    migration!(6, "0006_schedules.sql"),
+    migration!(7, "0007_flows.sql"),
+    migration!(8, "0008_operate.sql"),
+    migration!(9, "0009_timers.sql"),
 ];
 
 const FUNCTIONS: &[&str] = &[

@@ -138,6 +138,30 @@ where
 pub async fn scalar_i64(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
 }
+
+/// A mail job: the task `mail` on queue `mail`.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Mail {
+    pub to: String,
+}
+impl cairn::Task for Mail {
+    const QUEUE: &'static str = "mail";
+    type Output = ();
+}
+
+/// Registers the `mail` task: it succeeds, or fails for good (a dead
+/// letter at once) when the address is empty.
+pub fn mail_task(app: &App) {
+    app.task(|m: Mail, _ctx| async move {
+        if m.to.is_empty() {
+            Err(cairn::HandlerError::fatal("no address"))
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+}
+
 pub mod bouncer;
 pub mod cluster;
 
