@@ -280,14 +280,31 @@ comment on function cairn.send_batch(text, jsonb[], double precision, integer, t
 -- claimer). Not idempotent: each call is a new delivery.
 -- Two statements, so that no statistics can spoil the plan (see the header):
 -- lock the rows (the claim index read in order), then update them by address.
-create or replace function cairn.claim(
-    queue text,
-    vt    double precision,
-    qty   integer,
-    tasks text[] default null)
+--
+-- Where the scan starts. Every claim leaves its jobs' old entries in the
+-- claim index, and every ack the leased ones; they sit where the queue's
+-- order begins, and until vacuum may remove them (never, while some
+-- transaction holds an old snapshot) a scan from the head walks them all.
+-- claim_from resumes where the caller's last claim stopped instead: from
+-- (from_priority, from_at), the position of the last job it took, plus the
+-- jobs of a higher priority (a lower number), which sort before it. A job
+-- can appear behind that position only in corner cases: a send whose
+-- transaction began before the claim and committed after it, a lease that
+-- ran out behind the position, a run started with run_at in the past. The
+-- caller therefore claims from the head (from_* NULL) now and then: the
+-- worker does so once a second per queue, so such a job waits a second at
+-- most. Each returned row carries next_priority/next_at, where the next
+-- call should resume (the same on every row).
+create or replace function cairn.claim_from(
+    queue         text,
+    vt            double precision,
+    qty           integer,
+    tasks         text[],
+    from_priority integer,
+    from_at       timestamptz)
 returns table (id bigint, task text, payload jsonb, attempts integer, lease bigint,
                enqueued_at timestamptz, visible_at timestamptz, parent_run uuid,
-               traceparent text, run_id uuid)
+               traceparent text, run_id uuid, next_priority integer, next_at timestamptz)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 set enable_sort = off
@@ -298,9 +315,15 @@ declare
     v_qid   integer;
     v_lease bigint;
     v_rows  tid[];
+    v_more  tid[];
+    v_from_p  integer;
+    v_from_at timestamptz;
+    v_prio  integer;
+    v_at    timestamptz;
+    v_n     integer;
 begin
     -- The hot path: checks are inline expressions, not calls.
-    select q.id into v_qid from cairn.queues q where q.name = claim.queue;
+    select q.id into v_qid from cairn.queues q where q.name = claim_from.queue;
     if not found then
         perform cairn.queue_id(queue);
     end if;
@@ -312,26 +335,81 @@ begin
     end if;
     v_lease := pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint;
 
-    select array_agg(c.ctid) into v_rows
-      from (select j.ctid
-              from cairn.jobs j
-             where j.queue_id = v_qid
-               and j.visible_at <= v_now
-               and (claim.tasks is null or j.task = any (claim.tasks))
-             order by j.priority, j.visible_at
-             limit claim.qty
-               for update skip locked) c;
-    if v_rows is null then
+    if from_priority is null or from_at is null then
+        -- From the head: the lowest position there is.
+        v_from_p := -32768;
+        v_from_at := '-infinity';
+    else
+        v_from_p := from_priority;
+        v_from_at := from_at;
+        -- Jobs of a higher priority first: that range ends before the
+        -- resume position, so it holds few dead entries.
+        select array_agg(c.ctid) into v_rows
+          from (select j.ctid
+                  from cairn.jobs j
+                 where j.queue_id = v_qid
+                   and j.priority < v_from_p
+                   and j.visible_at <= v_now
+                   and (claim_from.tasks is null or j.task = any (claim_from.tasks))
+                 order by j.priority, j.visible_at
+                 limit claim_from.qty
+                   for update skip locked) c;
+    end if;
+    v_n := coalesce(cardinality(v_rows), 0);
+    v_prio := v_from_p;
+    v_at := v_from_at;
+    if v_n < qty then
+        -- From the position on. The rows come in queue order: the last is
+        -- where the next claim resumes.
+        select array_agg(c.ctid), (array_agg(c.priority))[count(*)],
+               (array_agg(c.visible_at))[count(*)]
+          into v_more, v_prio, v_at
+          from (select j.ctid, j.priority, j.visible_at
+                  from cairn.jobs j
+                 where j.queue_id = v_qid
+                   and (j.priority, j.visible_at) >= (v_from_p, v_from_at)
+                   and j.visible_at <= v_now
+                   and (claim_from.tasks is null or j.task = any (claim_from.tasks))
+                 order by j.priority, j.visible_at
+                 limit claim_from.qty - v_n
+                   for update skip locked) c;
+        if v_more is null then
+            v_prio := v_from_p;
+            v_at := v_from_at;
+        end if;
+        v_rows := coalesce(v_rows, '{}') || coalesce(v_more, '{}');
+    end if;
+    if v_rows is null or cardinality(v_rows) = 0 then
         return;
     end if;
     return query
     update cairn.jobs j
-       set visible_at = v_now + make_interval(secs => claim.vt),
+       set visible_at = v_now + make_interval(secs => claim_from.vt),
            attempts   = j.attempts + 1,
            lease      = v_lease
      where j.ctid = any (v_rows)
     returning j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
-              j.parent_run, j.traceparent, j.run_id;
+              j.parent_run, j.traceparent, j.run_id, v_prio, v_at;
+end $$;
+comment on function cairn.claim_from(text, double precision, integer, text[], integer, timestamptz) is
+    'claim, resuming at (from_priority, from_at) (NULL: from the head of the queue): pass the next_priority and next_at of the last call''s rows. A job behind that position (a send committed late, a lease that ran out behind it) is found by the next claim from the head: make one now and then.';
+
+create or replace function cairn.claim(
+    queue text,
+    vt    double precision,
+    qty   integer,
+    tasks text[] default null)
+returns table (id bigint, task text, payload jsonb, attempts integer, lease bigint,
+               enqueued_at timestamptz, visible_at timestamptz, parent_run uuid,
+               traceparent text, run_id uuid)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return query
+    select c.id, c.task, c.payload, c.attempts, c.lease, c.enqueued_at, c.visible_at,
+           c.parent_run, c.traceparent, c.run_id
+      from cairn.claim_from(queue, vt, qty, tasks, null, null) c;
 end $$;
 comment on function cairn.claim(text, double precision, integer, text[]) is
     'Lease up to qty visible jobs for vt seconds (optionally only the given tasks). Each returned row carries the lease token that fenced calls must name, the workflow run waiting for it (parent_run) and the run it drives (run_id), if any.';

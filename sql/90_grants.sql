@@ -7,7 +7,7 @@
 --                   run_status, get_run, list_runs, run_steps, run_history,
 --                   list_schedules, next_fires, start_flow, list_flows,
 --                   plan_flow, export_flow(s), list_workers, list_workflows
---   cairn_worker    producer + claim/read/pop, the fenced ack/archive/retry/
+--   cairn_worker    producer + claim/claim_from/read/pop, the fenced ack/archive/retry/
 --                   fail/extend/set_vt/release, create_queue, and the run
 --                   engine's worker calls (40_worker.sql), prune,
 --                   tick_schedules, fire_timers, register_step_handler, worker_hello,
@@ -105,6 +105,7 @@ declare
     v_worker constant text[] := v_producer || array[
         'cairn.create_queue(text)',
         'cairn.claim(text, double precision, integer, text[])',
+        'cairn.claim_from(text, double precision, integer, text[], integer, timestamptz)',
         'cairn.read(text, integer, integer)',
         'cairn.pop(text, integer)',
         'cairn.ack(bigint[], bigint[])',

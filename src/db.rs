@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgExecutor;
 use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{FromRow, PgExecutor, Row};
 
 use crate::error::{DbContext, Result};
 use crate::flow::{FlowInfo, PlannedStep};
@@ -120,26 +120,48 @@ pub(crate) async fn send_batch(
         .db("enqueueing a batch of jobs")
 }
 
+/// Where a claim resumes in a queue's order: the (priority, visibility time)
+/// of the last job the previous claim took.
+pub(crate) type QueuePosition = (i32, DateTime<Utc>);
+
+/// Leases up to `qty` jobs, resuming at `from` (`None`: from the head of
+/// the queue). Returns them and where the next claim should resume.
 pub(crate) async fn claim(
     db: &Db,
     queue: &str,
     lease: Duration,
     qty: usize,
     tasks: &[String],
-) -> Result<Vec<ClaimedJob>> {
-    sqlx::query_as(
+    from: Option<QueuePosition>,
+) -> Result<(Vec<ClaimedJob>, Option<QueuePosition>)> {
+    let rows = sqlx::query(
         "select c.id, c.task, c.payload::text as payload, c.attempts, c.lease, c.parent_run, \
-                c.traceparent, c.run_id \
+                c.traceparent, c.run_id, c.next_priority, c.next_at \
            from (select set_config('synchronous_commit', 'off', true)) async_commit, \
-                cairn.claim($1, $2, $3, $4) c",
+                cairn.claim_from($1, $2, $3, $4, $5, $6) c",
     )
     .bind(queue)
     .bind(secs(lease))
     .bind(i32::try_from(qty).unwrap_or(i32::MAX))
     .bind(tasks)
+    .bind(from.map(|f| f.0))
+    .bind(from.map(|f| f.1))
     .fetch_all(db)
     .await
-    .db("claiming jobs")
+    .db("claiming jobs")?;
+    let next = match rows.first() {
+        Some(row) => Some((
+            row.try_get("next_priority").db("claiming jobs")?,
+            row.try_get("next_at").db("claiming jobs")?,
+        )),
+        None => None,
+    };
+    let jobs = rows
+        .iter()
+        .map(ClaimedJob::from_row)
+        .collect::<std::result::Result<_, _>>()
+        .db("claiming jobs")?;
+    Ok((jobs, next))
 }
 
 pub(crate) async fn ack(db: &Db, ids: &[i64], leases: &[i64]) -> Result<Vec<i64>> {

@@ -559,17 +559,19 @@ async fn producer_role_can_send_but_not_claim_or_read_tables(pool: PgPool) {
     assert_eq!(codes, vec![Some("42501".to_string()); denied.len()]);
 }
 
+/// Sends this connection's statistics and drops its cached snapshot of
+/// them, so the next read of `pg_stat_*` counts everything done so far.
+async fn fresh_stats(conn: &mut sqlx::PgConnection) {
+    sqlx::raw_sql("select pg_stat_force_next_flush(); select pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
 /// Rows of cairn.jobs read so far (by sequential and index scans), as seen
 /// from this connection.
 async fn jobs_rows_read(conn: &mut sqlx::PgConnection) -> i64 {
-    sqlx::query("select pg_stat_force_next_flush()")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("select pg_stat_clear_snapshot()")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    fresh_stats(conn).await;
     sqlx::query_scalar(
         "select (seq_tup_read + coalesce(idx_tup_fetch, 0))::bigint
            from pg_stat_user_tables where schemaname = 'cairn' and relname = 'jobs'",
@@ -644,6 +646,151 @@ async fn claim_and_ack_work_per_job_does_not_grow_with_the_backlog(pool: PgPool)
     let per_job = (jobs_rows_read(&mut conn).await - before) / jobs;
     // About 15 with good plans; a plan that scans the backlog costs 100s.
     assert!(per_job < 40, "{per_job} block accesses per job");
+}
+
+/// Entries of the claim index handed out by index scans so far, as seen
+/// from this connection: dead entries a scan walks past count too.
+async fn claim_index_reads(conn: &mut sqlx::PgConnection) -> i64 {
+    fresh_stats(conn).await;
+    sqlx::query_scalar(
+        "select idx_tup_read from pg_stat_user_indexes
+          where schemaname = 'cairn' and indexrelname = 'jobs_claim_idx'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
+type Position = (Option<i32>, Option<chrono::DateTime<chrono::Utc>>);
+
+/// Claims up to 10 jobs with `claim_from` (from the head when `from` is
+/// NULLs), acks them, and returns how many and where to resume.
+async fn claim_ack_10(conn: &mut sqlx::PgConnection, from: Position) -> (usize, Position) {
+    let got: Vec<(i64, i64, i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "select id, lease, next_priority, next_at from cairn.claim_from('q', 30, 10, null, $1, $2)",
+    )
+    .bind(from.0)
+    .bind(from.1)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let next = got.first().map_or(from, |g| (Some(g.2), Some(g.3)));
+    let ids: Vec<i64> = got.iter().map(|g| g.0).collect();
+    let leases: Vec<i64> = got.iter().map(|g| g.1).collect();
+    let acked: Vec<i64> = sqlx::query_scalar("select cairn.ack($1, $2)")
+        .bind(&ids)
+        .bind(&leases)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(acked.len(), ids.len());
+    (ids.len(), next)
+}
+
+/// While another transaction holds an old snapshot, vacuum can remove
+/// nothing: every claimed job leaves a dead entry where the queue's order
+/// begins. A claim from the head walks all of them, more with every job;
+/// `claim_from`, resuming where the last claim stopped, walks about one
+/// entry per job.
+#[sqlx::test(migrations = false)]
+async fn claim_from_walks_past_what_a_held_snapshot_keeps(pool: PgPool) {
+    setup(&pool).await;
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::raw_sql("begin isolation level repeatable read; select count(*) from cairn.queues")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    // One send per transaction: each job has a visibility time of its own.
+    for n in 0..700 {
+        sqlx::query("select cairn.send('q', jsonb_build_object('n', $1::int))")
+            .bind(n)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    let mut at: Position = (None, None);
+    // Warm the plan caches (generic plans after five calls) before counting.
+    for _ in 0..6 {
+        claim_ack_10(&mut conn, (None, None)).await;
+    }
+    let mut reads = Vec::new();
+    for resume in [false, true] {
+        let before = claim_index_reads(&mut conn).await;
+        let mut jobs = 0;
+        for _ in 0..30 {
+            let (n, next) = claim_ack_10(&mut conn, if resume { at } else { (None, None) }).await;
+            assert_eq!(n, 10);
+            jobs += n;
+            at = next;
+        }
+        reads.push((claim_index_reads(&mut conn).await - before) as f64 / jobs as f64);
+    }
+    sqlx::query("rollback").execute(&mut *holder).await.unwrap();
+    let (from_head, resumed) = (reads[0], reads[1]);
+    println!(
+        "claim index entries read per job: {from_head:.1} from the head, {resumed:.1} resumed"
+    );
+    // From the head: 60 to 360 dead entries walked per claim of 10 jobs.
+    assert!(
+        from_head > 15.0,
+        "from the head: {from_head:.1} entries per job"
+    );
+    assert!(resumed < 3.0, "resumed: {resumed:.1} entries per job");
+}
+
+/// `claim_from` takes the jobs of a higher priority sent after its
+/// position first; it does not see a job committed late behind its
+/// position, which a claim from the head then finds.
+#[sqlx::test(migrations = false)]
+async fn claim_from_resumes_at_its_position(pool: PgPool) {
+    setup(&pool).await;
+    let send = "select cairn.send('q', '{}', priority => $1)";
+    let claim = |from: Position| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64, i32, chrono::DateTime<chrono::Utc>)>(
+                "select id, next_priority, next_at from cairn.claim_from('q', 30, 1, null, $1, $2)",
+            )
+            .bind(from.0)
+            .bind(from.1)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // A send whose transaction began before the others' and commits last:
+    // its job is visible from a time the claims below have passed.
+    let mut late = pool.begin().await.unwrap();
+    let straggler: i64 = sqlx::query_scalar(send)
+        .bind(0)
+        .fetch_one(&mut *late)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let first: i64 = sqlx::query_scalar(send)
+        .bind(0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (id, p, at) = claim((None, None)).await.expect("the first job");
+    assert_eq!(id, first);
+    late.commit().await.unwrap();
+    let urgent: i64 = sqlx::query_scalar(send)
+        .bind(-1)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let got = claim((Some(p), Some(at))).await.expect("the urgent job");
+    assert_eq!(got.0, urgent, "a higher priority comes first");
+    assert_eq!((got.1, got.2), (p, at), "and does not move the position");
+    assert_eq!(
+        claim((Some(p), Some(at))).await,
+        None,
+        "the straggler is behind"
+    );
+    let got = claim((None, None)).await.map(|g| g.0);
+    assert_eq!(got, Some(straggler), "a claim from the head finds it");
 }
 
 /// The operator's functions refuse bad arguments with a SQLSTATE and a

@@ -446,6 +446,44 @@ async fn without_notifications_the_poll_finds_the_work(pool: PgPool) {
     assert_eq!(distinct, 20);
 }
 
+/// The worker's claims resume (less 50 ms) where its last claim stopped in
+/// the queue's order; a job committed late behind that position (its
+/// transaction began well before the others') is found by the claim from
+/// the head it makes about once a second, and runs once.
+#[sqlx::test(migrations = false)]
+async fn a_job_committed_behind_the_claims_still_runs(pool: PgPool) {
+    let app = count_app(&pool).await;
+    let worker = start(app.worker().queues(["count"]));
+    common::wait_for("LISTEN", Duration::from_secs(10), || async {
+        listener_pid(&pool).await.is_some()
+    })
+    .await;
+    let mut late = pool.begin().await.unwrap();
+    app.enqueue(&Count { n: 1 })
+        .execute(&mut *late)
+        .await
+        .unwrap();
+    // Longer than the margin the worker resumes before its position.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for n in 2..=5 {
+        app.enqueue(&Count { n }).await.unwrap();
+    }
+    common::wait_for(
+        "the jobs sent after it",
+        Duration::from_secs(10),
+        || async { effects(&pool).await == 4 },
+    )
+    .await;
+    late.commit().await.unwrap();
+    common::wait_for("the late job", Duration::from_secs(5), || async {
+        effects(&pool).await == 5
+    })
+    .await;
+    worker.stop().await;
+    let distinct = common::scalar_i64(&pool, "select count(distinct n) from effects").await;
+    assert_eq!(distinct, 5);
+}
+
 #[derive(Serialize, Deserialize)]
 struct Slow {
     millis: u64,

@@ -8,6 +8,7 @@
 //! cargo run --release --example bench -- otel
 //! cargo run --release --example bench -- scale
 //! cargo run --release --example bench -- soak
+//! cargo run --release --example bench -- held
 //! ```
 //!
 //! Uses a scratch database `cairn_bench` on the server of DATABASE_URL
@@ -16,8 +17,8 @@
 //! no extension needed) and measures it in the same run, on the same server.
 //! `--long` adds the cases that take minutes: a 1,000,000-job backlog, a
 //! drain while another transaction holds its snapshot for two minutes, and
-//! the soak (1,000,000 jobs at full speed, table sizes sampled), which
-//! `soak` runs alone. `scale` drains with 1, 2 and 4 worker processes.
+//! the soak (1,000,000 jobs at full speed, table sizes sampled); `soak` and
+//! `held` run the last two alone. `scale` drains with 1, 2 and 4 worker processes.
 
 mod flow;
 mod otel;
@@ -62,8 +63,9 @@ async fn main() -> Result<(), BoxError> {
         "otel" => otel::run(&url).await,
         "scale" => scale::run(&url).await,
         "soak" => queue::run_soak(&url).await,
+        "held" => queue::run_held(&url).await,
         other => Err(format!(
-            "unknown benchmark {other:?}; try: queue, workflow, flow, otel, scale, soak"
+            "unknown benchmark {other:?}; try: queue, workflow, flow, otel, scale, soak, held"
         )
         .into()),
     };

@@ -330,6 +330,21 @@ async fn held_snapshot(
     Ok(())
 }
 
+/// The held snapshot alone (`bench -- held`): pgmq with 4 consumers x 500
+/// per read, cairn at concurrency 1,024 (the usual best settings of both).
+pub async fn run_held(url: &str) -> Result<(), BoxError> {
+    let cairn = Cairn::install(url).await?;
+    let pgmq = Pgmq::install(url).await?;
+    let pool = cairn.pool.clone();
+    println!(
+        "cairn and pgmq with a snapshot held (PostgreSQL at {})",
+        redact(url)
+    );
+    held_snapshot(&cairn, &pgmq, &pool, 1024, (4, 500)).await?;
+    cairn.app.pool().close().await;
+    Ok(())
+}
+
 /// The soak alone (`bench -- soak`), at concurrency 1,024.
 pub async fn run_soak(url: &str) -> Result<(), BoxError> {
     let cairn = Cairn::install(url).await?;

@@ -234,6 +234,7 @@ impl WorkerBuilder {
                 name: name.clone(),
                 tasks,
                 handlers,
+                cursor: Mutex::default(),
             });
         }
         Ok(plans)
@@ -246,6 +247,14 @@ struct QueuePlan {
     /// Task names this worker can run; the claim takes only those.
     tasks: Vec<String>,
     handlers: HashMap<String, Arc<Registration>>,
+    /// Where this worker's claims resume in the queue.
+    cursor: Mutex<claimer::Cursor>,
+}
+
+impl QueuePlan {
+    fn cursor(&self) -> std::sync::MutexGuard<'_, claimer::Cursor> {
+        self.cursor.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM: what
