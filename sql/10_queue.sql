@@ -418,9 +418,12 @@ create or replace function cairn.read(queue text, vt integer, qty integer defaul
 returns table (id bigint, task text, payload jsonb, attempts integer, lease bigint,
                enqueued_at timestamptz, visible_at timestamptz, parent_run uuid,
                traceparent text, run_id uuid)
-language sql volatile security definer
+language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
-as $$ select * from cairn.claim(queue, vt, qty) $$;
+as $$
+begin
+    return query select * from cairn.claim(queue, vt, qty);
+end $$;
 comment on function cairn.read(text, integer, integer) is
     'pgmq-style read: lease up to qty jobs for vt seconds.';
 
@@ -463,20 +466,24 @@ comment on function cairn.pop(text, integer) is
 -- LATERAL subquery with FOR UPDATE cannot be flattened into a join whose
 -- order the planner would pick from the table's statistics. The caller then
 -- updates or deletes `where ctid = any (...)`, a TID scan: the locked rows
--- cannot move meanwhile.
+-- cannot move meanwhile. PL/pgSQL, not SQL, so that the plan is kept
+-- between calls: a SQL function with SET clauses is planned on every call,
+-- which cost more than the rest of an ack.
 create or replace function cairn.lock_held(ids bigint[], leases bigint[], plain_only boolean)
 returns tid[]
-language sql volatile
+language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
 as $$
-    select coalesce(array_agg(h.ctid), '{}')
-      from (select u.id, u.lease from unnest(ids, leases) as u(id, lease) order by u.id) u
-     cross join lateral (select j.ctid from cairn.jobs j
-                          where j.id = u.id and j.lease = u.lease
-                            and not (plain_only and (j.run_id is not null or j.parent_run is not null))
-                            for update of j) h
-$$;
+begin
+    return (select coalesce(array_agg(h.ctid), '{}')
+              from (select u.id, u.lease from unnest(ids, leases) as u(id, lease) order by u.id) u
+             cross join lateral (select j.ctid from cairn.jobs j
+                                  where j.id = u.id and j.lease = u.lease
+                                    and not (plain_only and (j.run_id is not null or j.parent_run is not null))
+                                    for update of j) h);
+end $$;
 
 -- Complete leased jobs. The hot path deletes plain jobs in one statement, in
 -- id order; a workflow's step jobs go through settle_jobs (their run is
@@ -516,9 +523,12 @@ comment on function cairn.ack(bigint[], bigint[], jsonb[]) is
 
 create or replace function cairn.ack(ids bigint[], leases bigint[])
 returns setof bigint
-language sql volatile security definer
+language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
-as $$ select * from cairn.ack(ids, leases, null::jsonb[]) $$;
+as $$
+begin
+    return query select * from cairn.ack(ids, leases, null::jsonb[]);
+end $$;
 comment on function cairn.ack(bigint[], bigint[]) is
     'Complete (delete) leased jobs. Returns the ids whose lease still matched; the others were re-leased or settled and are left alone.';
 

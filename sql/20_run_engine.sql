@@ -76,19 +76,20 @@ end $$;
 -- Internal: a run's ancestors, its parent first.
 create or replace function cairn.run_ancestors(run_id uuid)
 returns uuid[]
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 set plan_cache_mode = force_generic_plan
 as $$
-    with recursive up(id, n) as (
-        select r.parent_run, 1 from cairn.runs r
-         where r.id = run_ancestors.run_id and r.parent_run is not null
-        union all
-        select r.parent_run, up.n + 1 from up join cairn.runs r on r.id = up.id
-         where r.parent_run is not null
-    )
-    select coalesce(array_agg(up.id order by up.n), '{}') from up
-$$;
+begin
+    return (with recursive up(id, n) as (
+                select r.parent_run, 1 from cairn.runs r
+                 where r.id = run_ancestors.run_id and r.parent_run is not null
+                union all
+                select r.parent_run, up.n + 1 from up join cairn.runs r on r.id = up.id
+                 where r.parent_run is not null
+            )
+            select coalesce(array_agg(up.id order by up.n), '{}') from up);
+end $$;
 
 -- Internal: lock runs and all their ancestors FOR NO KEY UPDATE, ancestors
 -- first (by depth, then id): rank 1 of the lock order. All of them, not
@@ -99,23 +100,25 @@ create or replace function cairn.lock_runs(ids uuid[])
 returns setof uuid
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off  -- by primary key, whatever the statistics say
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_parent uuid;
+    v_parents uuid[];
 begin
-    if cardinality(ids) = 1 then
-        -- The common case: one run, and its parent if it is a root.
-        select r.parent_run into v_parent from cairn.runs r where r.id = ids[1];
-        if v_parent is null
-           or not exists (select from cairn.runs p where p.id = v_parent and p.parent_run is not null) then
-            return query
-            select r.id from cairn.runs r
-             where r.id = ids[1] or r.id = v_parent
-             order by r.id = ids[1], r.id
-               for no key update;
-            return;
-        end if;
+    -- The common case: runs that are roots or children of roots. Depth 0
+    -- (the roots, and the parents) comes before depth 1, each by id: two
+    -- index probes and no recursion, however many runs.
+    select array_agg(r.parent_run) filter (where r.parent_run is not null) into v_parents
+      from cairn.runs r where r.id = any (ids);
+    if v_parents is null
+       or not exists (select from cairn.runs p where p.id = any (v_parents) and p.parent_run is not null) then
+        return query
+        select r.id from cairn.runs r
+         where r.id = any (ids || coalesce(v_parents, '{}'))
+         order by r.parent_run is not null, r.id
+           for no key update;
+        return;
     end if;
     return query
     with recursive targets(id) as (
@@ -287,6 +290,7 @@ declare
     v_now     timestamptz := cairn.now();
     v_started timestamptz;
     v_attempt integer;
+    v_run     cairn.runs;
 begin
     update cairn.steps s
        set status = settle_step.status, output = settle_step.output,
@@ -301,10 +305,10 @@ begin
         values (settle_step.run_id, v_started, v_now, 'attempt', settle_step.key, v_attempt,
                 'failed', left(settle_step.error, 4096));
     end if;
-    if exists (select from cairn.runs r
-                where r.id = settle_step.run_id and r.flow_version is not null) then
+    select * into v_run from cairn.runs r where r.id = settle_step.run_id;
+    if v_run.flow_version is not null then
         -- A flow run has no job to wake: the database moves it on.
-        perform cairn.flow_step_settled(settle_step.run_id, settle_step.key, settle_step.status,
+        perform cairn.flow_step_settled(v_run, settle_step.key, settle_step.status,
                                         settle_step.error);
     else
         perform cairn.wake_run(settle_step.run_id);

@@ -285,7 +285,7 @@ begin
                wake_pending = false, updated_at = v_now
          where r.id = retry_run.run_id;
         insert into cairn.run_events (run_id, at, event) values (retry_run.run_id, v_now, 'retried');
-        perform cairn.advance_flow(retry_run.run_id);
+        perform cairn.advance_flow((select r from cairn.runs r where r.id = retry_run.run_id));
         return true;
     end if;
     perform 1 from cairn.jobs j where j.id = v_run.job_id for update;

@@ -367,15 +367,17 @@ comment on function cairn.await_signal(uuid, bigint, bigint, jsonb, text, intege
 -- fingerprint); no row if the step is not recorded.
 create or replace function cairn.recorded_outcome(run_id uuid, key text, fingerprint text)
 returns table (outcome text, output jsonb, error text)
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
+begin
+    return query
     select case when s.fingerprint <> recorded_outcome.fingerprint then 'mismatch'
                 else s.status end,
            s.output, s.error
       from cairn.steps s
-     where s.run_id = recorded_outcome.run_id and s.key = recorded_outcome.key
-$$;
+     where s.run_id = recorded_outcome.run_id and s.key = recorded_outcome.key;
+end $$;
 
 -- Internal: record the step `key` that starts a child run or a step job:
 -- 'waiting' while that runs, or 'failed' at once with `problem` (its attempt

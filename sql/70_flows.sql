@@ -657,38 +657,39 @@ comment on function cairn.export_flows() is
     'SQL that recreates every flow in another database, sub-flows before the flows that run them.';
 
 -- Internal: the run's context: its input, and every completed step's
--- output under the step's name.
+-- output under the step's name. The helpers on a step's path are PL/pgSQL,
+-- not SQL: a SQL function with SET clauses is planned on every call.
 create or replace function cairn.flow_context(run_id uuid, input jsonb)
 returns jsonb
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 set plan_cache_mode = force_generic_plan
 as $$
-    select jsonb_build_object('input', flow_context.input)
-           || coalesce(jsonb_object_agg(s.key, s.output)
-                           filter (where s.status = 'completed' and strpos(s.key, '[') = 0), '{}')
-      from cairn.steps s where s.run_id = flow_context.run_id
-$$;
+begin
+    return (select jsonb_build_object('input', flow_context.input)
+                   || coalesce(jsonb_object_agg(s.key, s.output)
+                                   filter (where s.status = 'completed' and strpos(s.key, '[') = 0), '{}')
+              from cairn.steps s where s.run_id = flow_context.run_id);
+end $$;
 
 -- Internal: a step's input, selected from the context (and, in a map, the
 -- element as $item and its position as $index).
 create or replace function cairn.flow_input(step jsonb, context jsonb, vars jsonb)
 returns jsonb
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-    select case
-        when not step ? 'input' then
-            case when step ? 'map' then vars->'item' else context end
-        when jsonb_typeof(step->'input') = 'string' then
-            coalesce(jsonb_path_query_first(context, (step->>'input')::jsonpath, vars, true), 'null')
-        else
-            coalesce((select jsonb_object_agg(f.key, coalesce(
+begin
+    if not step ? 'input' then
+        return case when step ? 'map' then vars->'item' else context end;
+    elsif jsonb_typeof(step->'input') = 'string' then
+        return coalesce(jsonb_path_query_first(context, (step->>'input')::jsonpath, vars, true), 'null');
+    end if;
+    return coalesce((select jsonb_object_agg(f.key, coalesce(
                                  jsonb_path_query_first(context, (f.value #>> '{}')::jsonpath, vars, true),
                                  'null'))
-                        from jsonb_each(step->'input') f), '{}')
-    end
-$$;
+                       from jsonb_each(step->'input') f), '{}');
+end $$;
 
 -- Internal: create a flow run (no job drives it) and start its first
 -- steps. With an idempotency key already taken, creates nothing and returns
@@ -711,7 +712,7 @@ as $$
 #variable_conflict use_column
 declare
     v_now timestamptz := cairn.now();
-    v_run uuid := gen_random_uuid();
+    v_run cairn.runs;
     v_qid integer;
 begin
     v_qid := cairn.ensure_queue((select v.definition->>'queue' from cairn.flow_versions v
@@ -720,19 +721,20 @@ begin
     insert into cairn.runs (id, workflow, queue_id, input, idempotency_key, priority, parent_run,
                             parent_step, created_at, updated_at, started_at, traceparent,
                             flow_version, status, wake_at)
-    values (v_run, create_flow_run.flow, v_qid, create_flow_run.input,
+    values (gen_random_uuid(), create_flow_run.flow, v_qid, create_flow_run.input,
             create_flow_run.idempotency_key, create_flow_run.priority, create_flow_run.parent_run,
             create_flow_run.parent_step, v_now, v_now, v_now, create_flow_run.traceparent,
             create_flow_run.version,
             case when create_flow_run.delay > 0 then 'sleeping' else 'running' end,
             case when create_flow_run.delay > 0
                  then v_now + make_interval(secs => create_flow_run.delay) end)
-    on conflict (workflow, idempotency_key) where idempotency_key is not null do nothing;
+    on conflict (workflow, idempotency_key) where idempotency_key is not null do nothing
+    returning * into v_run;
     if not found then
         return null;
     end if;
     perform cairn.advance_flow(v_run);
-    return v_run;
+    return v_run.id;
 end $$;
 
 create or replace function cairn.start_flow(
@@ -963,20 +965,25 @@ end $$;
 -- Internal: a map's output: its elements' outputs, in order.
 create or replace function cairn.flow_map_output(run_id uuid, name text)
 returns jsonb
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
-    select coalesce(jsonb_agg(s.output order by s.seq), '[]')
-      from cairn.steps s
-     where s.run_id = flow_map_output.run_id and left(s.key, length(name) + 1) = name || '['
-$$;
+begin
+    return (select coalesce(jsonb_agg(s.output order by s.seq), '[]')
+              from cairn.steps s
+             where s.run_id = flow_map_output.run_id
+               and left(s.key, length(flow_map_output.name) + 1) = flow_map_output.name || '[');
+end $$;
 
 -- Internal: move a flow run on: start every step that became ready (or
 -- record it skipped), fail the run if a step failed, complete it when every
--- step is done. The caller holds the run and its ancestors (rank 1).
--- Re-entrant: a child that ends at once settles its step from inside.
--- `definition` is the run's flow definition when the caller has read it.
-create or replace function cairn.advance_flow(run_id uuid, definition jsonb default null)
+-- step is done. The caller holds the run and its ancestors (rank 1) and
+-- passes the run's row as it stands (and its flow definition when it has
+-- read it). Re-entrant: a child that ends at once settles its step from
+-- inside. A step's readiness and the end of the run are expressions over
+-- two values read once per pass (the steps' states, and the names of those
+-- done as a JSON array), not queries: this runs on every step's ack.
+create or replace function cairn.advance_flow(run cairn.runs, definition jsonb default null)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -984,9 +991,12 @@ set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now     timestamptz := cairn.now();
-    v_run     cairn.runs;
+    v_id      uuid := run.id;
+    v_run     cairn.runs := run;
     v_def     jsonb := definition;
-    v_state   jsonb;
+    v_state   jsonb;    -- name → status, of the steps started
+    v_done    jsonb;    -- names of the steps completed or skipped
+    v_failed  bigint;
     v_ctx     jsonb;
     v_step    jsonb;
     v_ord     integer;
@@ -999,7 +1009,10 @@ declare
     v_status  text;
 begin
     loop
-        select * into v_run from cairn.runs r where r.id = advance_flow.run_id;
+        if v_run.id is null then
+            -- A later pass: the run may have moved meanwhile.
+            select * into v_run from cairn.runs r where r.id = v_id;
+        end if;
         if v_run.status not in ('pending', 'running', 'sleeping', 'waiting') then
             return;
         end if;
@@ -1007,16 +1020,19 @@ begin
             select v.definition into v_def from cairn.flow_versions v
              where v.flow = v_run.workflow and v.version = v_run.flow_version;
         end if;
-        -- One pass over the run's steps: their states, and the first that
-        -- failed.
         select coalesce(jsonb_object_agg(s.key, s.status), '{}'),
-               (array_agg(s.key order by s.finished_at, s.key) filter (where s.status = 'failed'))[1],
-               (array_agg(s.error order by s.finished_at, s.key) filter (where s.status = 'failed'))[1]
-          into v_state, v_failed_key, v_failed_error
+               coalesce(jsonb_agg(s.key) filter (where s.status in ('completed', 'skipped')), '[]'),
+               count(*) filter (where s.status = 'failed')
+          into v_state, v_done, v_failed
           from cairn.steps s
-         where s.run_id = advance_flow.run_id and strpos(s.key, '[') = 0;
-        if v_failed_key is not null then
-            perform cairn.finish_run(run_id, 'failed', null,
+         where s.run_id = v_run.id and strpos(s.key, '[') = 0;
+        if v_failed > 0 then
+            select s.key, s.error into v_failed_key, v_failed_error
+              from cairn.steps s
+             where s.run_id = v_run.id and strpos(s.key, '[') = 0 and s.status = 'failed'
+             order by s.finished_at, s.key
+             limit 1;
+            perform cairn.finish_run(v_run.id, 'failed', null,
                                      format('step %s failed: %s', v_failed_key, v_failed_error));
             return;
         end if;
@@ -1026,23 +1042,23 @@ begin
         for v_step, v_ord in
             select e.value, e.o::integer from jsonb_array_elements(v_def->'steps') with ordinality e(value, o)
         loop
-            continue when v_state ? (v_step->>'name');
-            continue when exists (select from jsonb_array_elements_text(v_step->'after') d
-                                   where coalesce(v_state->>d, '') not in ('completed', 'skipped'));
+            continue when v_state ? (v_step->>'name')
+                       or not v_done @> coalesce(v_step->'after', '[]');
             if v_ctx is null then
-                v_ctx := cairn.flow_context(run_id, v_run.input);
+                v_ctx := cairn.flow_context(v_run.id, v_run.input);
             end if;
             if v_step ? 'when' and not coalesce(v_ctx @@ (v_step->>'when')::jsonpath, false) then
                 -- A skip counts as done for its dependents: one listed
                 -- before it is found on the next pass.
                 v_again := true;
                 insert into cairn.steps (run_id, key, seq, kind, status, attempts, started_at, finished_at)
-                values (run_id, v_step->>'name', v_ord,
+                values (v_run.id, v_step->>'name', v_ord,
                         case when v_step ? 'map' then 'map' when v_step ? 'handler' then 'task'
                              when v_step ? 'signal' then 'signal' else 'child' end,
                         'skipped', 0, v_now, v_now)
                 on conflict on constraint steps_pkey do nothing;
                 v_state := v_state || jsonb_build_object(v_step->>'name', 'skipped');
+                v_done := v_done || to_jsonb(v_step->>'name');
                 continue;
             end if;
             v_status := cairn.flow_start_step(v_run, v_def, v_step, v_ord, v_ctx, v_at);
@@ -1059,28 +1075,29 @@ begin
         if not v_again then
             exit;
         end if;
+        v_run := null;
     end loop;
-    if exists (select from jsonb_array_elements(v_def->'steps') s
-                where coalesce(v_state->>(s->>'name'), '') not in ('completed', 'skipped')) then
+    if jsonb_array_length(v_done) < jsonb_array_length(v_def->'steps') then
         return;
     end if;
-    v_ctx := cairn.flow_context(run_id, v_run.input);
+    v_ctx := cairn.flow_context(v_run.id, v_run.input);
     v_output := case when v_def ? 'output'
                      then coalesce(jsonb_path_query_first(v_ctx, (v_def->>'output')::jsonpath, '{}', true), 'null')
                      else v_ctx - 'input' end;
     v_problem := cairn.json_problem(v_output);
     if v_problem is not null then
-        perform cairn.finish_run(run_id, 'failed', null, 'the run''s output ' || v_problem);
+        perform cairn.finish_run(v_run.id, 'failed', null, 'the run''s output ' || v_problem);
     else
-        perform cairn.finish_run(run_id, 'completed', v_output, null);
+        perform cairn.finish_run(v_run.id, 'completed', v_output, null);
     end if;
 end $$;
 
--- Internal: a step of a flow run settled (settle_step wrote it). An
--- element of a map counts down its map, which settles when the last one
--- does (or fails with the first that fails); a completed step may loop
--- back; then the run moves on. The caller holds the run and its ancestors.
-create or replace function cairn.flow_step_settled(run_id uuid, key text, status text, error text)
+-- Internal: a step of flow run `run` settled (settle_step wrote it; `run`
+-- is the run's row as it stands). An element of a map counts down its map,
+-- which settles when the last one does (or fails with the first that
+-- fails); a completed step may loop back; then the run moves on. The
+-- caller holds the run and its ancestors.
+create or replace function cairn.flow_step_settled(run cairn.runs, key text, status text, error text)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -1088,31 +1105,36 @@ set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now  timestamptz := cairn.now();
+    v_run  cairn.runs := run;
     v_map  text;
     v_left integer;
-    v_run  cairn.runs;
     v_def  jsonb;
 begin
-    update cairn.runs r set status = 'running', wake_at = null, updated_at = v_now
-     where r.id = flow_step_settled.run_id and r.status = 'sleeping';
+    if v_run.status = 'sleeping' then
+        update cairn.runs r set status = 'running', wake_at = null, updated_at = v_now
+         where r.id = v_run.id;
+        v_run.status := 'running';
+        v_run.wake_at := null;
+        v_run.updated_at := v_now;
+    end if;
     if right(key, 1) = ']' then
         v_map := left(key, strpos(key, '[') - 1);
         if status = 'completed' then
             update cairn.steps s set pending = s.pending - 1
-             where s.run_id = flow_step_settled.run_id and s.key = v_map and s.status = 'waiting'
+             where s.run_id = v_run.id and s.key = v_map and s.status = 'waiting'
             returning s.pending into v_left;
             if not found or v_left > 0 then
                 return;
             end if;
             update cairn.steps s
                set status = 'completed', finished_at = v_now,
-                   output = cairn.flow_map_output(flow_step_settled.run_id, v_map)
-             where s.run_id = flow_step_settled.run_id and s.key = v_map;
+                   output = cairn.flow_map_output(v_run.id, v_map)
+             where s.run_id = v_run.id and s.key = v_map;
         else
             update cairn.steps s
                set status = 'failed', finished_at = v_now,
                    error = left(format('element %s: %s', key, error), 4096)
-             where s.run_id = flow_step_settled.run_id and s.key = v_map and s.status = 'waiting';
+             where s.run_id = v_run.id and s.key = v_map and s.status = 'waiting';
             if not found then
                 return;
             end if;
@@ -1120,12 +1142,11 @@ begin
         key := v_map;
     end if;
     if status = 'completed' then
-        select * into v_run from cairn.runs r where r.id = flow_step_settled.run_id;
         select v.definition into v_def from cairn.flow_versions v
          where v.flow = v_run.workflow and v.version = v_run.flow_version;
         perform cairn.flow_loop(v_run, v_def, key);
     end if;
-    perform cairn.advance_flow(run_id, v_def);
+    perform cairn.advance_flow(v_run, v_def);
 end $$;
 
 -- Internal: the step `key` of flow run `run` (definition `def`) just
@@ -1146,6 +1167,9 @@ declare
     v_taken integer;
     v_reset text[];
 begin
+    if not jsonb_path_exists(def, '$.steps[*].goto') then
+        return;  -- no loops in this flow: the common case, without a query
+    end if;
     select s->'goto' into v_goto from jsonb_array_elements(def->'steps') s
      where s->>'name' = flow_loop.key;
     if v_goto is null then
@@ -1226,7 +1250,8 @@ begin
        and s.input = to_jsonb(flow_signal.name)
      order by s.started_at, s.key limit 1;
     if found and cairn.flow_take_signal(run_id, v_key, name) then
-        perform cairn.flow_step_settled(run_id, v_key, 'completed', null);
+        perform cairn.flow_step_settled((select r from cairn.runs r where r.id = flow_signal.run_id),
+                                        v_key, 'completed', null);
     end if;
 end $$;
 
@@ -1277,10 +1302,107 @@ begin
            and s.status = 'waiting' and s.wake_at <= v_now
            and r.id = s.run_id and r.status in ('pending', 'running', 'sleeping', 'waiting');
         continue when not found;
-        perform cairn.flow_step_settled(v_due.run_id, v_due.key, 'completed', null);
+        perform cairn.flow_step_settled((select r from cairn.runs r where r.id = v_due.run_id),
+                                        v_due.key, 'completed', null);
         v_n := v_n + 1;
     end loop;
     return v_n;
 end $$;
 comment on function cairn.fire_timers(integer) is
     'Complete the signal steps of flow runs whose timeout ran out, with {"timeout": true}, and move their runs on; returns how many (at most lim). Workers call it about once a second.';
+
+-- Worker: ack jobs as cairn.ack(ids, leases, outputs) does and, in the same
+-- transaction, lease to the caller up to qty of the step jobs those acks
+-- started: a flow's next step goes to the worker that finished the step
+-- before it, with no claim, no notification and no second round trip
+-- (Temporal's eager dispatch does the same). Taken are the step jobs of the
+-- acked jobs' flow runs that were never claimed, are visible now, sit in
+-- one of `queues` and name one of `tasks` (the caller's step handlers);
+-- they jump the queue's order, as a code-first workflow's next step runs
+-- inline without queueing. Returns a row per acked id (taken false, the
+-- other columns NULL; ids whose lease no longer matched are missing, as
+-- from ack), then a row per job taken, with its lease and queue, as claim
+-- returns them. Locks: as ack; the jobs taken are new or unclaimed, locked
+-- SKIP LOCKED (no wait, so no place in the lock order).
+create or replace function cairn.ack_and_take(
+    ids     bigint[],
+    leases  bigint[],
+    outputs jsonb[],
+    vt      double precision,
+    qty     integer,
+    queues  text[],
+    tasks   text[])
+returns table (taken boolean, id bigint, task text, payload jsonb, attempts integer, lease bigint,
+               enqueued_at timestamptz, visible_at timestamptz, parent_run uuid,
+               traceparent text, run_id uuid, queue text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_now   timestamptz := cairn.now();
+    v_steps bigint[];
+    v_runs  uuid[];
+    v_acked bigint[];
+    v_rows  tid[];
+    v_lease bigint;
+begin
+    if vt is null or vt <> vt or vt < 0.001 or vt > 86400 then
+        perform cairn.check_seconds(vt, 'visibility timeout', 0.001, 86400);
+    end if;
+    if qty is null or qty < 0 or qty > 10000 then
+        perform cairn.check_not_null(qty, 'qty');
+        raise exception 'cairn: qty must be between 0 and 10000, got %', qty
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if ids is null or leases is null or cardinality(ids) <> cardinality(leases)
+       or array_position(ids, null) is not null or array_position(leases, null) is not null then
+        perform cairn.check_pairs(ids, leases);
+    end if;
+    perform cairn.check_outputs(ids, outputs);
+    -- The step jobs' runs, read before the ack deletes them.
+    select array_agg(j.id), array_agg(j.parent_run) into v_steps, v_runs
+      from cairn.jobs j
+     where j.id = any (ack_and_take.ids) and j.parent_run is not null;
+    -- What ack does, without its plain jobs' shortcut: these are mostly
+    -- step jobs, which settle_jobs settles (it deletes plain ones too).
+    select array_agg(a.id) into v_acked
+      from cairn.settle_jobs(ids, leases, outputs, 'completed', null, false) a;
+    return query
+    select false, a.id, null::text, null::jsonb, null::integer, null::bigint, null::timestamptz,
+           null::timestamptz, null::uuid, null::text, null::uuid, null::text
+      from unnest(coalesce(v_acked, '{}')) a(id);
+    -- Only the runs of the jobs acked: an ack refused (a lease lost)
+    -- takes nothing.
+    select array_agg(distinct s.run) into v_runs
+      from unnest(v_steps, v_runs) as s(id, run)
+     where s.id = any (v_acked);
+    if v_runs is null or qty = 0 or queues is null or tasks is null then
+        return;
+    end if;
+    select array_agg(c.ctid) into v_rows
+      from (select j.ctid
+              from cairn.jobs j
+             where j.parent_run = any (v_runs) and j.attempts = 0 and j.visible_at <= v_now
+               and j.queue_id in (select q.id from cairn.queues q where q.name = any (ack_and_take.queues))
+               and j.task = any (ack_and_take.tasks)
+             order by j.id
+             limit ack_and_take.qty
+               for update skip locked) c;
+    if v_rows is null then
+        return;
+    end if;
+    v_lease := pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint;
+    return query
+    update cairn.jobs j
+       set visible_at = v_now + make_interval(secs => ack_and_take.vt),
+           attempts   = j.attempts + 1,
+           lease      = v_lease
+      from cairn.queues q
+     where j.ctid = any (v_rows) and q.id = j.queue_id
+    returning true, j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
+              j.parent_run, j.traceparent, j.run_id, q.name;
+end $$;
+comment on function cairn.ack_and_take(bigint[], bigint[], jsonb[], double precision, integer, text[], text[]) is
+    'ack(ids, leases, outputs), then lease up to qty of the step jobs those acks started (in the given queues, naming the given tasks) for vt seconds: rows with taken false are the acked ids, rows with taken true the jobs now leased to the caller, as claim returns them.';

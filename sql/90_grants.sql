@@ -7,7 +7,7 @@
 --                   run_status, get_run, list_runs, run_steps, run_history,
 --                   list_schedules, next_fires, start_flow, list_flows,
 --                   plan_flow, export_flow(s), list_workers, list_workflows
---   cairn_worker    producer + claim/claim_from/read/pop, the fenced ack/archive/retry/
+--   cairn_worker    producer + claim/claim_from/read/pop, the fenced ack/ack_and_take/archive/retry/
 --                   fail/extend/set_vt/release, create_queue, and the run
 --                   engine's worker calls (40_worker.sql), prune,
 --                   tick_schedules, fire_timers, register_step_handler, worker_hello,
@@ -111,6 +111,7 @@ declare
         'cairn.ack(bigint[], bigint[])',
         'cairn.ack(bigint[], bigint[], jsonb[])',
         'cairn.ack(bigint, bigint)',
+        'cairn.ack_and_take(bigint[], bigint[], jsonb[], double precision, integer, text[], text[])',
         'cairn.archive(bigint[], bigint[], jsonb[])',
         'cairn.archive(bigint, bigint, jsonb)',
         'cairn.retry(bigint, bigint, double precision, text)',

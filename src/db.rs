@@ -189,6 +189,61 @@ pub(crate) async fn ack_with_outputs(
         .db("acknowledging step jobs")
 }
 
+/// A job leased by [`ack_and_take`], and the queue it sits in.
+pub(crate) struct TakenJob {
+    pub queue: String,
+    pub job: ClaimedJob,
+}
+
+/// What [`ack_and_take`] may lease: up to `qty` jobs, for `lease`, sitting
+/// in `queues` and naming one of `tasks` (the worker's step handlers).
+pub(crate) struct Take<'a> {
+    pub lease: Duration,
+    pub qty: usize,
+    pub queues: &'a [String],
+    pub tasks: &'a [String],
+}
+
+/// Acks jobs run as flow steps, as [`ack_with_outputs`], and leases the
+/// step jobs those acks started, as `take` allows. Returns the ids acked
+/// and the jobs taken.
+pub(crate) async fn ack_and_take(
+    db: &Db,
+    ids: &[i64],
+    leases: &[i64],
+    outputs: &[Option<String>],
+    take: Take<'_>,
+) -> Result<(Vec<i64>, Vec<TakenJob>)> {
+    let rows = sqlx::query(
+        "select taken, id, task, payload::text as payload, attempts, lease, parent_run, \
+                traceparent, run_id, queue \
+           from cairn.ack_and_take($1, $2, $3::jsonb[], $4, $5, $6, $7)",
+    )
+    .bind(ids)
+    .bind(leases)
+    .bind(outputs)
+    .bind(secs(take.lease))
+    .bind(i32::try_from(take.qty).unwrap_or(i32::MAX))
+    .bind(take.queues)
+    .bind(take.tasks)
+    .fetch_all(db)
+    .await
+    .db("acknowledging step jobs")?;
+    let mut acked = Vec::new();
+    let mut taken = Vec::new();
+    for row in &rows {
+        if row.try_get("taken").db("acknowledging step jobs")? {
+            taken.push(TakenJob {
+                queue: row.try_get("queue").db("acknowledging step jobs")?,
+                job: ClaimedJob::from_row(row).db("acknowledging step jobs")?,
+            });
+        } else {
+            acked.push(row.try_get("id").db("acknowledging step jobs")?);
+        }
+    }
+    Ok((acked, taken))
+}
+
 pub(crate) async fn archive(
     db: &Db,
     ids: &[i64],

@@ -126,6 +126,185 @@ async fn a_diamond_runs_its_middle_steps_at_the_same_time(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = false)]
+async fn the_ack_of_a_step_starts_the_next_in_a_free_slot_without_a_claim(pool: PgPool) {
+    let app = common::app(&pool).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    {
+        let calls = Arc::clone(&calls);
+        app.step_handler("hop", move |n: i64, _ctx| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                // Long enough for the claimers to have gone back to sleep.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(n + 1)
+            }
+        })
+        .unwrap();
+    }
+    let mut chain = Flow::new("chain")
+        .step("s0")
+        .handler("hop")
+        .input("$.input");
+    for i in 1..5 {
+        chain = chain
+            .step(format!("s{i}"))
+            .handler("hop")
+            .after([format!("s{}", i - 1)])
+            .input(format!("$.s{}", i - 1));
+    }
+    app.flow(chain.output("$.s4")).unwrap();
+    app.initialize().await.unwrap();
+    let mut runs = Vec::new();
+    for n in 0..4_i64 {
+        runs.push((n, app.start_flow("chain", &json!(n * 100)).await.unwrap()));
+    }
+
+    // Eight slots for four runs: when a step ends, its ack finds free slots
+    // and takes the next step of its run, which no claim can see before the
+    // ack commits. No poll: only the first steps are claimed.
+    let stop = CancellationToken::new();
+    let worker = app
+        .worker()
+        .queues(["workflows"])
+        .concurrency(8)
+        .poll_interval(Duration::from_secs(60))
+        .run_until(stop.clone().cancelled_owned());
+    let worker = tokio::spawn(worker);
+    for (n, run) in &runs {
+        assert_eq!(result(&app, *run).await, json!(n * 100 + 5));
+    }
+    stop.cancel();
+    let stats = worker.await.unwrap().unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 20, "each step ran once");
+    assert_eq!(stats.completed, 20);
+    assert_eq!(
+        stats.taken, 16,
+        "every step after the first was taken by an ack: {stats:?}"
+    );
+    assert_eq!(
+        common::scalar_i64(&pool, "select count(*) from cairn.jobs").await,
+        0,
+        "nothing taken was left behind"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn ack_and_take_leases_only_the_steps_its_own_acks_started(pool: PgPool) {
+    let app = common::app(&pool).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    echo(&app, "a", &calls);
+    echo(&app, "b", &calls);
+    app.flow(Flow::new("ab").step("a").step("b").after(["a"]))
+        .unwrap();
+    app.initialize().await.unwrap();
+    let first = app.start_flow("ab", &json!(1)).await.unwrap();
+    let second = app.start_flow("ab", &json!(2)).await.unwrap();
+    let claimed: Vec<(i64, i64, Uuid)> =
+        sqlx::query_as("select id, lease, parent_run from cairn.claim('workflows', 30, 2)")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let held = |run: Uuid| *claimed.iter().find(|c| c.2 == run).unwrap();
+    let (a1, lease1, _) = held(first);
+    let (a2, lease2, _) = held(second);
+    let take = "select taken, id, task, attempts, lease, parent_run from cairn.ack_and_take($1, $2, $3, 30, $4, '{workflows}', '{a,b}')";
+    type Row = (
+        bool,
+        i64,
+        Option<String>,
+        Option<i32>,
+        Option<i64>,
+        Option<Uuid>,
+    );
+    let call = |ids: i64, lease: i64, qty: i32| {
+        sqlx::query_as::<_, Row>(take)
+            .bind(vec![ids])
+            .bind(vec![lease])
+            .bind(vec![json!("out")])
+            .bind(qty)
+            .fetch_all(&pool)
+    };
+
+    // A stale lease acks nothing and takes nothing.
+    assert!(call(a1, lease1 + 1, 5).await.unwrap().is_empty());
+    // The ack of the first run's `a` takes that run's `b`, and only it:
+    // the second run's `a` is visible too, and names a task allowed.
+    let rows = call(a1, lease1, 5).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0], (false, a1, None, None, None, None));
+    let (taken, b1, task, attempts, lease_b1, run) = rows[1].clone();
+    assert!(taken);
+    assert_eq!(
+        (task.as_deref(), attempts, run),
+        (Some("b"), Some(1), Some(first))
+    );
+    let (lease_in_table, leased_for): (i64, f64) = sqlx::query_as(
+        "select lease, extract(epoch from visible_at - now())::float8 from cairn.jobs where id = $1",
+    )
+    .bind(b1)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(Some(lease_in_table), lease_b1);
+    assert!(leased_for > 25.0, "leased for 30 s: {leased_for}");
+    // qty 0: an ack, nothing taken; the second run's `b` waits in the queue.
+    let rows = call(a2, lease2, 0).await.unwrap();
+    assert_eq!(rows, [(false, a2, None, None, None, None)]);
+    assert_eq!(
+        common::scalar_i64(
+            &pool,
+            "select count(*) from cairn.jobs where task = 'b' and lease is null and attempts = 0"
+        )
+        .await,
+        1
+    );
+    // The taken job is the caller's to ack: its run completes.
+    let rows = call(b1, lease_b1.unwrap(), 5).await.unwrap();
+    assert_eq!(rows, [(false, b1, None, None, None, None)]);
+    let status: String = sqlx::query_scalar("select status from cairn.run_status($1)")
+        .bind(first)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "completed");
+
+    // Bad input is refused at the boundary, naming what is wrong.
+    for (sql, state) in [
+        (
+            "select * from cairn.ack_and_take('{1}', '{1}', null, 30, -1, '{workflows}', '{a}')",
+            "22023",
+        ),
+        (
+            "select * from cairn.ack_and_take('{1}', '{1}', null, 30, null, '{workflows}', '{a}')",
+            "22004",
+        ),
+        (
+            "select * from cairn.ack_and_take('{1}', '{1}', null, 0, 1, '{workflows}', '{a}')",
+            "22023",
+        ),
+        (
+            "select * from cairn.ack_and_take('{1}', '{1,2}', null, 30, 1, '{workflows}', '{a}')",
+            "22023",
+        ),
+        (
+            "select * from cairn.ack_and_take(array[null::bigint], '{1}', null, 30, 1, '{workflows}', '{a}')",
+            "22004",
+        ),
+        (
+            "select * from cairn.ack_and_take('{1}', '{1}', '{1,2}', 30, 1, '{workflows}', '{a}')",
+            "22023",
+        ),
+    ] {
+        let err = sqlx::query(sql).execute(&pool).await.unwrap_err();
+        assert_eq!(
+            common::sqlstate(&err).as_deref(),
+            Some(state),
+            "{sql}: {err}"
+        );
+    }
+}
+
+#[sqlx::test(migrations = false)]
 async fn conditions_choose_a_branch_and_skipped_steps_let_their_dependents_run(pool: PgPool) {
     let app = common::app(&pool).await;
     app.step_handler("check", |input: Value, _ctx| async move {
@@ -1182,11 +1361,13 @@ async fn roles_producers_start_and_plan_admins_define(pool: PgPool) {
         .unwrap_err();
     assert_eq!(common::sqlstate(&err).as_deref(), Some("42501"));
     // Nothing a producer sends moves the run: its step job is the engine's.
-    let err = sqlx::query("select cairn.register_step_handler('evil')")
-        .execute(&producer.pool)
-        .await
-        .unwrap_err();
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("42501"));
+    for sql in [
+        "select cairn.register_step_handler('evil')",
+        "select * from cairn.ack_and_take('{1}', '{1}', null, 30, 1, '{workflows}', '{a}')",
+    ] {
+        let err = sqlx::query(sql).execute(&producer.pool).await.unwrap_err();
+        assert_eq!(common::sqlstate(&err).as_deref(), Some("42501"), "{sql}");
+    }
     producer.drop(&pool).await;
     let (stop, worker) = spawn_worker(&app, 2);
     result(&app, run).await;

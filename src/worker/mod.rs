@@ -3,7 +3,8 @@
 //! One part per file:
 //! - [`claimer`]: claim loops lease jobs up to the free capacity;
 //! - [`executor`]: runs each job (a task's handler or a workflow run's replay);
-//! - [`completer`]: settles finished jobs in batches;
+//! - [`completer`]: settles finished jobs in batches, and starts the flow
+//!   steps their acks took;
 //! - [`heartbeat`]: extends leases, and stops the handlers of jobs whose lease
 //!   was lost (the job ran out and was claimed elsewhere, or its run was
 //!   cancelled);
@@ -99,6 +100,9 @@ pub struct WorkerStats {
     pub listener_reconnects: u64,
     /// Claim round trips made (including those that found nothing).
     pub claims: u64,
+    /// Flow steps started without a claim: the ack of the step before took
+    /// them (`cairn.ack_and_take`).
+    pub taken: u64,
 }
 
 impl WorkerBuilder {
@@ -324,6 +328,7 @@ struct Counters {
     released: AtomicU64,
     listener_reconnects: AtomicU64,
     claims: AtomicU64,
+    taken: AtomicU64,
 }
 
 impl Counters {
@@ -337,6 +342,7 @@ impl Counters {
             released: get(&self.released),
             listener_reconnects: get(&self.listener_reconnects),
             claims: get(&self.claims),
+            taken: get(&self.taken),
         }
     }
 }
@@ -344,6 +350,10 @@ impl Counters {
 struct Worker {
     pool: Db,
     queues: Vec<QueuePlan>,
+    /// The names of `queues`, and of the step handlers this worker has: what
+    /// the ack of a flow step may take on.
+    queue_names: Vec<String>,
+    step_handlers: Vec<String>,
     concurrency: usize,
     lease: Duration,
     poll_interval: Duration,
@@ -358,8 +368,11 @@ struct Worker {
 impl Worker {
     fn new(b: WorkerBuilder, queues: Vec<QueuePlan>) -> Self {
         let plugins = b.plugins.snapshot();
+        let step_handlers = b.handlers.read().step_handlers();
         Self {
             pool: b.pool,
+            queue_names: queues.iter().map(|q| q.name.clone()).collect(),
+            step_handlers,
             queues,
             concurrency: b.concurrency,
             lease: b.lease,
@@ -415,19 +428,19 @@ impl Worker {
         let scheduler = self
             .schedule_interval
             .map(|every| tokio::spawn(scheduler::run(pool.clone(), every, stop.clone())));
+        let this = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(this.concurrency));
+        let closing = CancellationToken::new();
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-        let completer = tokio::spawn(completer::run(
-            pool.clone(),
+        let completer = tokio::spawn(Arc::clone(&this).complete_loop(
             settle_rx,
-            Arc::clone(&self.in_flight),
-            Arc::clone(&self.counters),
+            settle_tx.downgrade(),
+            Arc::clone(&slots),
+            closing.clone(),
         ));
 
         // Several claim loops share the slots, so one claim is in flight
         // while another's jobs are being started: round trips overlap.
-        let this = Arc::new(self);
-        let slots = Arc::new(Semaphore::new(this.concurrency));
-        let closing = CancellationToken::new();
         let claimers: Vec<_> = (0..this.concurrency.min(claimer::CLAIMERS))
             .map(|i| {
                 tokio::spawn(Arc::clone(&this).claim_loop(
