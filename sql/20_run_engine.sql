@@ -413,28 +413,32 @@ set enable_seqscan = off  -- by primary key, whatever the statistics say
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_now    timestamptz := cairn.now();
-    v_runs   uuid[];
-    v_locked uuid[];
-    v_gone   jsonb;
-    v_ids    bigint[];
-    v_left   record;
-    v_run    record;
-    v_why    text;
+    v_now     timestamptz := cairn.now();
+    v_runs    uuid[];
+    v_locked  uuid[];
+    v_ids     bigint[];
+    -- The workflow's jobs among those that left, as parallel arrays.
+    v_jobs    bigint[];
+    v_run_ids uuid[];
+    v_parents uuid[];
+    v_steps   text[];
+    v_outputs jsonb[];
+    v_run     record;
+    v_why     text;
 begin
     -- Rank 1: the runs these jobs concern (run_id and parent_run never change).
     select array_agg(distinct coalesce(j.parent_run, j.run_id)) into v_runs
-      from cairn.jobs j join unnest(ids) as u(id) on u.id = j.id
-     where j.parent_run is not null or (j.run_id is not null and outcome <> 'completed');
+      from cairn.jobs j
+     where j.id = any (ids)
+       and (j.parent_run is not null or (j.run_id is not null and outcome <> 'completed'));
     if v_runs is not null then
         select array_agg(l) into v_locked from cairn.lock_runs(v_runs) l;
     end if;
     -- Rank 2: these jobs and the jobs of the locked runs, in id order.
     perform 1 from cairn.jobs j
-     where j.id in (select u.id from unnest(ids) as u(id)
-                    union
-                    select r.job_id from cairn.runs r
-                     where r.id = any (coalesce(v_locked, '{}')) and r.job_id is not null)
+     where j.id = any (ids || coalesce((select array_agg(r.job_id) from cairn.runs r
+                                         where r.id = any (v_locked) and r.job_id is not null),
+                                        '{}'))
      order by j.id
        for update;
 
@@ -455,35 +459,34 @@ begin
           from d join cairn.queues q on q.id = d.queue_id
          where keep
     )
-    -- Plain jobs need nothing more; the workflow's jobs are settled below.
+    -- Plain jobs need nothing more; the workflow's jobs are settled below
+    -- (the same filter on every array keeps them aligned).
     select array_agg(d.id),
-           jsonb_agg(jsonb_build_object('id', d.id, 'run_id', d.run_id, 'parent_run', d.parent_run,
-                                        'parent_step', d.parent_step, 'output', d.output))
-               filter (where d.run_id is not null or d.parent_run is not null)
-      into v_ids, v_gone
+           array_agg(d.id) filter (where d.run_id is not null or d.parent_run is not null),
+           array_agg(d.run_id) filter (where d.run_id is not null or d.parent_run is not null),
+           array_agg(d.parent_run) filter (where d.run_id is not null or d.parent_run is not null),
+           array_agg(d.parent_step) filter (where d.run_id is not null or d.parent_run is not null),
+           array_agg(d.output) filter (where d.run_id is not null or d.parent_run is not null)
+      into v_ids, v_jobs, v_run_ids, v_parents, v_steps, v_outputs
       from d;
     return query select unnest(coalesce(v_ids, '{}'));
 
-    for v_left in
-        select * from jsonb_to_recordset(coalesce(v_gone, '[]'))
-                      as x(id bigint, run_id uuid, parent_run uuid, parent_step text, output jsonb)
-    loop
-        if v_left.parent_run is not null then
-            v_why := case when v_left.output is not null then cairn.json_problem(v_left.output) end;
+    for i in 1 .. coalesce(cardinality(v_jobs), 0) loop
+        if v_parents[i] is not null then
+            v_why := case when v_outputs[i] is not null then cairn.json_problem(v_outputs[i]) end;
             if outcome = 'completed' and v_why is null then
-                perform cairn.settle_step(v_left.parent_run, v_left.parent_step, 'completed',
-                                          v_left.output, null);
+                perform cairn.settle_step(v_parents[i], v_steps[i], 'completed', v_outputs[i], null);
             else
                 perform cairn.settle_step(
-                    v_left.parent_run, v_left.parent_step, 'failed', null,
+                    v_parents[i], v_steps[i], 'failed', null,
                     coalesce('the step''s output ' || v_why,
-                             format('step job %s: %s', v_left.id, settle_jobs.error)));
+                             format('step job %s: %s', v_jobs[i], settle_jobs.error)));
             end if;
-        elsif v_left.run_id is not null then
-            select r.status, r.job_id into v_run from cairn.runs r where r.id = v_left.run_id;
-            if found and v_run.job_id = v_left.id
+        else
+            select r.status, r.job_id into v_run from cairn.runs r where r.id = v_run_ids[i];
+            if found and v_run.job_id = v_jobs[i]
                and v_run.status not in ('completed', 'failed', 'cancelled') then
-                perform cairn.finish_run(v_left.run_id, 'failed', null, settle_jobs.error);
+                perform cairn.finish_run(v_run_ids[i], 'failed', null, settle_jobs.error);
             end if;
         end if;
     end loop;

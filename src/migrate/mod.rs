@@ -50,6 +50,7 @@ const MIGRATIONS: &[Script] = &[
     migration!(7, "0007_flows.sql"),
     migration!(8, "0008_operate.sql"),
     migration!(9, "0009_timers.sql"),
+    migration!(10, "0010_hot_steps.sql"),
 ];
 
 const FUNCTIONS: &[&str] = &[
@@ -282,6 +283,22 @@ pub(crate) async fn run(conn: &mut PgConnection) -> Result<MigrationReport> {
         });
     }
 
+    // Drift is what changed since the last install, read before this
+    // run's migrations: what they change is not drift.
+    let current = installed
+        .as_ref()
+        .is_some_and(|(sum, release, _)| *sum == bundle_sum && release.as_deref() == Some(RELEASE));
+    let recorded = installed.and_then(|(_, _, catalog)| catalog);
+    let drift = match (&recorded, current) {
+        (Some(recorded), true) => diff(recorded, &catalog(&mut tx).await?),
+        _ => Drift::default(),
+    };
+    if let Some(broken) = drift.tables.first() {
+        return Err(Error::Drift(format!(
+            "{broken}; cairn cannot repair a changed table: restore it, or restore the database from a backup"
+        )));
+    }
+
     for (m, sum) in MIGRATIONS.iter().zip(&sums) {
         if applied.iter().any(|(v, _, _)| *v == m.version) {
             continue;
@@ -305,20 +322,6 @@ pub(crate) async fn run(conn: &mut PgConnection) -> Result<MigrationReport> {
         report.applied.push(m.version);
     }
 
-    let live = catalog(&mut tx).await?;
-    let current = installed
-        .as_ref()
-        .is_some_and(|(sum, release, _)| *sum == bundle_sum && release.as_deref() == Some(RELEASE));
-    let recorded = installed.and_then(|(_, _, catalog)| catalog);
-    let drift = match (&recorded, current) {
-        (Some(recorded), true) => diff(recorded, &live),
-        _ => Drift::default(),
-    };
-    if let Some(broken) = drift.tables.first() {
-        return Err(Error::Drift(format!(
-            "{broken}; cairn cannot repair a changed table: restore it, or restore the database from a backup"
-        )));
-    }
     if !current || !drift.repairable.is_empty() || !report.applied.is_empty() {
         install_functions(&mut tx, &recorded, &drift).await?;
         report.functions_updated = true;
