@@ -773,6 +773,22 @@ end $$;
 comment on function cairn.start_flow(text, jsonb, text, integer, double precision, text, text) is
     'Start a run of a flow''s latest version; returns its id. Postgres drives it from here: each step''s end starts the steps it makes ready. Idempotency keys as for start_workflow.';
 
+-- Internal: whether an ack_and_take in this transaction may take the step
+-- jobs that run `run_id` starts now (it names the runs whose steps it acked
+-- in the transaction-local setting cairn.taking). Their NOTIFY is left to
+-- it: it wakes other workers only for the jobs it did not take. Forging the
+-- setting can only delay a job of one's own transaction until the workers'
+-- next poll.
+create or replace function cairn.flow_taking(run_id uuid)
+returns boolean
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return coalesce(run_id::text = any (string_to_array(current_setting('cairn.taking', true), ',')),
+                    false);
+end $$;
+
 -- Internal: start one step of a flow run (`def`: its definition): a job of
 -- its handler (one per element for a map), a child run, or a wait for a
 -- signal. Returns the
@@ -888,7 +904,8 @@ begin
                    || case when v_policy <> '{}' then jsonb_build_object('policy', v_policy) else '{}' end,
                    run.priority, visible_at, v_now, run.id, u.key, run.traceparent
               from unnest(v_keys, v_inputs) as u(key, input);
-            if cardinality(v_keys) > 0 and visible_at <= v_now then
+            if cardinality(v_keys) > 0 and visible_at <= v_now
+               and not cairn.flow_taking(run.id) then
                 perform pg_notify('cairn', v_queue);
             end if;
         else
@@ -915,7 +932,7 @@ begin
                 jsonb_build_object('input', v_input)
                 || case when v_policy <> '{}' then jsonb_build_object('policy', v_policy) else '{}' end,
                 run.priority, visible_at, v_now, run.id, v_name, run.traceparent);
-        if visible_at <= v_now then
+        if visible_at <= v_now and not cairn.flow_taking(run.id) then
             perform pg_notify('cairn', v_queue);
         end if;
         return 'waiting';
@@ -1347,6 +1364,7 @@ declare
     v_acked bigint[];
     v_rows  tid[];
     v_lease bigint;
+    v_queue text;
 begin
     if vt is null or vt <> vt or vt < 0.001 or vt > 86400 then
         perform cairn.check_seconds(vt, 'visibility timeout', 0.001, 86400);
@@ -1366,9 +1384,15 @@ begin
       from cairn.jobs j
      where j.id = any (ack_and_take.ids) and j.parent_run is not null;
     -- What ack does, without its plain jobs' shortcut: these are mostly
-    -- step jobs, which settle_jobs settles (it deletes plain ones too).
+    -- step jobs, which settle_jobs settles (it deletes plain ones too). The
+    -- steps these runs start now send no NOTIFY (flow_taking): this call
+    -- may take them, and wakes other workers below for those it leaves.
+    if qty > 0 and v_runs is not null then
+        perform set_config('cairn.taking', array_to_string(v_runs, ','), true);
+    end if;
     select array_agg(a.id) into v_acked
       from cairn.settle_jobs(ids, leases, outputs, 'completed', null, false) a;
+    perform set_config('cairn.taking', '', true);
     return query
     select false, a.id, null::text, null::jsonb, null::integer, null::bigint, null::timestamptz,
            null::timestamptz, null::uuid, null::text, null::uuid, null::text
@@ -1378,31 +1402,41 @@ begin
     select array_agg(distinct s.run) into v_runs
       from unnest(v_steps, v_runs) as s(id, run)
      where s.id = any (v_acked);
-    if v_runs is null or qty = 0 or queues is null or tasks is null then
+    if v_runs is null or qty = 0 then
         return;
     end if;
-    select array_agg(c.ctid) into v_rows
-      from (select j.ctid
-              from cairn.jobs j
-             where j.parent_run = any (v_runs) and j.attempts = 0 and j.visible_at <= v_now
-               and j.queue_id in (select q.id from cairn.queues q where q.name = any (ack_and_take.queues))
-               and j.task = any (ack_and_take.tasks)
-             order by j.id
-             limit ack_and_take.qty
-               for update skip locked) c;
-    if v_rows is null then
-        return;
+    if queues is not null and tasks is not null then
+        select array_agg(c.ctid) into v_rows
+          from (select j.ctid
+                  from cairn.jobs j
+                 where j.parent_run = any (v_runs) and j.attempts = 0 and j.visible_at <= v_now
+                   and j.queue_id in (select q.id from cairn.queues q
+                                       where q.name = any (ack_and_take.queues))
+                   and j.task = any (ack_and_take.tasks)
+                 order by j.id
+                 limit ack_and_take.qty
+                   for update skip locked) c;
     end if;
-    v_lease := pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint;
-    return query
-    update cairn.jobs j
-       set visible_at = v_now + make_interval(secs => ack_and_take.vt),
-           attempts   = j.attempts + 1,
-           lease      = v_lease
-      from cairn.queues q
-     where j.ctid = any (v_rows) and q.id = j.queue_id
-    returning true, j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
-              j.parent_run, j.traceparent, j.run_id, q.name;
+    if v_rows is not null then
+        v_lease := pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint;
+        return query
+        update cairn.jobs j
+           set visible_at = v_now + make_interval(secs => ack_and_take.vt),
+               attempts   = j.attempts + 1,
+               lease      = v_lease
+          from cairn.queues q
+         where j.ctid = any (v_rows) and q.id = j.queue_id
+        returning true, j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
+                  j.parent_run, j.traceparent, j.run_id, q.name;
+    end if;
+    -- The NOTIFY flow_taking held back, for the steps left to the queue.
+    for v_queue in
+        select distinct q.name
+          from cairn.jobs j join cairn.queues q on q.id = j.queue_id
+         where j.parent_run = any (v_runs) and j.attempts = 0 and j.visible_at <= v_now
+    loop
+        perform pg_notify('cairn', v_queue);
+    end loop;
 end $$;
 comment on function cairn.ack_and_take(bigint[], bigint[], jsonb[], double precision, integer, text[], text[]) is
     'ack(ids, leases, outputs), then lease up to qty of the step jobs those acks started (in the given queues, naming the given tasks) for vt seconds: rows with taken false are the acked ids, rows with taken true the jobs now leased to the caller, as claim returns them.';

@@ -181,11 +181,68 @@ async fn the_ack_of_a_step_starts_the_next_in_a_free_slot_without_a_claim(pool: 
         stats.taken, 16,
         "every step after the first was taken by an ack: {stats:?}"
     );
+    // Each claimer claims at start and once more after finding jobs; the
+    // acks that took the next steps sent no NOTIFY to wake one again.
+    assert!(stats.claims <= 5, "{stats:?}");
     assert_eq!(
         common::scalar_i64(&pool, "select count(*) from cairn.jobs").await,
         0,
         "nothing taken was left behind"
     );
+}
+
+#[sqlx::test(migrations = false)]
+async fn steps_an_ack_did_not_take_still_wake_the_workers(pool: PgPool) {
+    let app = common::app(&pool).await;
+    // b and c meet at a barrier: they finish only if both run at once.
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    for name in ["b", "c"] {
+        let barrier = Arc::clone(&barrier);
+        app.step_handler(name, move |_: Value, _ctx| {
+            let barrier = Arc::clone(&barrier);
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), barrier.wait())
+                    .await
+                    .map_err(|_| HandlerError::fatal("the other branch never ran alongside"))?;
+                Ok(1)
+            }
+        })
+        .unwrap();
+    }
+    app.step_handler("a", |_: Value, _ctx| async move {
+        // Long enough for the claimers to have gone back to sleep.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(0)
+    })
+    .unwrap();
+    app.flow(
+        Flow::new("fork")
+            .step("a")
+            .step("b")
+            .after(["a"])
+            .step("c")
+            .after(["a"]),
+    )
+    .unwrap();
+    app.initialize().await.unwrap();
+    // Two slots and no poll: the ack of `a` starts b and c and takes one
+    // (one ack, one step taken); the other runs at once only if that ack
+    // woke the workers.
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(
+        app.worker()
+            .queues(["workflows"])
+            .concurrency(2)
+            .poll_interval(Duration::from_secs(60))
+            .run_until(stop.clone().cancelled_owned()),
+    );
+    // Started once the worker is idle, so that its claimers sleep.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let run = app.start_flow("fork", &json!({})).await.unwrap();
+    result(&app, run).await;
+    stop.cancel();
+    let stats = worker.await.unwrap().unwrap();
+    assert_eq!(stats.taken, 1, "{stats:?}");
 }
 
 #[sqlx::test(migrations = false)]
