@@ -92,6 +92,35 @@ async fn a_newer_schema_is_refused(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = false)]
+async fn what_a_migration_changes_is_not_reported_as_drift(pool: PgPool) {
+    let app = common::app(&pool).await;
+    // The schema as the same functions left it before migration 10: the
+    // timer index with its old predicate, recorded as installed.
+    sqlx::raw_sql(
+        "delete from cairn.migrations where version = 10;
+         drop index cairn.steps_timer_idx;
+         create index steps_timer_idx on cairn.steps (wake_at)
+             where kind = 'signal' and status = 'waiting' and wake_at is not null;
+         update cairn.function_bundle
+            set catalog = jsonb_set(catalog, '{index cairn.steps_timer_idx,definition}',
+                                    to_jsonb(pg_get_indexdef('cairn.steps_timer_idx'::regclass)));",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let report = app.initialize().await.unwrap();
+    assert_eq!(report.applied, [10]);
+    assert!(report.repaired.is_empty(), "{report:?}");
+    let definition: String =
+        sqlx::query_scalar("select pg_get_indexdef('cairn.steps_timer_idx'::regclass)")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!definition.contains("status"), "{definition}");
+    assert!(app.initialize().await.unwrap().is_noop());
+}
+
+#[sqlx::test(migrations = false)]
 async fn an_edited_migration_is_refused_and_nothing_changes(pool: PgPool) {
     let app = common::app(&pool).await;
     sqlx::query("update cairn.migrations set checksum = 'edited' where version = 1")
