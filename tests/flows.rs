@@ -62,12 +62,11 @@ fn echo(app: &App, name: &str, calls: &Arc<AtomicUsize>) {
     .unwrap();
 }
 
-#[sqlx::test(migrations = false)]
-async fn a_diamond_runs_its_middle_steps_at_the_same_time(pool: PgPool) {
-    let app = common::app(&pool).await;
-    // b and c meet at a barrier: neither finishes unless both run at once.
-    let barrier = Arc::new(tokio::sync::Barrier::new(2));
-    for name in ["b", "c"] {
+/// Registers step handlers that finish only if they all run at once: each
+/// waits at one barrier (10 s at most), then returns `output(input)`.
+fn meet_at_a_barrier(app: &App, names: &[&str], output: fn(&Value) -> Value) {
+    let barrier = Arc::new(tokio::sync::Barrier::new(names.len()));
+    for name in names {
         let barrier = Arc::clone(&barrier);
         app.step_handler(name, move |input: Value, _ctx| {
             let barrier = Arc::clone(&barrier);
@@ -75,11 +74,20 @@ async fn a_diamond_runs_its_middle_steps_at_the_same_time(pool: PgPool) {
                 tokio::time::timeout(Duration::from_secs(10), barrier.wait())
                     .await
                     .map_err(|_| HandlerError::fatal("the other branch never ran alongside"))?;
-                Ok(input["a"]["n"].as_i64().unwrap() + 1)
+                Ok(output(&input))
             }
         })
         .unwrap();
     }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_diamond_runs_its_middle_steps_at_the_same_time(pool: PgPool) {
+    let app = common::app(&pool).await;
+    // b and c meet at a barrier: neither finishes unless both run at once.
+    meet_at_a_barrier(&app, &["b", "c"], |input| {
+        json!(input["a"]["n"].as_i64().unwrap() + 1)
+    });
     app.step_handler("a", |input: Value, _ctx| async move {
         Ok(json!({"n": input["input"]["n"]}))
     })
@@ -195,20 +203,7 @@ async fn the_ack_of_a_step_starts_the_next_in_a_free_slot_without_a_claim(pool: 
 async fn steps_an_ack_did_not_take_still_wake_the_workers(pool: PgPool) {
     let app = common::app(&pool).await;
     // b and c meet at a barrier: they finish only if both run at once.
-    let barrier = Arc::new(tokio::sync::Barrier::new(2));
-    for name in ["b", "c"] {
-        let barrier = Arc::clone(&barrier);
-        app.step_handler(name, move |_: Value, _ctx| {
-            let barrier = Arc::clone(&barrier);
-            async move {
-                tokio::time::timeout(Duration::from_secs(10), barrier.wait())
-                    .await
-                    .map_err(|_| HandlerError::fatal("the other branch never ran alongside"))?;
-                Ok(1)
-            }
-        })
-        .unwrap();
-    }
+    meet_at_a_barrier(&app, &["b", "c"], |_| json!(1));
     app.step_handler("a", |_: Value, _ctx| async move {
         // Long enough for the claimers to have gone back to sleep.
         tokio::time::sleep(Duration::from_millis(200)).await;

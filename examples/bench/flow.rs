@@ -121,6 +121,24 @@ async fn one_at_a_time(url: &str, name: &str, n: usize) -> Result<(f64, u64), Bo
     Ok((elapsed / n as f64, stats.taken))
 }
 
+/// One line of the comparison: the code-first figure, the flow's, and
+/// their ratio.
+fn compare(what: &str, code: String, flow: String, ratio: f64) {
+    println!(
+        "  {:<44} {code:>12}   flow {flow:>12}   {ratio:>5.2} x",
+        format!("{what}: code-first")
+    );
+}
+
+fn per_step(code: f64, flow: f64) {
+    compare(
+        "per step (3-step minus 1-step)",
+        format!("{code:.0} µs"),
+        format!("{flow:.0} µs"),
+        flow / code,
+    );
+}
+
 pub async fn run(url: &str) -> Result<(), BoxError> {
     let setup = app(url).await?;
     setup.initialize().await?;
@@ -135,20 +153,13 @@ pub async fn run(url: &str) -> Result<(), BoxError> {
         let code_step = (code3 - code1) * 1e6 / (2 * n) as f64;
         let flow_step = (flow3 - flow1) * 1e6 / (2 * n) as f64;
         println!("concurrency {concurrency}, {n} runs each:");
-        println!(
-            "  {:<44} {:>9.0} /s   flow {:>9.0} /s   {:>5.2} x",
-            "3-step runs drained: code-first",
-            n as f64 / code3,
-            n as f64 / flow3,
-            code3 / flow3
+        compare(
+            "3-step runs drained",
+            format!("{:.0} /s", n as f64 / code3),
+            format!("{:.0} /s", n as f64 / flow3),
+            code3 / flow3,
         );
-        println!(
-            "  {:<44} {:>9.0} µs   flow {:>9.0} µs   {:>5.2} x",
-            "per step (3-step minus 1-step): code-first",
-            code_step,
-            flow_step,
-            flow_step / code_step
-        );
+        per_step(code_step, flow_step);
     }
     let n = 200;
     let (code1, _) = one_at_a_time(url, "code1", n).await?;
@@ -158,20 +169,13 @@ pub async fn run(url: &str) -> Result<(), BoxError> {
     let code_step = (code3 - code1) * 1e6 / 2.0;
     let flow_step = (flow3 - flow1) * 1e6 / 2.0;
     println!("one run at a time on an idle worker, {n} runs each:");
-    println!(
-        "  {:<44} {:>9.2} ms   flow {:>9.2} ms   {:>5.2} x",
-        "3-step run, start to result: code-first",
-        code3 * 1e3,
-        flow3 * 1e3,
-        flow3 / code3
+    compare(
+        "3-step run, start to result",
+        format!("{:.2} ms", code3 * 1e3),
+        format!("{:.2} ms", flow3 * 1e3),
+        flow3 / code3,
     );
-    println!(
-        "  {:<44} {:>9.0} µs   flow {:>9.0} µs   {:>5.2} x",
-        "per step (3-step minus 1-step): code-first",
-        code_step,
-        flow_step,
-        flow_step / code_step
-    );
+    per_step(code_step, flow_step);
     println!(
         "  {:<44} {:>9} of {}",
         "flow steps taken by the ack before them",
