@@ -58,6 +58,19 @@ impl Settle {
             | Settle::Fail { id, lease, .. } => (*id, *lease),
         }
     }
+
+    /// The array call that writes a success: plain acks (the hot path),
+    /// acks that hand an output to a workflow step, and archives.
+    fn call(&self) -> Option<Call> {
+        match self {
+            Settle::Done { archive: true, .. } => Some(Call::Archive),
+            Settle::Done {
+                output: Some(_), ..
+            } => Some(Call::AckWithOutputs),
+            Settle::Done { .. } => Some(Call::Ack),
+            Settle::Retry { .. } | Settle::Fail { .. } => None,
+        }
+    }
 }
 
 impl Worker {
@@ -81,16 +94,7 @@ impl Worker {
             if !closing.is_cancelled() {
                 let steps = batch
                     .iter()
-                    .filter(|s| {
-                        matches!(
-                            s,
-                            Settle::Done {
-                                output: Some(_),
-                                archive: false,
-                                ..
-                            }
-                        )
-                    })
+                    .filter(|s| s.call() == Some(Call::AckWithOutputs))
                     .count();
                 while free.len() < steps {
                     match Arc::clone(&slots).try_acquire_owned() {
@@ -171,24 +175,22 @@ impl Worker {
     /// flow steps may take up to `take` of the steps they made ready, into
     /// `taken`.
     async fn flush(&self, batch: &[Settle], take: usize, taken: &mut Vec<TakenJob>) -> Result<()> {
-        // Three kinds of success, one call each: plain acks (the hot path),
-        // acks that hand an output to a workflow step, and archives.
+        // Three kinds of success, one call each (Settle::call).
         let mut plain = Group::default();
         let mut with_output = Group::default();
         let mut archived = Group::default();
         for s in batch {
-            if let Settle::Done {
-                id,
-                lease,
-                output,
-                archive,
-                ..
-            } = s
+            if let (
+                Settle::Done {
+                    id, lease, output, ..
+                },
+                Some(call),
+            ) = (s, s.call())
             {
-                let group = match (archive, output) {
-                    (true, _) => &mut archived,
-                    (false, Some(_)) => &mut with_output,
-                    (false, None) => &mut plain,
+                let group = match call {
+                    Call::Archive => &mut archived,
+                    Call::AckWithOutputs => &mut with_output,
+                    Call::Ack => &mut plain,
                 };
                 group.push(*id, *lease, output.clone());
             }
@@ -291,7 +293,7 @@ impl Group {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Call {
     Ack,
     AckWithOutputs,
