@@ -14,24 +14,33 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cairn::{App, Error, Flow, HandlerError, RunStatus, Uuid, WorkflowContext};
+use cairn::{
+    App, Error, Flow, HandlerError, RunStatus, Uuid, WorkerBuilder, WorkerStats, WorkflowContext,
+};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// A worker on `queues` until the returned token is cancelled.
-fn spawn_worker(app: &App, concurrency: usize) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+/// Runs `worker` until the returned token is cancelled; the handle gives
+/// its stats.
+fn run_worker(worker: WorkerBuilder) -> (CancellationToken, tokio::task::JoinHandle<WorkerStats>) {
     let stop = CancellationToken::new();
-    let worker = app
-        .worker()
-        .queues(["workflows"])
-        .concurrency(concurrency)
-        .shutdown_timeout(Duration::from_secs(2));
     let until = stop.clone().cancelled_owned();
-    let handle = tokio::spawn(async move {
-        worker.run_until(until).await.expect("worker");
-    });
+    let handle = tokio::spawn(async move { worker.run_until(until).await.expect("worker") });
     (stop, handle)
+}
+
+/// A worker on `workflows` until the returned token is cancelled.
+fn spawn_worker(
+    app: &App,
+    concurrency: usize,
+) -> (CancellationToken, tokio::task::JoinHandle<WorkerStats>) {
+    run_worker(
+        app.worker()
+            .queues(["workflows"])
+            .concurrency(concurrency)
+            .shutdown_timeout(Duration::from_secs(2)),
+    )
 }
 
 async fn result(app: &App, run: Uuid) -> Value {
@@ -170,19 +179,17 @@ async fn the_ack_of_a_step_starts_the_next_in_a_free_slot_without_a_claim(pool: 
     // Eight slots for four runs: when a step ends, its ack finds free slots
     // and takes the next step of its run, which no claim can see before the
     // ack commits. No poll: only the first steps are claimed.
-    let stop = CancellationToken::new();
-    let worker = app
-        .worker()
-        .queues(["workflows"])
-        .concurrency(8)
-        .poll_interval(Duration::from_secs(60))
-        .run_until(stop.clone().cancelled_owned());
-    let worker = tokio::spawn(worker);
+    let (stop, worker) = run_worker(
+        app.worker()
+            .queues(["workflows"])
+            .concurrency(8)
+            .poll_interval(Duration::from_secs(60)),
+    );
     for (n, run) in &runs {
         assert_eq!(result(&app, *run).await, json!(n * 100 + 5));
     }
     stop.cancel();
-    let stats = worker.await.unwrap().unwrap();
+    let stats = worker.await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 20, "each step ran once");
     assert_eq!(stats.completed, 20);
     assert_eq!(
@@ -223,21 +230,70 @@ async fn steps_an_ack_did_not_take_still_wake_the_workers(pool: PgPool) {
     // Two slots and no poll: the ack of `a` starts b and c and takes one
     // (one ack, one step taken); the other runs at once only if that ack
     // woke the workers.
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(
+    let (stop, worker) = run_worker(
         app.worker()
             .queues(["workflows"])
             .concurrency(2)
-            .poll_interval(Duration::from_secs(60))
-            .run_until(stop.clone().cancelled_owned()),
+            .poll_interval(Duration::from_secs(60)),
     );
     // Started once the worker is idle, so that its claimers sleep.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let run = app.start_flow("fork", &json!({})).await.unwrap();
     result(&app, run).await;
     stop.cancel();
-    let stats = worker.await.unwrap().unwrap();
+    let stats = worker.await.unwrap();
     assert_eq!(stats.taken, 1, "{stats:?}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_worker_shutting_down_takes_no_next_step(pool: PgPool) {
+    let app = common::app(&pool).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    {
+        let started = Arc::clone(&started);
+        app.step_handler("slow", move |_: Value, _ctx| {
+            started.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                Ok(1)
+            }
+        })
+        .unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    echo(&app, "next", &calls);
+    app.flow(Flow::new("pair").step("slow").step("next").after(["slow"]))
+        .unwrap();
+    app.initialize().await.unwrap();
+    let (stop, worker) = spawn_worker(&app, 4);
+    let run = app.start_flow("pair", &json!({})).await.unwrap();
+    common::wait_for(
+        "the slow step to start",
+        Duration::from_secs(10),
+        || async { started.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+    // Shutdown begins while `slow` runs: it may finish and be acked, but
+    // its ack must not start `next` here.
+    stop.cancel();
+    let stats = worker.await.unwrap();
+    assert_eq!((stats.completed, stats.taken), (1, 0), "{stats:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        common::scalar_i64(
+            &pool,
+            "select count(*) from cairn.jobs where task = 'next' and lease is null and attempts = 0"
+        )
+        .await,
+        1,
+        "the next step waits in the queue"
+    );
+    // Another worker picks it up.
+    let (stop, worker) = spawn_worker(&app, 4);
+    result(&app, run).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    stop.cancel();
+    worker.await.unwrap();
 }
 
 #[sqlx::test(migrations = false)]
@@ -740,14 +796,12 @@ async fn cancel_mid_flow_stops_the_running_step_and_starts_no_other(pool: PgPool
     )
     .unwrap();
     app.initialize().await.unwrap();
-    let stop = CancellationToken::new();
-    let worker = app
-        .worker()
-        .queues(["workflows"])
-        .concurrency(2)
-        .lease(Duration::from_secs(3))
-        .run_until(stop.clone().cancelled_owned());
-    let worker = tokio::spawn(async move { worker.await.unwrap() });
+    let (stop, worker) = run_worker(
+        app.worker()
+            .queues(["workflows"])
+            .concurrency(2)
+            .lease(Duration::from_secs(3)),
+    );
 
     let run = app.start_flow("long", &json!({})).await.unwrap();
     common::wait_for(
@@ -841,12 +895,10 @@ async fn a_signal_step_times_out_and_a_condition_takes_the_other_branch(pool: Pg
     )
     .unwrap();
     app.initialize().await.unwrap();
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(
+    let (stop, worker) = run_worker(
         app.worker()
             .queues(["workflows"])
-            .schedule_interval(Duration::from_millis(50))
-            .run_until(stop.clone().cancelled_owned()),
+            .schedule_interval(Duration::from_millis(50)),
     );
 
     // Signalled in time: shipped, not escalated.
@@ -894,7 +946,7 @@ async fn a_signal_step_times_out_and_a_condition_takes_the_other_branch(pool: Pg
     assert_eq!(code, "55000", "the run has ended");
     assert_eq!(app.fire_timers().await.unwrap(), 0, "nothing fires twice");
     stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.await.unwrap();
 
     // With no worker: a cancelled run's wait, though due first, never
     // fires and never holds up a live run's.
