@@ -290,7 +290,7 @@ declare
     v_now     timestamptz := cairn.now();
     v_started timestamptz;
     v_attempt integer;
-    v_run     cairn.runs;
+    v_flow    record;
 begin
     update cairn.steps s
        set status = settle_step.status, output = settle_step.output,
@@ -305,11 +305,15 @@ begin
         values (settle_step.run_id, v_started, v_now, 'attempt', settle_step.key, v_attempt,
                 'failed', left(settle_step.error, 4096));
     end if;
-    select * into v_run from cairn.runs r where r.id = settle_step.run_id;
-    if v_run.flow_version is not null then
+    -- The run and, for a flow run, its definition: one query.
+    select r as run, v.definition into v_flow
+      from cairn.runs r
+      left join cairn.flow_versions v on v.flow = r.workflow and v.version = r.flow_version
+     where r.id = settle_step.run_id;
+    if (v_flow.run).flow_version is not null then
         -- A flow run has no job to wake: the database moves it on.
-        perform cairn.flow_step_settled(v_run, settle_step.key, settle_step.status,
-                                        settle_step.error);
+        perform cairn.flow_step_settled(v_flow.run, settle_step.key, settle_step.status,
+                                        settle_step.error, v_flow.definition);
     else
         perform cairn.wake_run(settle_step.run_id);
     end if;

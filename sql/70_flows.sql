@@ -773,20 +773,32 @@ end $$;
 comment on function cairn.start_flow(text, jsonb, text, integer, double precision, text, text) is
     'Start a run of a flow''s latest version; returns its id. Postgres drives it from here: each step''s end starts the steps it makes ready. Idempotency keys as for start_workflow.';
 
--- Internal: whether an ack_and_take in this transaction may take the step
--- jobs that run `run_id` starts now (it names the runs whose steps it acked
--- in the transaction-local setting cairn.taking). Their NOTIFY is left to
--- it: it wakes other workers only for the jobs it did not take. Forging the
--- setting can only delay a job of one's own transaction until the workers'
--- next poll.
-create or replace function cairn.flow_taking(run_id uuid)
+-- Internal: the step jobs `ids` (visible now, in `queue`) were just
+-- started. True when an ack_and_take in this transaction may take them: it
+-- turns the transaction-local setting cairn.taking on while its acks
+-- settle, and reads the jobs so started from cairn.started ("id:queue",
+-- comma-separated), which this appends to. Their NOTIFY is then left to
+-- it: it wakes other workers only for the jobs it did not take. Forging
+-- the settings can only delay a job of one's own transaction until the
+-- workers' next poll: only ack_and_take reads cairn.started, and it clears
+-- both first.
+create or replace function cairn.flow_held(ids bigint[], queue text)
 returns boolean
-language plpgsql stable
+language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    v_list text;
 begin
-    return coalesce(run_id::text = any (string_to_array(current_setting('cairn.taking', true), ',')),
-                    false);
+    if coalesce(current_setting('cairn.taking', true), '') = '' or cardinality(ids) = 0 then
+        return false;
+    end if;
+    -- Simple expressions, not queries: this runs for every step started.
+    v_list := array_to_string(ids, ':' || queue || ',') || ':' || queue;
+    v_list := set_config('cairn.started',
+                         concat_ws(',', nullif(current_setting('cairn.started', true), ''), v_list),
+                         true);
+    return true;
 end $$;
 
 -- Internal: start one step of a flow run (`def`: its definition): a job of
@@ -810,12 +822,13 @@ declare
     v_input   jsonb;
     v_problem text;
     v_queue   text;
-    v_qid     integer;
     v_policy  jsonb;
     v_keys    text[];
     v_inputs  jsonb[];
     v_i       integer;
     v_pending integer;
+    v_job     bigint;
+    v_jobs    bigint[];
 begin
     if step ? 'map' then
         v_items := jsonb_path_query_first(context, (step->>'map')::jsonpath, '{}', true);
@@ -857,7 +870,6 @@ begin
 
     if v_kind = 'task' then
         v_queue := coalesce(step->>'queue', def->>'queue');
-        v_qid := cairn.ensure_queue(v_queue);
         v_policy := jsonb_strip_nulls(coalesce(step->'retry', '{}')
                                       || jsonb_build_object('timeout', step->'timeout'));
     end if;
@@ -897,15 +909,23 @@ begin
          where s.run_id = run.id and left(s.key, length(v_name) + 1) = v_name || '[';
         update cairn.steps s set pending = v_pending where s.run_id = run.id and s.key = v_name;
         if v_kind = 'task' then
-            insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at,
-                                    parent_run, parent_step, traceparent)
-            select v_qid, step->>'handler',
-                   jsonb_build_object('input', u.input)
-                   || case when v_policy <> '{}' then jsonb_build_object('policy', v_policy) else '{}' end,
-                   run.priority, visible_at, v_now, run.id, u.key, run.traceparent
-              from unnest(v_keys, v_inputs) as u(key, input);
-            if cardinality(v_keys) > 0 and visible_at <= v_now
-               and not cairn.flow_taking(run.id) then
+            with ins as (
+                insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at,
+                                        parent_run, parent_step, traceparent)
+                -- The queue's id, in the insert (ensure_queue creates it
+                -- if it is new): no query of its own.
+                select coalesce((select q.id from cairn.queues q where q.name = v_queue),
+                                cairn.ensure_queue(v_queue)),
+                       step->>'handler',
+                       jsonb_build_object('input', u.input)
+                       || case when v_policy <> '{}' then jsonb_build_object('policy', v_policy) else '{}' end,
+                       run.priority, visible_at, v_now, run.id, u.key, run.traceparent
+                  from unnest(v_keys, v_inputs) as u(key, input)
+                returning id
+            )
+            select coalesce(array_agg(ins.id), '{}') into v_jobs from ins;
+            if cardinality(v_jobs) > 0 and visible_at <= v_now
+               and not cairn.flow_held(v_jobs, v_queue) then
                 perform pg_notify('cairn', v_queue);
             end if;
         else
@@ -928,11 +948,14 @@ begin
     if v_kind = 'task' then
         insert into cairn.jobs (queue_id, task, payload, priority, visible_at, enqueued_at, parent_run,
                                 parent_step, traceparent)
-        values (v_qid, step->>'handler',
+        values (coalesce((select q.id from cairn.queues q where q.name = v_queue),
+                         cairn.ensure_queue(v_queue)),
+                step->>'handler',
                 jsonb_build_object('input', v_input)
                 || case when v_policy <> '{}' then jsonb_build_object('policy', v_policy) else '{}' end,
-                run.priority, visible_at, v_now, run.id, v_name, run.traceparent);
-        if visible_at <= v_now and not cairn.flow_taking(run.id) then
+                run.priority, visible_at, v_now, run.id, v_name, run.traceparent)
+        returning id into v_job;
+        if visible_at <= v_now and not cairn.flow_held(array[v_job], v_queue) then
             perform pg_notify('cairn', v_queue);
         end if;
         return 'waiting';
@@ -1037,10 +1060,13 @@ begin
             select v.definition into v_def from cairn.flow_versions v
              where v.flow = v_run.workflow and v.version = v_run.flow_version;
         end if;
+        -- The context (flow_context) comes with the states: one query a pass.
         select coalesce(jsonb_object_agg(s.key, s.status), '{}'),
                coalesce(jsonb_agg(s.key) filter (where s.status in ('completed', 'skipped')), '[]'),
-               count(*) filter (where s.status = 'failed')
-          into v_state, v_done, v_failed
+               count(*) filter (where s.status = 'failed'),
+               jsonb_build_object('input', v_run.input)
+               || coalesce(jsonb_object_agg(s.key, s.output) filter (where s.status = 'completed'), '{}')
+          into v_state, v_done, v_failed, v_ctx
           from cairn.steps s
          where s.run_id = v_run.id and strpos(s.key, '[') = 0;
         if v_failed > 0 then
@@ -1053,17 +1079,13 @@ begin
                                      format('step %s failed: %s', v_failed_key, v_failed_error));
             return;
         end if;
-        v_ctx := null;
         v_again := false;
         v_at := greatest(v_now, coalesce(v_run.wake_at, v_now));
-        for v_step, v_ord in
-            select e.value, e.o::integer from jsonb_array_elements(v_def->'steps') with ordinality e(value, o)
-        loop
+        -- By position, with simple expressions: no query per pass.
+        for v_ord in 1 .. jsonb_array_length(v_def->'steps') loop
+            v_step := v_def->'steps'->(v_ord - 1);
             continue when v_state ? (v_step->>'name')
                        or not v_done @> coalesce(v_step->'after', '[]');
-            if v_ctx is null then
-                v_ctx := cairn.flow_context(v_run.id, v_run.input);
-            end if;
             if v_step ? 'when' and not coalesce(v_ctx @@ (v_step->>'when')::jsonpath, false) then
                 -- A skip counts as done for its dependents: one listed
                 -- before it is found on the next pass.
@@ -1097,7 +1119,7 @@ begin
     if jsonb_array_length(v_done) < jsonb_array_length(v_def->'steps') then
         return;
     end if;
-    v_ctx := cairn.flow_context(v_run.id, v_run.input);
+    -- The last pass started nothing: its context is the run's.
     v_output := case when v_def ? 'output'
                      then coalesce(jsonb_path_query_first(v_ctx, (v_def->>'output')::jsonpath, '{}', true), 'null')
                      else v_ctx - 'input' end;
@@ -1110,11 +1132,13 @@ begin
 end $$;
 
 -- Internal: a step of flow run `run` settled (settle_step wrote it; `run`
--- is the run's row as it stands). An element of a map counts down its map,
+-- is the run's row as it stands, `definition` its flow's when the caller
+-- has read it). An element of a map counts down its map,
 -- which settles when the last one does (or fails with the first that
 -- fails); a completed step may loop back; then the run moves on. The
 -- caller holds the run and its ancestors.
-create or replace function cairn.flow_step_settled(run cairn.runs, key text, status text, error text)
+create or replace function cairn.flow_step_settled(run cairn.runs, key text, status text, error text,
+                                                   definition jsonb default null)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -1125,7 +1149,7 @@ declare
     v_run  cairn.runs := run;
     v_map  text;
     v_left integer;
-    v_def  jsonb;
+    v_def  jsonb := definition;
 begin
     if v_run.status = 'sleeping' then
         update cairn.runs r set status = 'running', wake_at = null, updated_at = v_now
@@ -1158,9 +1182,11 @@ begin
         end if;
         key := v_map;
     end if;
-    if status = 'completed' then
+    if v_def is null then
         select v.definition into v_def from cairn.flow_versions v
          where v.flow = v_run.workflow and v.version = v_run.flow_version;
+    end if;
+    if status = 'completed' and jsonb_path_exists(v_def, '$.steps[*].goto') then
         perform cairn.flow_loop(v_run, v_def, key);
     end if;
     perform cairn.advance_flow(v_run, v_def);
@@ -1332,15 +1358,15 @@ comment on function cairn.fire_timers(integer) is
 -- transaction, lease to the caller up to qty of the step jobs those acks
 -- started: a flow's next step goes to the worker that finished the step
 -- before it, with no claim, no notification and no second round trip
--- (Temporal's eager dispatch does the same). Taken are the step jobs of the
--- acked jobs' flow runs that were never claimed, are visible now, sit in
--- one of `queues` and name one of `tasks` (the caller's step handlers);
+-- (Temporal's eager dispatch does the same). Taken are the step jobs that
+-- the acks started (flow_held lists them), visible now, in one of `queues`
+-- and naming one of `tasks` (the caller's step handlers), the first by id;
 -- they jump the queue's order, as a code-first workflow's next step runs
 -- inline without queueing. Returns a row per acked id (taken false, the
 -- other columns NULL; ids whose lease no longer matched are missing, as
 -- from ack), then a row per job taken, with its lease and queue, as claim
--- returns them. Locks: as ack; the jobs taken are new or unclaimed, locked
--- SKIP LOCKED (no wait, so no place in the lock order).
+-- returns them. Locks: as ack; the jobs taken are this transaction's own,
+-- which no other can see yet.
 create or replace function cairn.ack_and_take(
     ids     bigint[],
     leases  bigint[],
@@ -1358,13 +1384,10 @@ set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_now   timestamptz := cairn.now();
-    v_steps bigint[];
-    v_runs  uuid[];
-    v_acked bigint[];
-    v_rows  tid[];
-    v_lease bigint;
-    v_queue text;
+    v_now     timestamptz := cairn.now();
+    v_started text;
+    v_taken   integer;
+    v_queue   text;
 begin
     if vt is null or vt <> vt or vt < 0.001 or vt > 86400 then
         perform cairn.check_seconds(vt, 'visibility timeout', 0.001, 86400);
@@ -1378,62 +1401,55 @@ begin
        or array_position(ids, null) is not null or array_position(leases, null) is not null then
         perform cairn.check_pairs(ids, leases);
     end if;
-    perform cairn.check_outputs(ids, outputs);
-    -- The step jobs' runs, read before the ack deletes them.
-    select array_agg(j.id), array_agg(j.parent_run) into v_steps, v_runs
-      from cairn.jobs j
-     where j.id = any (ack_and_take.ids) and j.parent_run is not null;
-    -- What ack does, without its plain jobs' shortcut: these are mostly
-    -- step jobs, which settle_jobs settles (it deletes plain ones too). The
-    -- steps these runs start now send no NOTIFY (flow_taking): this call
-    -- may take them, and wakes other workers below for those it leaves.
-    if qty > 0 and v_runs is not null then
-        perform set_config('cairn.taking', array_to_string(v_runs, ','), true);
+    if outputs is not null and cardinality(outputs) <> cardinality(ids) then
+        perform cairn.check_outputs(ids, outputs);
     end if;
-    select array_agg(a.id) into v_acked
-      from cairn.settle_jobs(ids, leases, outputs, 'completed', null, false) a;
-    perform set_config('cairn.taking', '', true);
+    -- What ack does, without its plain jobs' shortcut: these are mostly
+    -- step jobs, which settle_jobs settles (it deletes plain ones too).
+    -- The step jobs these acks start send no NOTIFY and are listed
+    -- (flow_held): this call may take them, and wakes other workers below
+    -- for those it leaves.
+    perform set_config('cairn.started', '', true),
+            set_config('cairn.taking', case when qty > 0 then 'on' else '' end, true);
     return query
     select false, a.id, null::text, null::jsonb, null::integer, null::bigint, null::timestamptz,
            null::timestamptz, null::uuid, null::text, null::uuid, null::text
-      from unnest(coalesce(v_acked, '{}')) a(id);
-    -- Only the runs of the jobs acked: an ack refused (a lease lost)
-    -- takes nothing.
-    select array_agg(distinct s.run) into v_runs
-      from unnest(v_steps, v_runs) as s(id, run)
-     where s.id = any (v_acked);
-    if v_runs is null or qty = 0 then
+      from cairn.settle_jobs(ids, leases, outputs, 'completed', null, false) a;
+    v_started := current_setting('cairn.started', true);
+    perform set_config('cairn.started', '', true), set_config('cairn.taking', '', true);
+    if coalesce(v_started, '') = '' then
         return;
     end if;
+    v_taken := 0;
     if queues is not null and tasks is not null then
-        select array_agg(c.ctid) into v_rows
-          from (select j.ctid
-                  from cairn.jobs j
-                 where j.parent_run = any (v_runs) and j.attempts = 0 and j.visible_at <= v_now
-                   and j.queue_id in (select q.id from cairn.queues q
-                                       where q.name = any (ack_and_take.queues))
-                   and j.task = any (ack_and_take.tasks)
-                 order by j.id
-                 limit ack_and_take.qty
-                   for update skip locked) c;
-    end if;
-    if v_rows is not null then
-        v_lease := pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint;
         return query
         update cairn.jobs j
            set visible_at = v_now + make_interval(secs => ack_and_take.vt),
-               attempts   = j.attempts + 1,
-               lease      = v_lease
-          from cairn.queues q
-         where j.ctid = any (v_rows) and q.id = j.queue_id
+               attempts   = 1,
+               lease      = pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint
+          from (select u.id, u.queue
+                  from (select split_part(e, ':', 1)::bigint as id, split_part(e, ':', 2) as queue
+                          from unnest(string_to_array(v_started, ',')) e) u
+                  join cairn.jobs s on s.id = u.id
+                 where u.queue = any (ack_and_take.queues) and s.task = any (ack_and_take.tasks)
+                   and s.attempts = 0 and s.visible_at <= v_now
+                 order by u.id
+                 limit ack_and_take.qty) c
+         where j.id = c.id
         returning true, j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
-                  j.parent_run, j.traceparent, j.run_id, q.name;
+                  j.parent_run, j.traceparent, j.run_id, c.queue;
+        get diagnostics v_taken = row_count;
     end if;
-    -- The NOTIFY flow_taking held back, for the steps left to the queue.
+    if v_taken = cardinality(string_to_array(v_started, ',')) then
+        return;
+    end if;
+    -- The NOTIFY flow_held held back, for the steps left to the queue.
     for v_queue in
         select distinct q.name
-          from cairn.jobs j join cairn.queues q on q.id = j.queue_id
-         where j.parent_run = any (v_runs) and j.attempts = 0 and j.visible_at <= v_now
+          from unnest(string_to_array(v_started, ',')) e
+          join cairn.jobs j on j.id = split_part(e, ':', 1)::bigint
+          join cairn.queues q on q.id = j.queue_id
+         where j.attempts = 0 and j.visible_at <= v_now
     loop
         perform pg_notify('cairn', v_queue);
     end loop;
