@@ -773,16 +773,16 @@ end $$;
 comment on function cairn.start_flow(text, jsonb, text, integer, double precision, text, text) is
     'Start a run of a flow''s latest version; returns its id. Postgres drives it from here: each step''s end starts the steps it makes ready. Idempotency keys as for start_workflow.';
 
--- Internal: the step jobs `ids` (visible now, in `queue`) were just
--- started. True when an ack_and_take in this transaction may take them: it
--- turns the transaction-local setting cairn.taking on while its acks
--- settle, and reads the jobs so started from cairn.started ("id:queue",
+-- Internal: the step jobs `ids` (visible now) were just started. True
+-- when an ack_and_take in this transaction may take them: it turns the
+-- transaction-local setting cairn.taking on while its acks settle, and
+-- reads the jobs so started from cairn.started (their ids,
 -- comma-separated), which this appends to. Their NOTIFY is then left to
 -- it: it wakes other workers only for the jobs it did not take. Forging
 -- the settings can only delay a job of one's own transaction until the
 -- workers' next poll: only ack_and_take reads cairn.started, and it clears
 -- both first.
-create or replace function cairn.flow_held(ids bigint[], queue text)
+create or replace function cairn.flow_held(ids bigint[])
 returns boolean
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
@@ -794,9 +794,9 @@ begin
         return false;
     end if;
     -- Simple expressions, not queries: this runs for every step started.
-    v_list := array_to_string(ids, ':' || queue || ',') || ':' || queue;
     v_list := set_config('cairn.started',
-                         concat_ws(',', nullif(current_setting('cairn.started', true), ''), v_list),
+                         concat_ws(',', nullif(current_setting('cairn.started', true), ''),
+                                   array_to_string(ids, ',')),
                          true);
     return true;
 end $$;
@@ -925,7 +925,7 @@ begin
             )
             select coalesce(array_agg(ins.id), '{}') into v_jobs from ins;
             if cardinality(v_jobs) > 0 and visible_at <= v_now
-               and not cairn.flow_held(v_jobs, v_queue) then
+               and not cairn.flow_held(v_jobs) then
                 perform pg_notify('cairn', v_queue);
             end if;
         else
@@ -955,7 +955,7 @@ begin
                 || case when v_policy <> '{}' then jsonb_build_object('policy', v_policy) else '{}' end,
                 run.priority, visible_at, v_now, run.id, v_name, run.traceparent)
         returning id into v_job;
-        if visible_at <= v_now and not cairn.flow_held(array[v_job], v_queue) then
+        if visible_at <= v_now and not cairn.flow_held(array[v_job]) then
             perform pg_notify('cairn', v_queue);
         end if;
         return 'waiting';
@@ -1385,7 +1385,7 @@ set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now     timestamptz := cairn.now();
-    v_started text;
+    v_started bigint[];
     v_taken   integer;
     v_queue   text;
 begin
@@ -1415,9 +1415,9 @@ begin
     select false, a.id, null::text, null::jsonb, null::integer, null::bigint, null::timestamptz,
            null::timestamptz, null::uuid, null::text, null::uuid, null::text
       from cairn.settle_jobs(ids, leases, outputs, 'completed', null, false) a;
-    v_started := current_setting('cairn.started', true);
+    v_started := string_to_array(nullif(current_setting('cairn.started', true), ''), ',')::bigint[];
     perform set_config('cairn.started', '', true), set_config('cairn.taking', '', true);
-    if coalesce(v_started, '') = '' then
+    if v_started is null then
         return;
     end if;
     v_taken := 0;
@@ -1427,29 +1427,26 @@ begin
            set visible_at = v_now + make_interval(secs => ack_and_take.vt),
                attempts   = 1,
                lease      = pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint
-          from (select u.id, u.queue
-                  from (select split_part(e, ':', 1)::bigint as id, split_part(e, ':', 2) as queue
-                          from unnest(string_to_array(v_started, ',')) e) u
-                  join cairn.jobs s on s.id = u.id
-                 where u.queue = any (ack_and_take.queues) and s.task = any (ack_and_take.tasks)
+          from (select s.id, q.name as queue
+                  from cairn.jobs s join cairn.queues q on q.id = s.queue_id
+                 where s.id = any (v_started)
+                   and q.name = any (ack_and_take.queues) and s.task = any (ack_and_take.tasks)
                    and s.attempts = 0 and s.visible_at <= v_now
-                 order by u.id
+                 order by s.id
                  limit ack_and_take.qty) c
          where j.id = c.id
         returning true, j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
                   j.parent_run, j.traceparent, j.run_id, c.queue;
         get diagnostics v_taken = row_count;
     end if;
-    if v_taken = cardinality(string_to_array(v_started, ',')) then
+    if v_taken = cardinality(v_started) then
         return;
     end if;
     -- The NOTIFY flow_held held back, for the steps left to the queue.
     for v_queue in
         select distinct q.name
-          from unnest(string_to_array(v_started, ',')) e
-          join cairn.jobs j on j.id = split_part(e, ':', 1)::bigint
-          join cairn.queues q on q.id = j.queue_id
-         where j.attempts = 0 and j.visible_at <= v_now
+          from cairn.jobs j join cairn.queues q on q.id = j.queue_id
+         where j.id = any (v_started) and j.attempts = 0 and j.visible_at <= v_now
     loop
         perform pg_notify('cairn', v_queue);
     end loop;
