@@ -43,6 +43,7 @@ create or replace function cairn.ensure_queue(queue text)
 returns integer
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 declare
     v_id integer;
@@ -60,6 +61,7 @@ create or replace function cairn.queue_id(queue text)
 returns integer
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 declare
     v_id integer;

@@ -172,6 +172,7 @@ create or replace function cairn.send(
 returns bigint
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 declare
     v_now  timestamptz := cairn.now();
@@ -231,6 +232,7 @@ create or replace function cairn.send_batch(
 returns setof bigint
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 declare
     v_now timestamptz := cairn.now();
@@ -548,6 +550,7 @@ create or replace function cairn.archive(ids bigint[], leases bigint[], outputs 
 returns setof bigint
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 declare
     v_bad integer;
@@ -570,6 +573,7 @@ create or replace function cairn.archive(id bigint, lease bigint, output jsonb d
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 begin
     perform cairn.check_pairs(array[id], array[lease]);
@@ -582,6 +586,7 @@ create or replace function cairn.retry(id bigint, lease bigint, delay double pre
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 begin
     perform cairn.check_pairs(array[id], array[lease]);
@@ -634,6 +639,7 @@ create or replace function cairn.set_vt(id bigint, lease bigint, vt double preci
 returns timestamptz
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 declare
     v_visible timestamptz;
@@ -687,6 +693,7 @@ create or replace function cairn.delete(queue text, id bigint)
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 declare
     v_qid integer := cairn.queue_id(queue);
@@ -707,6 +714,7 @@ create or replace function cairn.requeue(queue text, id bigint)
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 declare
     v_now  timestamptz := cairn.now();

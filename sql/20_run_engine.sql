@@ -55,7 +55,11 @@
 -- plan_cache_mode = force_generic_plan. Their statements are simple index
 -- lookups; left to choose, PL/pgSQL would plan them afresh on every call
 -- (a NULL parent run makes a custom plan look cheaper), which doubled the
--- cost of a step.
+-- cost of a step. Those that run per run or per step (here, in 30, 40 and
+-- 70_flows.sql) also pin enable_seqscan = off: a session keeps the plans
+-- it made first, and a worker connected to a new database made them while
+-- runs and steps were empty, so every step read every step ever recorded
+-- (a sequential scan), slower with each run finished.
 
 -- Internal: raise if `task` names a workflow. Only the run engine makes a
 -- workflow's jobs (start_workflow, start_child, retry_run).
@@ -78,6 +82,7 @@ create or replace function cairn.run_ancestors(run_id uuid)
 returns uuid[]
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 begin
@@ -150,6 +155,7 @@ create or replace function cairn.hold_run(run_id uuid, job_id bigint, lease bigi
 returns cairn.runs
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -188,6 +194,7 @@ create or replace function cairn.enqueue_run_job(
 returns bigint
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -222,6 +229,7 @@ create or replace function cairn.create_run(
 returns uuid
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
@@ -254,6 +262,7 @@ create or replace function cairn.wake_run(run_id uuid)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -284,6 +293,7 @@ create or replace function cairn.settle_step(
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -333,6 +343,7 @@ create or replace function cairn.finish_run(
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -510,6 +521,7 @@ create or replace function cairn.record_outcomes(run_id uuid, done jsonb, at tim
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare

@@ -39,6 +39,7 @@ create or replace function cairn.existing_run(workflow text, idempotency_key tex
 returns uuid
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -79,6 +80,7 @@ create or replace function cairn.start_workflow(
 returns uuid
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -120,6 +122,7 @@ create or replace function cairn.send_signal(run_id uuid, name text, payload jso
 returns bigint
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -176,6 +179,7 @@ create or replace function cairn.cancel_run(run_id uuid)
 returns integer
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -259,6 +263,7 @@ create or replace function cairn.retry_run(run_id uuid)
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -310,6 +315,7 @@ returns table (id uuid, workflow text, status text, output jsonb, error text,
                wake_at timestamptz)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 begin
@@ -361,6 +367,7 @@ returns table (id uuid, workflow text, status text, input jsonb, output jsonb, e
                started_at timestamptz, finished_at timestamptz, wake_at timestamptz)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 begin
@@ -383,6 +390,7 @@ returns table (seq integer, key text, kind text, status text, input jsonb, outpu
                error text, attempts integer, started_at timestamptz, finished_at timestamptz)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 begin
@@ -408,6 +416,7 @@ returns table (at timestamptz, ended_at timestamptz, event text, step text, atte
                outcome text, error text, detail jsonb)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 begin

@@ -55,6 +55,7 @@ returns table (refused text, workflow text, input jsonb, db_now timestamptz,
                fingerprint text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -138,6 +139,7 @@ create or replace function cairn.begin_step(
 returns table (outcome text, attempt integer, output jsonb, error text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -250,6 +252,7 @@ create or replace function cairn.sleep_step(
 returns table (wake_at timestamptz, passed boolean)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -298,6 +301,7 @@ create or replace function cairn.await_signal(
 returns table (settled boolean, output jsonb, wake_at timestamptz)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -369,6 +373,7 @@ create or replace function cairn.recorded_outcome(run_id uuid, key text, fingerp
 returns table (outcome text, output jsonb, error text)
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 begin
     return query
@@ -394,6 +399,7 @@ create or replace function cairn.open_step(
 returns table (outcome text, output jsonb, error text)
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 begin
@@ -487,6 +493,7 @@ create or replace function cairn.start_task_step(
 returns table (outcome text, output jsonb, error text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -547,6 +554,7 @@ create or replace function cairn.suspend_run(
 returns boolean
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -603,6 +611,7 @@ create or replace function cairn.complete_run(
 returns text
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare

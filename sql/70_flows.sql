@@ -663,6 +663,7 @@ create or replace function cairn.flow_context(run_id uuid, input jsonb)
 returns jsonb
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 begin
@@ -707,6 +708,7 @@ create or replace function cairn.create_flow_run(
 returns uuid
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
@@ -748,6 +750,7 @@ create or replace function cairn.start_flow(
 returns uuid
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -786,6 +789,7 @@ create or replace function cairn.flow_held(ids bigint[])
 returns boolean
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 declare
     v_list text;
@@ -811,6 +815,7 @@ create or replace function cairn.flow_start_step(run cairn.runs, def jsonb, step
 returns text
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -972,6 +977,7 @@ create or replace function cairn.flow_start_child(run cairn.runs, step jsonb, ke
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -1007,6 +1013,7 @@ create or replace function cairn.flow_map_output(run_id uuid, name text)
 returns jsonb
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 begin
     return (select coalesce(jsonb_agg(s.output order by s.seq), '[]')
@@ -1027,6 +1034,7 @@ create or replace function cairn.advance_flow(run cairn.runs, definition jsonb d
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -1142,6 +1150,7 @@ create or replace function cairn.flow_step_settled(run cairn.runs, key text, sta
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -1202,6 +1211,7 @@ create or replace function cairn.flow_loop(run cairn.runs, def jsonb, key text)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -1255,6 +1265,7 @@ create or replace function cairn.flow_take_signal(run_id uuid, key text, name te
 returns boolean
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -1283,6 +1294,7 @@ create or replace function cairn.flow_signal(run_id uuid, name text)
 returns void
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
@@ -1309,6 +1321,7 @@ create or replace function cairn.fire_timers(lim integer default 100)
 returns integer
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
 as $$
 declare
     v_now  timestamptz := cairn.now();

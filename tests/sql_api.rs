@@ -568,14 +568,15 @@ async fn fresh_stats(conn: &mut sqlx::PgConnection) {
         .unwrap();
 }
 
-/// Rows of cairn.jobs read so far (by sequential and index scans), as seen
-/// from this connection.
-async fn jobs_rows_read(conn: &mut sqlx::PgConnection) -> i64 {
+/// Rows of the cairn tables `tables` read so far (by sequential and index
+/// scans), as seen from this connection.
+async fn rows_read(conn: &mut sqlx::PgConnection, tables: &[&str]) -> i64 {
     fresh_stats(conn).await;
     sqlx::query_scalar(
-        "select (seq_tup_read + coalesce(idx_tup_fetch, 0))::bigint
-           from pg_stat_user_tables where schemaname = 'cairn' and relname = 'jobs'",
+        "select sum(seq_tup_read + coalesce(idx_tup_fetch, 0))::bigint
+           from pg_stat_user_tables where schemaname = 'cairn' and relname = any ($1)",
     )
+    .bind(tables)
     .fetch_one(&mut *conn)
     .await
     .unwrap()
@@ -617,7 +618,7 @@ async fn claim_and_ack_work_per_job_does_not_grow_with_the_backlog(pool: PgPool)
             .await
             .unwrap();
     }
-    let before = jobs_rows_read(&mut conn).await;
+    let before = rows_read(&mut conn, &["jobs"]).await;
     let mut jobs = 0;
     for _ in 0..20 {
         let got: Vec<(i64, i64)> =
@@ -643,9 +644,164 @@ async fn claim_and_ack_work_per_job_does_not_grow_with_the_backlog(pool: PgPool)
         assert_eq!(acked.len(), 100);
         jobs += 100;
     }
-    let per_job = (jobs_rows_read(&mut conn).await - before) / jobs;
+    let per_job = (rows_read(&mut conn, &["jobs"]).await - before) / jobs;
     // About 15 with good plans; a plan that scans the backlog costs 100s.
     assert!(per_job < 40, "{per_job} block accesses per job");
+}
+
+/// One run of the flow `flow3` (three chained `inc` steps), driven by hand on
+/// `conn`: start, claim the first step, then ack each step taking the next.
+async fn drive_flow(conn: &mut sqlx::PgConnection) {
+    sqlx::query("select cairn.start_flow('flow3', '1')")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (mut id, mut lease): (i64, i64) =
+        sqlx::query_as("select id, lease from cairn.claim('workflows', 30, 1, '{inc}')")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    for n in 2..=4 {
+        let next: Option<(i64, i64)> = sqlx::query_as(
+            "select id, lease from cairn.ack_and_take(array[$1], array[$2], array[$3::jsonb],
+                                                      30, 1, '{workflows}', '{inc}')
+              where taken",
+        )
+        .bind(id)
+        .bind(lease)
+        .bind(n.to_string())
+        .fetch_optional(&mut *conn)
+        .await
+        .unwrap();
+        match next {
+            Some(next) => (id, lease) = next,
+            None => assert_eq!(n, 4, "step {n} was not taken"),
+        }
+    }
+}
+
+/// One run of the code-first workflow `code3`, as a worker drives it:
+/// claim, load_run, three begin_step calls, complete_run.
+async fn drive_code(conn: &mut sqlx::PgConnection) {
+    sqlx::query("select cairn.start_workflow('code3', '1')")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (id, lease, run): (i64, i64, cairn::Uuid) =
+        sqlx::query_as("select id, lease, run_id from cairn.claim('workflows', 30, 1, '{code3}')")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    sqlx::query("select count(*) from cairn.load_run($1, $2, $3)")
+        .bind(run)
+        .bind(id)
+        .bind(lease)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let done = |key: &str, seq: i32| {
+        format!(
+            r#"[{{"key":"{key}","seq":{seq},"kind":"step","attempt":1,"status":"completed","output":{seq}}}]"#
+        )
+    };
+    for (seq, key, before) in [
+        (1, "one", "[]".to_owned()),
+        (2, "two", done("one", 1)),
+        (3, "three", done("two", 2)),
+    ] {
+        let outcome: String = sqlx::query_scalar(
+            "select outcome from cairn.begin_step($1, $2, $3, $4::jsonb, $5, $6, null, '1')",
+        )
+        .bind(run)
+        .bind(id)
+        .bind(lease)
+        .bind(before)
+        .bind(key)
+        .bind(seq)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(outcome, "started");
+    }
+    sqlx::query("select cairn.complete_run($1, $2, $3, $4::jsonb, '3')")
+        .bind(run)
+        .bind(id)
+        .bind(lease)
+        .bind(done("three", 3))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+/// The runs and steps tables are planned empty too: a worker's connection
+/// opened on a new database plans the engine's statements then and keeps
+/// those plans. Planned so, every step read every step ever recorded (a
+/// sequential scan) and a worker slowed down as the history grew (to half
+/// its rate within a minute of pgbench). Flow steps and code-first steps
+/// after 20,000 finished runs were added must read a bounded number of rows
+/// per step, with plans made while the tables were empty.
+#[sqlx::test(migrations = false)]
+async fn step_work_does_not_grow_with_the_history(pool: PgPool) {
+    setup(&pool).await;
+    sqlx::raw_sql(
+        "select cairn.create_queue('workflows');
+         select cairn.register_step_handler('inc');
+         select cairn.register_workflow('code3', 'workflows');
+         select cairn.create_flow('flow3', '{\"steps\": [
+             {\"name\": \"one\", \"handler\": \"inc\", \"input\": \"$.input\"},
+             {\"name\": \"two\", \"handler\": \"inc\", \"after\": [\"one\"], \"input\": \"$.one\"},
+             {\"name\": \"three\", \"handler\": \"inc\", \"after\": [\"two\"], \"input\": \"$.two\"}]}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("vacuum analyze cairn.runs, cairn.steps, cairn.jobs")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    // Plans made now, from the statistics of empty tables (PL/pgSQL
+    // switches to generic plans after five calls, and keeps them).
+    for _ in 0..6 {
+        drive_flow(&mut conn).await;
+        drive_code(&mut conn).await;
+    }
+    // The history, written by another connection: 20,000 finished runs of
+    // three steps each.
+    sqlx::query(
+        "with r as (
+             insert into cairn.runs (workflow, queue_id, input, status, created_at, updated_at,
+                                     finished_at)
+             select 'old', cairn.queue_id('workflows'), '1', 'completed', now(), now(), now()
+               from generate_series(1, 20000)
+             returning id)
+         insert into cairn.steps (run_id, key, seq, kind, status, output, attempts, started_at,
+                                  finished_at)
+         select r.id, s.key, s.seq, 'step', 'completed', '1', 1, now(), now()
+           from r, unnest('{one,two,three}'::text[]) with ordinality as s(key, seq)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let tables = ["runs", "steps"];
+    let before = rows_read(&mut conn, &tables).await;
+    for _ in 0..10 {
+        drive_flow(&mut conn).await;
+        drive_code(&mut conn).await;
+    }
+    let per_step = (rows_read(&mut conn, &tables).await - before) / 60;
+    let completed: i64 = sqlx::query_scalar(
+        "select count(*) from cairn.runs where workflow in ('flow3', 'code3') and status = 'completed'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(completed, 32);
+    // A handful with good plans; a sequential scan reads 60,000.
+    assert!(
+        per_step < 40,
+        "{per_step} rows of runs and steps read per step"
+    );
 }
 
 /// Entries of the claim index handed out by index scans so far, as seen
