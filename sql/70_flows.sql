@@ -789,7 +789,6 @@ create or replace function cairn.flow_held(ids bigint[])
 returns boolean
 language plpgsql volatile
 set search_path = pg_catalog, pg_temp
-set enable_seqscan = off
 as $$
 declare
     v_list text;
