@@ -43,6 +43,7 @@ create or replace function cairn.prune(batch integer default 500)
 returns table (runs integer, archived integer)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off  -- by index, whatever the statistics said when it was planned
 set plan_cache_mode = force_generic_plan
 as $$
 declare

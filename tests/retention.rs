@@ -295,6 +295,52 @@ async fn prune_is_batched_single_and_waits_for_live_children(pool: PgPool) {
     assert_eq!(count(&pool, "select count(*) from cairn.runs").await, 0);
 }
 
+/// A worker's prune keeps the plans it made on its first calls, often on
+/// an empty database. Planned so, each batch read every step ever recorded
+/// (a sequential scan). A batch of 500 runs after 20,000 runs of three
+/// steps finished must read a bounded number of rows per run it prunes.
+#[sqlx::test(migrations = false)]
+async fn prune_work_per_run_does_not_grow_with_the_history(pool: PgPool) {
+    common::app(&pool).await;
+    sqlx::query("vacuum analyze cairn.runs, cairn.steps, cairn.run_events, cairn.signals")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    // Plans made now, from the statistics of empty tables.
+    for _ in 0..6 {
+        sqlx::query("select * from cairn.prune()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    finished_runs(&pool, 20_000, 8.0).await;
+    sqlx::query(
+        "insert into cairn.steps (run_id, key, seq, kind, status, output, attempts, started_at,
+                                  finished_at)
+         select r.id, s.key, s.seq, 'step', 'completed', '1', 1, now(), now()
+           from cairn.runs r, unnest('{one,two,three}'::text[]) with ordinality as s(key, seq)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let tables = ["runs", "steps", "run_events", "signals"];
+    let before = common::rows_read(&mut conn, &tables).await;
+    let (runs, _): (i32, i32) = sqlx::query_as("select * from cairn.prune()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(runs, 500);
+    let per_run = (common::rows_read(&mut conn, &tables).await - before) / 500;
+    assert_eq!(
+        count(&pool, "select count(*) from cairn.steps").await,
+        58_500
+    );
+    // A handful with good plans; a sequential scan of the steps alone
+    // reads 120 per run.
+    assert!(per_run < 30, "{per_run} rows read per run pruned");
+}
+
 /// Workers prune on their own, whichever of them gets there first.
 #[sqlx::test(migrations = false)]
 async fn workers_prune_in_the_background(pool: PgPool) {

@@ -559,29 +559,6 @@ async fn producer_role_can_send_but_not_claim_or_read_tables(pool: PgPool) {
     assert_eq!(codes, vec![Some("42501".to_string()); denied.len()]);
 }
 
-/// Sends this connection's statistics and drops its cached snapshot of
-/// them, so the next read of `pg_stat_*` counts everything done so far.
-async fn fresh_stats(conn: &mut sqlx::PgConnection) {
-    sqlx::raw_sql("select pg_stat_force_next_flush(); select pg_stat_clear_snapshot()")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-}
-
-/// Rows of the cairn tables `tables` read so far (by sequential and index
-/// scans), as seen from this connection.
-async fn rows_read(conn: &mut sqlx::PgConnection, tables: &[&str]) -> i64 {
-    fresh_stats(conn).await;
-    sqlx::query_scalar(
-        "select sum(seq_tup_read + coalesce(idx_tup_fetch, 0))::bigint
-           from pg_stat_user_tables where schemaname = 'cairn' and relname = any ($1)",
-    )
-    .bind(tables)
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap()
-}
-
 /// A queue table is often analyzed while empty. Planned from such
 /// statistics, claims once sorted the whole backlog and acks scanned the
 /// whole table: the work per job grew with the backlog. Claims, acks and
@@ -618,7 +595,7 @@ async fn claim_and_ack_work_per_job_does_not_grow_with_the_backlog(pool: PgPool)
             .await
             .unwrap();
     }
-    let before = rows_read(&mut conn, &["jobs"]).await;
+    let before = common::rows_read(&mut conn, &["jobs"]).await;
     let mut jobs = 0;
     for _ in 0..20 {
         let got: Vec<(i64, i64)> =
@@ -644,7 +621,7 @@ async fn claim_and_ack_work_per_job_does_not_grow_with_the_backlog(pool: PgPool)
         assert_eq!(acked.len(), 100);
         jobs += 100;
     }
-    let per_job = (rows_read(&mut conn, &["jobs"]).await - before) / jobs;
+    let per_job = (common::rows_read(&mut conn, &["jobs"]).await - before) / jobs;
     // About 15 with good plans; a plan that scans the backlog costs 100s.
     assert!(per_job < 40, "{per_job} block accesses per job");
 }
@@ -784,12 +761,12 @@ async fn step_work_does_not_grow_with_the_history(pool: PgPool) {
     .await
     .unwrap();
     let tables = ["runs", "steps"];
-    let before = rows_read(&mut conn, &tables).await;
+    let before = common::rows_read(&mut conn, &tables).await;
     for _ in 0..10 {
         drive_flow(&mut conn).await;
         drive_code(&mut conn).await;
     }
-    let per_step = (rows_read(&mut conn, &tables).await - before) / 60;
+    let per_step = (common::rows_read(&mut conn, &tables).await - before) / 60;
     let completed: i64 = sqlx::query_scalar(
         "select count(*) from cairn.runs where workflow in ('flow3', 'code3') and status = 'completed'",
     )
@@ -807,7 +784,7 @@ async fn step_work_does_not_grow_with_the_history(pool: PgPool) {
 /// Entries of the claim index handed out by index scans so far, as seen
 /// from this connection: dead entries a scan walks past count too.
 async fn claim_index_reads(conn: &mut sqlx::PgConnection) -> i64 {
-    fresh_stats(conn).await;
+    common::fresh_stats(conn).await;
     sqlx::query_scalar(
         "select idx_tup_read from pg_stat_user_indexes
           where schemaname = 'cairn' and indexrelname = 'jobs_claim_idx'",

@@ -230,3 +230,26 @@ impl Login {
             .unwrap();
     }
 }
+
+/// Sends this connection's statistics and drops its cached snapshot of
+/// them, so the next read of `pg_stat_*` counts everything done so far.
+pub async fn fresh_stats(conn: &mut sqlx::PgConnection) {
+    sqlx::raw_sql("select pg_stat_force_next_flush(); select pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+/// Rows of the cairn tables `tables` read so far (by sequential and index
+/// scans), as seen from this connection.
+pub async fn rows_read(conn: &mut sqlx::PgConnection, tables: &[&str]) -> i64 {
+    fresh_stats(conn).await;
+    sqlx::query_scalar(
+        "select sum(seq_tup_read + coalesce(idx_tup_fetch, 0))::bigint
+           from pg_stat_user_tables where schemaname = 'cairn' and relname = any ($1)",
+    )
+    .bind(tables)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
