@@ -633,6 +633,7 @@ create or replace function cairn.tick_schedules(batch integer default 100)
 returns integer
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off  -- the due index, whatever the statistics said when it was planned
 set plan_cache_mode = force_generic_plan
 as $$
 declare

@@ -50,6 +50,47 @@ impl Task for Sweep {
     type Output = String;
 }
 
+/// Every worker ticks about once a second, with the plans it made on its
+/// first ticks, often while no schedule existed. Planned so, a tick read
+/// every schedule (a sequential scan) to find the due ones. With 5,000
+/// schedules stored and none due, a tick must read next to nothing.
+#[sqlx::test(migrations = false)]
+async fn an_idle_tick_reads_no_schedule_that_is_not_due(pool: PgPool) {
+    let app = common::app(&pool).await;
+    app.create_queue("chores").await.unwrap();
+    sqlx::query("vacuum analyze cairn.schedules")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let tick = "select cairn.tick_schedules()";
+    // Plans made now, from the statistics of an empty table.
+    for _ in 0..6 {
+        sqlx::query(tick).execute(&mut *conn).await.unwrap();
+    }
+    // Written straight into the table: create_schedule is slow in bulk.
+    sqlx::query(
+        "insert into cairn.schedules (name, cron, timezone, queue, task, input, missed, overlap,
+                                      next_fire, created_at, updated_at)
+         select 's' || g, '@yearly', 'UTC', 'chores', 'sweep', '{}', 'coalesce', 'allow',
+                now() + interval '300 days', now(), now()
+           from generate_series(1, 5000) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let before = common::rows_read(&mut conn, &["schedules"]).await;
+    for _ in 0..10 {
+        let fired: i32 = sqlx::query_scalar(tick)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(fired, 0);
+    }
+    let per_tick = (common::rows_read(&mut conn, &["schedules"]).await - before) / 10;
+    assert!(per_tick < 5, "{per_tick} schedules read per idle tick");
+}
+
 #[sqlx::test(migrations = false)]
 async fn bad_schedules_are_refused_with_the_reason_and_nothing_is_stored(pool: PgPool) {
     let app = common::app(&pool).await;
