@@ -9,6 +9,7 @@
 //! cargo run --release --example bench -- scale
 //! cargo run --release --example bench -- soak
 //! cargo run --release --example bench -- held
+//! cargo run --release --example bench -- run-soak
 //! ```
 //!
 //! Uses a scratch database `cairn_bench` on the server of DATABASE_URL
@@ -19,11 +20,14 @@
 //! drain while another transaction holds its snapshot for two minutes, and
 //! the soak (1,000,000 jobs at full speed, table sizes sampled); `soak` and
 //! `held` run the last two alone. `scale` drains with 1, 2 and 4 worker processes.
+//! `run-soak` runs workflows for three minutes under a 10-second retention
+//! window and samples the size of every table a run writes.
 
 mod flow;
 mod otel;
 mod peer;
 mod queue;
+mod run_soak;
 mod scale;
 mod workflow;
 
@@ -64,8 +68,9 @@ async fn main() -> Result<(), BoxError> {
         "scale" => scale::run(&url).await,
         "soak" => queue::run_soak(&url).await,
         "held" => queue::run_held(&url).await,
+        "run-soak" => run_soak::run(&url).await,
         other => Err(format!(
-            "unknown benchmark {other:?}; try: queue, workflow, flow, otel, scale, soak, held"
+            "unknown benchmark {other:?}; try: queue, workflow, flow, otel, scale, soak, held, run-soak"
         )
         .into()),
     };
