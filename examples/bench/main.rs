@@ -9,7 +9,7 @@
 //! cargo run --release --example bench -- scale
 //! cargo run --release --example bench -- soak
 //! cargo run --release --example bench -- held
-//! cargo run --release --example bench -- run-soak
+//! cargo run --release --example bench -- run-soak [--long]
 //! ```
 //!
 //! Uses a scratch database `cairn_bench` on the server of DATABASE_URL
@@ -20,8 +20,9 @@
 //! drain while another transaction holds its snapshot for two minutes, and
 //! the soak (1,000,000 jobs at full speed, table sizes sampled); `soak` and
 //! `held` run the last two alone. `scale` drains with 1, 2 and 4 worker processes.
-//! `run-soak` runs workflows for three minutes under a 10-second retention
-//! window and samples the size of every table a run writes.
+//! `run-soak` runs workflows for three minutes (ten with `--long`) under a
+//! 10-second retention window and samples the size of every table a run
+//! writes.
 
 mod flow;
 mod otel;
@@ -68,7 +69,7 @@ async fn main() -> Result<(), BoxError> {
         "scale" => scale::run(&url).await,
         "soak" => queue::run_soak(&url).await,
         "held" => queue::run_held(&url).await,
-        "run-soak" => run_soak::run(&url).await,
+        "run-soak" => run_soak::run(&url, long).await,
         other => Err(format!(
             "unknown benchmark {other:?}; try: queue, workflow, flow, otel, scale, soak, held, run-soak"
         )

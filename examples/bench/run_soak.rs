@@ -11,8 +11,9 @@ use sqlx::PgPool;
 use super::workflow::workflow_app;
 use super::{BoxError, Running, redact, secs};
 
-/// How long the soak produces.
+/// How long the soak produces: three minutes, ten with `--long`.
 const FOR: Duration = Duration::from_secs(180);
+const FOR_LONG: Duration = Duration::from_secs(600);
 /// The retention window: finished runs older than this are pruned.
 const KEEP: Duration = Duration::from_secs(10);
 /// Runs started per producer call, and the most left waiting.
@@ -22,7 +23,8 @@ const WAITING: i64 = 2_000;
 /// The tables a run writes (in schema cairn), summed in the size column.
 const TABLES: [&str; 6] = ["runs", "steps", "run_events", "signals", "jobs", "archive"];
 
-pub async fn run(url: &str) -> Result<(), BoxError> {
+pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
+    let period = if long { FOR_LONG } else { FOR };
     let app = workflow_app(url).await?;
     app.initialize().await?;
     app.register_workflows().await?;
@@ -34,8 +36,9 @@ pub async fn run(url: &str) -> Result<(), BoxError> {
     .await?;
     let pool = app.pool().clone();
     println!(
-        "cairn run soak (PostgreSQL at {}): 3-step runs for 3 minutes at full speed, retention {} s",
+        "cairn run soak (PostgreSQL at {}): 3-step runs for {} minutes at full speed, retention {} s",
         redact(url),
+        period.as_secs() / 60,
         KEEP.as_secs()
     );
     let autovacuum: String = sqlx::query_scalar("show autovacuum")
@@ -88,7 +91,7 @@ pub async fn run(url: &str) -> Result<(), BoxError> {
             samples.push(all);
             next_sample += Duration::from_secs(10);
         }
-        if start.elapsed() >= FOR {
+        if start.elapsed() >= period {
             if live == 0 {
                 break;
             }
