@@ -314,25 +314,9 @@ async fn prune_work_per_run_does_not_grow_with_the_history(pool: PgPool) {
             .await
             .unwrap();
     }
-    // The history, from another connection, whose statistics are sent
-    // before counting starts.
-    let mut other = pool.acquire().await.unwrap();
-    sqlx::query(
-        "with r as (
-             insert into cairn.runs (workflow, queue_id, input, status, created_at, updated_at,
-                                     finished_at)
-             select 'w', 1, to_jsonb(g), 'completed', now(), now(), now() - interval '8 days'
-               from generate_series(1, 20000) g
-             returning id)
-         insert into cairn.steps (run_id, key, seq, kind, status, output, attempts, started_at,
-                                  finished_at)
-         select r.id, s.key, s.seq, 'step', 'completed', '1', 1, now(), now()
-           from r, unnest('{one,two,three}'::text[]) with ordinality as s(key, seq)",
-    )
-    .execute(&mut *other)
-    .await
-    .unwrap();
-    common::fresh_stats(&mut other).await;
+    // The history, from another connection: 20,000 runs of three steps
+    // that finished 8 days ago.
+    common::finished_history(&pool, 20_000, 8.0).await;
     let tables = ["runs", "steps", "run_events", "signals"];
     let before = common::rows_read(&mut conn, &tables).await;
     let (runs, _): (i32, i32) = sqlx::query_as("select * from cairn.prune()")

@@ -743,25 +743,9 @@ async fn step_work_does_not_grow_with_the_history(pool: PgPool) {
         drive_flow(&mut conn).await;
         drive_code(&mut conn).await;
     }
-    // The history, written by another connection (whose statistics are
-    // sent before counting starts): 20,000 finished runs of three steps each.
-    let mut other = pool.acquire().await.unwrap();
-    sqlx::query(
-        "with r as (
-             insert into cairn.runs (workflow, queue_id, input, status, created_at, updated_at,
-                                     finished_at)
-             select 'old', cairn.queue_id('workflows'), '1', 'completed', now(), now(), now()
-               from generate_series(1, 20000)
-             returning id)
-         insert into cairn.steps (run_id, key, seq, kind, status, output, attempts, started_at,
-                                  finished_at)
-         select r.id, s.key, s.seq, 'step', 'completed', '1', 1, now(), now()
-           from r, unnest('{one,two,three}'::text[]) with ordinality as s(key, seq)",
-    )
-    .execute(&mut *other)
-    .await
-    .unwrap();
-    common::fresh_stats(&mut other).await;
+    // The history, from another connection: 20,000 finished runs of three
+    // steps each.
+    common::finished_history(&pool, 20_000, 0.0).await;
     let tables = ["runs", "steps"];
     let before = common::rows_read(&mut conn, &tables).await;
     for _ in 0..10 {

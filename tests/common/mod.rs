@@ -253,3 +253,29 @@ pub async fn rows_read(conn: &mut sqlx::PgConnection, tables: &[&str]) -> i64 {
     .await
     .unwrap()
 }
+
+/// Writes a history from a connection of its own: `runs` completed root
+/// runs of three completed steps each, finished `days_ago`. Its statistics
+/// are sent before it returns, so they cannot land inside a later count.
+pub async fn finished_history(pool: &PgPool, runs: i32, days_ago: f64) {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query(
+        "with r as (
+             insert into cairn.runs (workflow, queue_id, input, status, created_at, updated_at,
+                                     finished_at)
+             select 'old', 1, to_jsonb(g), 'completed', now(), now(),
+                    now() - make_interval(secs => $2 * 86400)
+               from generate_series(1, $1) g
+             returning id)
+         insert into cairn.steps (run_id, key, seq, kind, status, output, attempts, started_at,
+                                  finished_at)
+         select r.id, s.key, s.seq, 'step', 'completed', '1', 1, now(), now()
+           from r, unnest('{one,two,three}'::text[]) with ordinality as s(key, seq)",
+    )
+    .bind(runs)
+    .bind(days_ago)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    fresh_stats(&mut conn).await;
+}
