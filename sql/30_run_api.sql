@@ -339,7 +339,10 @@ returns table (run_id uuid, run_workflow text, run_status text, created_at times
                finished_at timestamptz, error text, parent_run uuid)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
-set plan_cache_mode = force_generic_plan
+-- Planned for the filters given (an operator's call, not the hot path): the
+-- newest runs by runs_created_idx, a workflow's by runs_status_idx, a rare
+-- status by whatever the statistics say finds it soonest.
+set plan_cache_mode = force_custom_plan
 as $$
 begin
     perform cairn.check_batch(lim, 'lim', 10000);

@@ -51,6 +51,7 @@ const MIGRATIONS: &[Script] = &[
     migration!(8, "0008_operate.sql"),
     migration!(9, "0009_timers.sql"),
     migration!(10, "0010_hot_steps.sql"),
+    migration!(11, "0011_runs_by_age.sql"),
 ];
 
 const FUNCTIONS: &[&str] = &[
