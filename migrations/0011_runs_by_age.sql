@@ -8,4 +8,6 @@
 -- run kept: 130–470 ms over a million runs, 0.3 ms with this index.
 -- created_at never changes; the index costs an entry per run, and one per
 -- change of its state (those updates write every index of cairn.runs).
+-- Building it holds writes to cairn.runs back while it runs: about a
+-- second per million runs stored, on the machine that measured the above.
 create index runs_created_idx on cairn.runs (created_at);
