@@ -116,6 +116,9 @@ returns table (id bigint, queue_name text, task text, payload jsonb, attempts in
                run_id uuid, parent_run uuid)
 language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
+-- Planned for the filter given, on every call: a plan kept from calls made
+-- while the archive was empty scanned every completed job kept in it.
+set plan_cache_mode = force_custom_plan
 as $$
 begin
     if list_dead.queue is not null then

@@ -789,6 +789,49 @@ async fn listing_the_newest_runs_reads_only_those(pool: PgPool) {
     assert!(read < 500, "{read} runs read to list the newest 100");
 }
 
+/// The dead letters come from their index, however the archive looked when
+/// a session first listed them: with 20,000 completed jobs archived beside
+/// 5 dead letters, listing those reads about those.
+#[sqlx::test(migrations = false)]
+async fn listing_dead_letters_reads_only_those(pool: PgPool) {
+    setup(&pool).await;
+    sqlx::query("vacuum analyze cairn.archive")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    // Listed while the archive is empty (and known to be).
+    for _ in 0..6 {
+        sqlx::query("select * from cairn.list_dead()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    let mut other = pool.acquire().await.unwrap();
+    sqlx::query(
+        "insert into cairn.archive (id, queue, task, payload, priority, attempts, enqueued_at,
+                                    archived_at, outcome)
+         select g, 'q', 'q', '{}', 0, 1, now(), now(),
+                case when g % 4000 = 0 then 'dead' else 'completed' end
+           from generate_series(1, 20000) g",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    common::fresh_stats(&mut other).await;
+    let before = common::rows_read(&mut conn, &["archive"]).await;
+    let dead: Vec<i64> = sqlx::query_scalar("select id from cairn.list_dead()")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 5);
+    let read = common::rows_read(&mut conn, &["archive"]).await - before;
+    assert!(
+        read < 100,
+        "{read} archived jobs read to list 5 dead letters"
+    );
+}
+
 /// Entries of the claim index handed out by index scans so far, as seen
 /// from this connection: dead entries a scan walks past count too.
 async fn claim_index_reads(conn: &mut sqlx::PgConnection) -> i64 {
