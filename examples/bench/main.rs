@@ -105,6 +105,27 @@ async fn reference(pool: &PgPool, n: usize) -> Result<(f64, Duration), BoxError>
     Ok((rate, times[n / 2]))
 }
 
+/// Autovacuum keeps the hot tables' pages reusable; where the server has it
+/// off (this project's test machine does), a soak runs `vacuum` (a VACUUM
+/// ANALYZE statement) every 10 s in its place. Returns that task, or `None`
+/// when autovacuum is on. Abort the task when the soak ends.
+async fn autovacuum_stand_in(
+    pool: &PgPool,
+    vacuum: &'static str,
+) -> Result<Option<tokio::task::JoinHandle<()>>, sqlx::Error> {
+    let autovacuum: String = sqlx::query_scalar("show autovacuum")
+        .fetch_one(pool)
+        .await?;
+    Ok((autovacuum == "off").then(|| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            while pool.execute(vacuum).await.is_ok() {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        })
+    }))
+}
+
 fn secs(start: Instant) -> f64 {
     start.elapsed().as_secs_f64()
 }

@@ -12,7 +12,7 @@ use sqlx::{Executor, PgPool};
 use tokio::sync::{Notify, mpsc};
 
 use super::peer::Pgmq;
-use super::{BoxError, Running, ms, redact, reference, secs};
+use super::{BoxError, Running, autovacuum_stand_in, ms, redact, reference, secs};
 
 #[derive(Serialize, Deserialize)]
 struct Noop {
@@ -371,20 +371,9 @@ async fn soak(cairn: &Cairn, concurrency: usize) -> Result<(), BoxError> {
     let size = "select pg_total_relation_size('cairn.jobs')::float8 / 1048576, \
                        coalesce(n_dead_tup, 0), coalesce(autovacuum_count + vacuum_count, 0) \
                   from pg_stat_user_tables where relid = 'cairn.jobs'::regclass";
-    // Autovacuum is what keeps a queue table small; where the server has it
-    // off (this project's test machine does), the soak vacuums in its place
-    // every 10 s, as autovacuum would, and says so.
-    let autovacuum: String = sqlx::query_scalar("show autovacuum")
-        .fetch_one(pool)
-        .await?;
-    let stand_in = (autovacuum == "off").then(|| {
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            while vacuum_jobs(&pool).await.is_ok() {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            }
-        })
-    });
+    // Autovacuum is what keeps a queue table small: without it, the soak
+    // vacuums in its place, and says so.
+    let stand_in = autovacuum_stand_in(pool, VACUUM_JOBS).await?;
     println!(
         "soak: 3 minutes at full speed; cairn.jobs with its indexes{}:",
         if stand_in.is_some() {
@@ -432,8 +421,10 @@ async fn soak(cairn: &Cairn, concurrency: usize) -> Result<(), BoxError> {
     Ok(())
 }
 
+const VACUUM_JOBS: &str = "vacuum analyze cairn.jobs";
+
 async fn vacuum_jobs(pool: &PgPool) -> Result<(), sqlx::Error> {
-    pool.execute("vacuum analyze cairn.jobs").await.map(|_| ())
+    pool.execute(VACUUM_JOBS).await.map(|_| ())
 }
 
 /// One job at a time to an idle worker: from before the enqueue call to the

@@ -9,7 +9,7 @@ use cairn::Retention;
 use sqlx::PgPool;
 
 use super::workflow::workflow_app;
-use super::{BoxError, Running, redact, secs};
+use super::{BoxError, Running, autovacuum_stand_in, redact, secs};
 
 /// How long the soak produces: three minutes, ten with `--long`.
 const FOR: Duration = Duration::from_secs(180);
@@ -41,20 +41,7 @@ pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
         period.as_secs() / 60,
         KEEP.as_secs()
     );
-    let autovacuum: String = sqlx::query_scalar("show autovacuum")
-        .fetch_one(&pool)
-        .await?;
-    // Autovacuum keeps these tables' pages reusable; where the server has it
-    // off (this project's test machine does), the soak vacuums in its place
-    // every 10 s, and says so.
-    let stand_in = (autovacuum == "off").then(|| {
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            while vacuum(&pool).await.is_ok() {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            }
-        })
-    });
+    let stand_in = autovacuum_stand_in(&pool, VACUUM).await?;
     if stand_in.is_some() {
         println!(
             "(autovacuum is off on this server: VACUUM ANALYZE of these tables every 10 s in its place)"
@@ -151,12 +138,5 @@ async fn sizes(pool: &PgPool) -> Result<(f64, f64, f64, f64), sqlx::Error> {
 }
 
 /// The stand-in for autovacuum: the tables of [`TABLES`].
-async fn vacuum(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "vacuum analyze cairn.runs, cairn.steps, cairn.run_events, cairn.signals, cairn.jobs,
-                        cairn.archive",
-    )
-    .execute(pool)
-    .await
-    .map(|_| ())
-}
+const VACUUM: &str = "vacuum analyze cairn.runs, cairn.steps, cairn.run_events, cairn.signals, \
+                      cairn.jobs, cairn.archive";
