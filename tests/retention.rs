@@ -302,18 +302,12 @@ async fn prune_is_batched_single_and_waits_for_live_children(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn prune_work_per_run_does_not_grow_with_the_history(pool: PgPool) {
     common::app(&pool).await;
-    sqlx::query("vacuum analyze cairn.runs, cairn.steps, cairn.run_events, cairn.signals")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    // Plans made now, from the statistics of empty tables.
-    for _ in 0..6 {
-        sqlx::query("select * from cairn.prune()")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-    }
+    let mut conn = common::planned_on_empty(
+        &pool,
+        "vacuum analyze cairn.runs, cairn.steps, cairn.run_events, cairn.signals",
+        "select * from cairn.prune()",
+    )
+    .await;
     // The history, from another connection: 20,000 runs of three steps
     // that finished 8 days ago.
     common::finished_history(&pool, 20_000, 8.0).await;

@@ -58,16 +58,8 @@ impl Task for Sweep {
 async fn an_idle_tick_reads_no_schedule_that_is_not_due(pool: PgPool) {
     let app = common::app(&pool).await;
     app.create_queue("chores").await.unwrap();
-    sqlx::query("vacuum analyze cairn.schedules")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
     let tick = "select cairn.tick_schedules()";
-    // Plans made now, from the statistics of an empty table.
-    for _ in 0..6 {
-        sqlx::query(tick).execute(&mut *conn).await.unwrap();
-    }
+    let mut conn = common::planned_on_empty(&pool, "vacuum analyze cairn.schedules", tick).await;
     // Written straight into the table (create_schedule is slow in bulk),
     // from another connection whose statistics are sent before counting.
     let mut other = pool.acquire().await.unwrap();

@@ -795,18 +795,12 @@ async fn listing_the_newest_runs_reads_only_those(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn listing_dead_letters_reads_only_those(pool: PgPool) {
     setup(&pool).await;
-    sqlx::query("vacuum analyze cairn.archive")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    // Listed while the archive is empty (and known to be).
-    for _ in 0..6 {
-        sqlx::query("select * from cairn.list_dead()")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-    }
+    let mut conn = common::planned_on_empty(
+        &pool,
+        "vacuum analyze cairn.archive",
+        "select * from cairn.list_dead()",
+    )
+    .await;
     let mut other = pool.acquire().await.unwrap();
     sqlx::query(
         "insert into cairn.archive (id, queue, task, payload, priority, attempts, enqueued_at,

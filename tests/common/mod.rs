@@ -254,6 +254,23 @@ pub async fn rows_read(conn: &mut sqlx::PgConnection, tables: &[&str]) -> i64 {
     .unwrap()
 }
 
+/// A connection whose plans for `call` were made while the tables `vacuum`
+/// names were empty and known to be: `vacuum` (a VACUUM ANALYZE of them)
+/// first, then `call` six times (PL/pgSQL keeps a generic plan from the
+/// sixth call on, and with it what the statistics said then).
+pub async fn planned_on_empty(
+    pool: &PgPool,
+    vacuum: &'static str,
+    call: &'static str,
+) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    sqlx::query(vacuum).execute(pool).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    for _ in 0..6 {
+        sqlx::query(call).execute(&mut *conn).await.unwrap();
+    }
+    conn
+}
+
 /// Writes a history from a connection of its own: `runs` completed root
 /// runs of three completed steps each, finished `days_ago`. Its statistics
 /// are sent before it returns, so they cannot land inside a later count.
