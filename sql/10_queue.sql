@@ -12,8 +12,10 @@
 --     materialized CTE with FOR UPDATE SKIP LOCKED, so two claimers never get
 --     the same row and a claim never returns more than qty rows. Each claim
 --     draws a new lease token and counts an attempt on every job it returns.
---     The lease is visible_at itself: if the worker dies, the job becomes
---     claimable again when the lease runs out. No reaper is needed.
+--     The lease ends at leased_until: if the worker dies, the job becomes
+--     claimable again when the lease runs out. No reaper is needed. A claim
+--     leaves visible_at (the job's place in the claim index) as it was, so
+--     its update writes no index entry and can be heap-only (0012).
 --   * Every call that settles or extends a job names (id, lease). Once the job
 --     has been re-leased (or settled), the old lease matches no row and the
 --     call changes nothing: it returns false / omits that id.
@@ -283,16 +285,17 @@ comment on function cairn.send_batch(text, jsonb[], double precision, integer, t
 -- Two statements, so that no statistics can spoil the plan (see the header):
 -- lock the rows (the claim index read in order), then update them by address.
 --
--- Where the scan starts. Every claim leaves its jobs' old entries in the
--- claim index, and every ack the leased ones; they sit where the queue's
--- order begins, and until vacuum may remove them (never, while some
--- transaction holds an old snapshot) a scan from the head walks them all.
--- claim_from resumes where the caller's last claim stopped instead: from
--- (from_priority, from_at), the position of the last job it took, plus the
--- jobs of a higher priority (a lower number), which sort before it. A job
--- can appear behind that position only in corner cases: a send whose
--- transaction began before the claim and committed after it, a lease that
--- ran out behind the position, a run started with run_at in the past. The
+-- Where the scan starts. Jobs in flight keep their entries in the claim
+-- index, and every ack leaves a dead one; they sit where the queue's order
+-- begins, and a scan from the head walks them all (the dead ones until
+-- vacuum may remove them: never, while some transaction holds an old
+-- snapshot). claim_from resumes where the caller's last claim stopped
+-- instead: from (from_priority, from_at), the position of the last job it
+-- took, plus the jobs of a higher priority (a lower number), which sort
+-- before it. A job can be claimable behind that position only in corner
+-- cases: a send whose transaction began before the claim and committed
+-- after it, a lease that ran out or was given back with set_vt (the job
+-- keeps its place), a run started with run_at in the past. The
 -- caller therefore claims from the head (from_* NULL) now and then: the
 -- worker does so once a second per queue, so such a job waits a second at
 -- most. Each returned row carries next_priority/next_at, where the next
@@ -352,6 +355,7 @@ begin
                  where j.queue_id = v_qid
                    and j.priority < v_from_p
                    and j.visible_at <= v_now
+                   and (j.leased_until is null or j.leased_until <= v_now)
                    and (claim_from.tasks is null or j.task = any (claim_from.tasks))
                  order by j.priority, j.visible_at
                  limit claim_from.qty
@@ -371,6 +375,7 @@ begin
                  where j.queue_id = v_qid
                    and (j.priority, j.visible_at) >= (v_from_p, v_from_at)
                    and j.visible_at <= v_now
+                   and (j.leased_until is null or j.leased_until <= v_now)
                    and (claim_from.tasks is null or j.task = any (claim_from.tasks))
                  order by j.priority, j.visible_at
                  limit claim_from.qty - v_n
@@ -386,11 +391,11 @@ begin
     end if;
     return query
     update cairn.jobs j
-       set visible_at = v_now + make_interval(secs => claim_from.vt),
+       set leased_until = v_now + make_interval(secs => claim_from.vt),
            attempts   = j.attempts + 1,
            lease      = v_lease
      where j.ctid = any (v_rows)
-    returning j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
+    returning j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.leased_until,
               j.parent_run, j.traceparent, j.run_id, v_prio, v_at;
 end $$;
 comment on function cairn.claim_from(text, double precision, integer, text[], integer, timestamptz) is
@@ -450,6 +455,7 @@ begin
               from cairn.jobs j
              where j.queue_id = v_qid
                and j.visible_at <= v_now
+               and (j.leased_until is null or j.leased_until <= v_now)
                and j.run_id is null and j.parent_run is null
              order by j.priority, j.visible_at
              limit pop.qty
@@ -592,8 +598,9 @@ begin
     perform cairn.check_pairs(array[id], array[lease]);
     perform cairn.check_seconds(delay, 'delay', 0, 315360000);
     update cairn.jobs j
-       set visible_at = cairn.now() + make_interval(secs => retry.delay),
-           lease      = null,
+       set visible_at   = cairn.now() + make_interval(secs => retry.delay),
+           lease        = null,
+           leased_until = null,
            last_error = left(retry.error, 4096)
      where j.id = retry.id and j.lease = retry.lease and j.run_id is null;
     return found;
@@ -628,7 +635,7 @@ begin
     v_rows := cairn.lock_held(ids, leases, false);
     return query
     update cairn.jobs j
-       set visible_at = cairn.now() + make_interval(secs => extend.vt)
+       set leased_until = cairn.now() + make_interval(secs => extend.vt)
      where j.ctid = any (v_rows)
     returning j.id;
 end $$;
@@ -647,13 +654,13 @@ begin
     perform cairn.check_pairs(array[id], array[lease]);
     perform cairn.check_seconds(vt, 'visibility timeout', 0, 86400);
     update cairn.jobs j
-       set visible_at = cairn.now() + make_interval(secs => set_vt.vt)
+       set leased_until = cairn.now() + make_interval(secs => set_vt.vt)
      where j.id = set_vt.id and j.lease = set_vt.lease and j.run_id is null
-    returning j.visible_at into v_visible;
+    returning j.leased_until into v_visible;
     return v_visible;
 end $$;
 comment on function cairn.set_vt(bigint, bigint, double precision) is
-    'Set a leased job to become visible vt seconds from now (0 gives it back at once). Returns the new visible_at, or NULL if the lease no longer matches (or the job drives a workflow run).';
+    'Set a leased job''s lease to end vt seconds from now (0 gives it back at once, in its place in the queue). Returns the new end of the lease, or NULL if the lease no longer matches (or the job drives a workflow run).';
 
 -- Give jobs back without counting the delivery (graceful shutdown). A run's
 -- job may be released too: the run is picked up again from its checkpoints.
@@ -673,8 +680,9 @@ begin
     v_rows := cairn.lock_held(ids, leases, false);
     with r as (
         update cairn.jobs j
-           set visible_at = cairn.now(),
-               lease      = null,
+           set visible_at   = cairn.now(),
+               lease        = null,
+               leased_until = null,
                attempts   = greatest(j.attempts - 1, 0)
          where j.ctid = any (v_rows)
         returning j.id, j.queue_id
@@ -780,10 +788,14 @@ begin
            v_now
       from cairn.queues q
       left join lateral (
-          select count(*) filter (where j.visible_at <= v_now) as ready,
-                 count(*) filter (where j.visible_at > v_now and j.lease is null) as delayed,
-                 count(*) filter (where j.visible_at > v_now and j.lease is not null) as in_flight,
-                 min(j.visible_at) filter (where j.visible_at <= v_now) as oldest_ready
+          -- A job is ready from the later of visible_at and the end of
+          -- its lease (greatest ignores NULL).
+          select count(*) filter (where greatest(j.visible_at, j.leased_until) <= v_now) as ready,
+                 count(*) filter (where j.visible_at > v_now
+                                    and not coalesce(j.leased_until > v_now, false)) as delayed,
+                 count(*) filter (where j.leased_until > v_now) as in_flight,
+                 min(greatest(j.visible_at, j.leased_until))
+                     filter (where greatest(j.visible_at, j.leased_until) <= v_now) as oldest_ready
             from cairn.jobs j
            where j.queue_id = q.id
       ) l on true

@@ -175,7 +175,7 @@ begin
     end if;
     if not exists (select from cairn.jobs j
                     where j.id = hold_run.job_id and j.lease = hold_run.lease
-                      and j.run_id = hold_run.run_id and j.visible_at > hold_run.at) then
+                      and j.run_id = hold_run.run_id and j.leased_until > hold_run.at) then
         return null;
     end if;
     return v_run;

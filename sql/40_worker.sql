@@ -68,8 +68,9 @@ begin
         perform cairn.check_held(run_id, job_id, lease);
     end if;
     select * into v_run from cairn.runs r where r.id = load_run.run_id for no key update;
-    select j.lease, j.run_id, j.visible_at into v_job from cairn.jobs j where j.id = load_run.job_id;
-    if not found or v_job.lease is distinct from load_run.lease or v_job.visible_at <= v_now then
+    select j.lease, j.run_id, j.leased_until into v_job from cairn.jobs j where j.id = load_run.job_id;
+    if not found or v_job.lease is distinct from load_run.lease
+       or v_job.leased_until is null or v_job.leased_until <= v_now then
         return;
     end if;
     if v_job.run_id is distinct from load_run.run_id or v_run.id is null then
@@ -157,7 +158,7 @@ begin
        for share;
     if not found or not exists (select from cairn.jobs j
                                  where j.id = begin_step.job_id and j.lease = begin_step.lease
-                                   and j.visible_at > v_now) then
+                                   and j.leased_until > v_now) then
         return;
     end if;
     if done <> '[]' then
@@ -582,7 +583,7 @@ begin
         v_wake := least(v_wake, v_now);
     end if;
     update cairn.jobs j
-       set visible_at = greatest(v_wake, v_now), lease = null, attempts = 0
+       set visible_at = greatest(v_wake, v_now), lease = null, leased_until = null, attempts = 0
      where j.id = suspend_run.job_id;
     update cairn.runs r
        set status = suspend_run.status, updated_at = v_now,

@@ -1436,9 +1436,9 @@ begin
     if queues is not null and tasks is not null then
         return query
         update cairn.jobs j
-           set visible_at = v_now + make_interval(secs => ack_and_take.vt),
-               attempts   = 1,
-               lease      = pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint
+           set leased_until = v_now + make_interval(secs => ack_and_take.vt),
+               attempts     = 1,
+               lease        = pg_catalog.floor(pg_catalog.random() * 9007199254740992)::bigint
           from (select s.id, q.name as queue
                   from cairn.jobs s join cairn.queues q on q.id = s.queue_id
                  where s.id = any (v_started)
@@ -1447,7 +1447,7 @@ begin
                  order by s.id
                  limit ack_and_take.qty) c
          where j.id = c.id
-        returning true, j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.visible_at,
+        returning true, j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.leased_until,
                   j.parent_run, j.traceparent, j.run_id, c.queue;
         get diagnostics v_taken = row_count;
     end if;

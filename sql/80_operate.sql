@@ -224,10 +224,10 @@ begin
     return next;
 
     -- The oldest ready job: a queue nobody drains, or one falling behind.
-    select q.name, v_now - min(j.visible_at) as age, count(*) as n into v_row
+    select q.name, v_now - min(greatest(j.visible_at, j.leased_until)) as age, count(*) as n into v_row
       from cairn.jobs j join cairn.queues q on q.id = j.queue_id
-     where j.visible_at <= v_now
-     group by q.name order by min(j.visible_at) limit 1;
+     where greatest(j.visible_at, j.leased_until) <= v_now
+     group by q.name order by min(greatest(j.visible_at, j.leased_until)) limit 1;
     check_name := 'oldest ready job';
     if v_row.name is null then
         status := 'ok';
@@ -244,7 +244,7 @@ begin
     select pg_catalog.string_agg(d.name, ', ' order by d.name) into v_text
       from (select distinct q.name
               from cairn.jobs j join cairn.queues q on q.id = j.queue_id
-             where j.visible_at <= v_now) d
+             where greatest(j.visible_at, j.leased_until) <= v_now) d
      where not exists (select from cairn.workers w
                         where d.name = any (w.queues)
                           and w.seen_at > v_wall - cairn.worker_alive_for());
@@ -259,11 +259,11 @@ begin
     return next;
 
     -- Leases that ran out with no worker taking the job back.
-    select count(*) as n, max(v_now - j.visible_at) as age,
+    select count(*) as n, max(v_now - j.leased_until) as age,
            pg_catalog.string_agg(distinct q.name, ', ') as queues
       into v_row
       from cairn.jobs j join cairn.queues q on q.id = j.queue_id
-     where j.lease is not null and j.visible_at < v_now - v_limit;
+     where j.lease is not null and j.leased_until < v_now - v_limit;
     check_name := 'expired leases';
     if v_row.n = 0 then
         status := 'ok';

@@ -508,7 +508,8 @@ async fn doctor_finds_what_is_wrong_and_exits_by_the_worst(pool: PgPool) {
         "select cairn.create_queue('orphan_q'); \
          select cairn.send('orphan_q', '{}'); select cairn.send('orphan_q', '{}'); \
          update cairn.jobs set visible_at = now() - interval '10 minutes'; \
-         update cairn.jobs set lease = 7 where id = (select max(id) from cairn.jobs); \
+         update cairn.jobs set lease = 7, leased_until = now() - interval '10 minutes' \
+          where id = (select max(id) from cairn.jobs); \
          alter function cairn.metrics_all() reset search_path;",
     )
     .execute(&pool)

@@ -150,7 +150,7 @@ async fn a_sigkilled_workers_job_is_redelivered_and_its_late_completion_refused(
     child.wait().unwrap();
     // The dead worker's lease ends here (nothing extends it any more).
     let lease_end: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("select visible_at from cairn.jobs where id = $1")
+        sqlx::query_scalar("select leased_until from cairn.jobs where id = $1")
             .bind(id)
             .fetch_one(&pool)
             .await

@@ -347,7 +347,7 @@ async fn ack_and_take_leases_only_the_steps_its_own_acks_started(pool: PgPool) {
         (Some("b"), Some(1), Some(first))
     );
     let (lease_in_table, leased_for): (i64, f64) = sqlx::query_as(
-        "select lease, extract(epoch from visible_at - now())::float8 from cairn.jobs where id = $1",
+        "select lease, extract(epoch from leased_until - now())::float8 from cairn.jobs where id = $1",
     )
     .bind(b1)
     .fetch_one(&pool)

@@ -626,6 +626,66 @@ async fn claim_and_ack_work_per_job_does_not_grow_with_the_backlog(pool: PgPool)
     assert!(per_job < 40, "{per_job} block accesses per job");
 }
 
+/// Heap-only updates of cairn.jobs so far, and all its updates, as seen
+/// from this connection.
+async fn job_updates(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+    common::fresh_stats(conn).await;
+    sqlx::query_as(
+        "select n_tup_hot_upd, n_tup_upd from pg_stat_user_tables
+          where schemaname = 'cairn' and relname = 'jobs'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
+/// A claim and a lease extension change no indexed column (the lease ends
+/// at `leased_until`, in no index), and the table leaves room in each page
+/// for the new row versions: nearly all of those updates are heap-only,
+/// and add no entry to any index. Claims of 500, as the worker makes them.
+#[sqlx::test(migrations = false)]
+async fn claims_and_extends_are_heap_only_updates(pool: PgPool) {
+    setup(&pool).await;
+    sqlx::query(
+        "select cairn.send_batch('q', array(select jsonb_build_object('n', g)
+                                              from generate_series(1, 2000) g))",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let mut steps = Vec::new();
+    for what in ["claim", "extend"] {
+        let (hot0, all0) = job_updates(&mut conn).await;
+        if what == "claim" {
+            for _ in 0..4 {
+                let got: i64 = sqlx::query_scalar("select count(*) from cairn.claim('q', 30, 500)")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .unwrap();
+                assert_eq!(got, 500);
+            }
+        } else {
+            let held: i64 = sqlx::query_scalar(
+                "select count(*) from cairn.extend(
+                     (select array_agg(id order by id) from cairn.jobs),
+                     (select array_agg(lease order by id) from cairn.jobs), 60)",
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+            assert_eq!(held, 2000);
+        }
+        let (hot, all) = job_updates(&mut conn).await;
+        steps.push((what, hot - hot0, all - all0));
+    }
+    println!("heap-only updates of cairn.jobs: {steps:?}");
+    for (what, hot, all) in steps {
+        assert_eq!(all, 2000, "{what}");
+        assert!(hot * 10 >= all * 8, "{what}: {hot} of {all} heap-only");
+    }
+}
+
 /// One run of the flow `flow3` (three chained `inc` steps), driven by hand on
 /// `conn`: start, claim the first step, then ack each step taking the next.
 async fn drive_flow(conn: &mut sqlx::PgConnection) {

@@ -560,7 +560,7 @@ async fn shutdown_finishes_short_jobs_and_releases_long_ones(pool: PgPool) {
     let stats = worker.stop().await;
     assert_eq!((stats.completed, stats.released), (1, 1));
     let (attempts, leased): (i32, bool) = sqlx::query_as(
-        "select attempts, lease is not null or visible_at > now() from cairn.jobs where id = $1",
+        "select attempts, lease is not null or leased_until is not null from cairn.jobs where id = $1",
     )
     .bind(long)
     .fetch_one(&pool)

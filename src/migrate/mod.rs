@@ -52,6 +52,7 @@ const MIGRATIONS: &[Script] = &[
     migration!(9, "0009_timers.sql"),
     migration!(10, "0010_hot_steps.sql"),
     migration!(11, "0011_runs_by_age.sql"),
+    migration!(12, "0012_hot_claims.sql"),
 ];
 
 const FUNCTIONS: &[&str] = &[
