@@ -149,6 +149,20 @@ impl<'a, T: Task + Sync> IntoFuture for EnqueueBatch<'a, T> {
             if self.0.tasks.is_empty() {
                 return Ok(Vec::new());
             }
+            if self.0.tasks.len() <= BATCH_CHUNK {
+                // One statement is all-or-nothing by itself: no BEGIN and
+                // COMMIT round trips around it.
+                let payloads = self.0.payloads()?;
+                return db::send_batch(
+                    self.0.app.db(),
+                    T::QUEUE,
+                    T::NAME,
+                    &payloads,
+                    self.0.delay,
+                    self.0.priority,
+                )
+                .await;
+            }
             let mut tx = self
                 .0
                 .app
