@@ -686,6 +686,62 @@ async fn claims_and_extends_are_heap_only_updates(pool: PgPool) {
     }
 }
 
+/// A claim leaves a job's place in the queue (`visible_at`) alone: a job
+/// given back with `set_vt(.., 0)`, or whose lease ran out, is claimable
+/// again in its old place, ahead of the jobs sent after it; while leased it
+/// is neither popped nor counted ready.
+#[sqlx::test(migrations = false)]
+async fn a_job_given_back_keeps_its_place(pool: PgPool) {
+    setup(&pool).await;
+    let mut sent = Vec::new();
+    for payload in ["a", "b", "c"] {
+        let id: i64 = sqlx::query_scalar("select cairn.send('q', to_jsonb($1::text))")
+            .bind(payload)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        sent.push(id);
+    }
+    let metrics = || async {
+        sqlx::query_as::<_, (i64, i64, i64)>(
+            "select ready, delayed, in_flight from cairn.metrics('q')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let a = claim(&pool, 30.0, 1).await.remove(0);
+    assert_eq!(a.id, sent[0]);
+    let popped: Vec<i64> = sqlx::query_scalar("select id from cairn.pop('q', 1)")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(popped, [sent[1]], "a leased job is not popped");
+    assert_eq!(metrics().await, (1, 0, 1));
+
+    let ends: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("select cairn.set_vt($1, $2, 0)")
+            .bind(a.id)
+            .bind(a.lease)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(ends.is_some());
+    assert_eq!(metrics().await, (2, 0, 0), "given back: ready again");
+    let again = claim(&pool, 0.05, 1).await.remove(0);
+    assert_eq!(
+        (again.id, again.attempts),
+        (sent[0], 2),
+        "in its place, ahead of c"
+    );
+    assert_eq!(metrics().await, (1, 0, 1));
+    tokio::time::sleep(Duration::from_millis(80)).await; // the lease runs out
+    assert_eq!(metrics().await, (2, 0, 0), "a lease that ran out is ready");
+    let mut left: Vec<i64> = claim(&pool, 30.0, 5).await.iter().map(|c| c.id).collect();
+    left.sort();
+    assert_eq!(left, [sent[0], sent[2]]);
+}
+
 /// One run of the flow `flow3` (three chained `inc` steps), driven by hand on
 /// `conn`: start, claim the first step, then ack each step taking the next.
 async fn drive_flow(conn: &mut sqlx::PgConnection) {
