@@ -392,8 +392,8 @@ begin
     return query
     update cairn.jobs j
        set leased_until = v_now + make_interval(secs => claim_from.vt),
-           attempts   = j.attempts + 1,
-           lease      = v_lease
+           attempts     = j.attempts + 1,
+           lease        = v_lease
      where j.ctid = any (v_rows)
     returning j.id, j.task, j.payload, j.attempts, j.lease, j.enqueued_at, j.leased_until,
               j.parent_run, j.traceparent, j.run_id, v_prio, v_at;
@@ -601,7 +601,7 @@ begin
        set visible_at   = cairn.now() + make_interval(secs => retry.delay),
            lease        = null,
            leased_until = null,
-           last_error = left(retry.error, 4096)
+           last_error   = left(retry.error, 4096)
      where j.id = retry.id and j.lease = retry.lease and j.run_id is null;
     return found;
 end $$;
@@ -683,7 +683,7 @@ begin
            set visible_at   = cairn.now(),
                lease        = null,
                leased_until = null,
-               attempts   = greatest(j.attempts - 1, 0)
+               attempts     = greatest(j.attempts - 1, 0)
          where j.ctid = any (v_rows)
         returning j.id, j.queue_id
     )
