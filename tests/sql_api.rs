@@ -639,12 +639,15 @@ async fn job_updates(conn: &mut sqlx::PgConnection) -> (i64, i64) {
     .unwrap()
 }
 
-/// A claim and a lease extension change no indexed column (the lease ends
-/// at `leased_until`, in no index), and the table leaves room in each page
-/// for the new row versions: nearly all of those updates are heap-only,
-/// and add no entry to any index. Claims of 500, as the worker makes them.
+/// A claim changes no indexed column (the lease ends at `leased_until`, in
+/// no index), and the table leaves room in each page for the new row
+/// versions: nearly all claims are heap-only updates, which add no entry to
+/// any index. Claims of 500, as the worker makes them. (Lease extensions
+/// change no indexed column either, but right after a claim the page has
+/// room for them only once pruning has removed the claim's old versions,
+/// which a snapshot held anywhere in the database prevents.)
 #[sqlx::test(migrations = false)]
-async fn claims_and_extends_are_heap_only_updates(pool: PgPool) {
+async fn claims_are_heap_only_updates(pool: PgPool) {
     setup(&pool).await;
     sqlx::query(
         "select cairn.send_batch('q', array(select jsonb_build_object('n', g)
@@ -654,36 +657,19 @@ async fn claims_and_extends_are_heap_only_updates(pool: PgPool) {
     .await
     .unwrap();
     let mut conn = pool.acquire().await.unwrap();
-    let mut steps = Vec::new();
-    for what in ["claim", "extend"] {
-        let (hot0, all0) = job_updates(&mut conn).await;
-        if what == "claim" {
-            for _ in 0..4 {
-                let got: i64 = sqlx::query_scalar("select count(*) from cairn.claim('q', 30, 500)")
-                    .fetch_one(&mut *conn)
-                    .await
-                    .unwrap();
-                assert_eq!(got, 500);
-            }
-        } else {
-            let held: i64 = sqlx::query_scalar(
-                "select count(*) from cairn.extend(
-                     (select array_agg(id order by id) from cairn.jobs),
-                     (select array_agg(lease order by id) from cairn.jobs), 60)",
-            )
+    let (hot0, all0) = job_updates(&mut conn).await;
+    for _ in 0..4 {
+        let got: i64 = sqlx::query_scalar("select count(*) from cairn.claim('q', 30, 500)")
             .fetch_one(&mut *conn)
             .await
             .unwrap();
-            assert_eq!(held, 2000);
-        }
-        let (hot, all) = job_updates(&mut conn).await;
-        steps.push((what, hot - hot0, all - all0));
+        assert_eq!(got, 500);
     }
-    println!("heap-only updates of cairn.jobs: {steps:?}");
-    for (what, hot, all) in steps {
-        assert_eq!(all, 2000, "{what}");
-        assert!(hot * 10 >= all * 8, "{what}: {hot} of {all} heap-only");
-    }
+    let (hot, all) = job_updates(&mut conn).await;
+    let (hot, all) = (hot - hot0, all - all0);
+    println!("heap-only claims: {hot} of {all}");
+    assert_eq!(all, 2000);
+    assert!(hot * 10 >= all * 8, "{hot} of {all} claims heap-only");
 }
 
 /// A claim leaves a job's place in the queue (`visible_at`) alone: a job
@@ -734,7 +720,6 @@ async fn a_job_given_back_keeps_its_place(pool: PgPool) {
         (sent[0], 2),
         "in its place, ahead of c"
     );
-    assert_eq!(metrics().await, (1, 0, 1));
     tokio::time::sleep(Duration::from_millis(80)).await; // the lease runs out
     assert_eq!(metrics().await, (2, 0, 0), "a lease that ran out is ready");
     let mut left: Vec<i64> = claim(&pool, 30.0, 5).await.iter().map(|c| c.id).collect();
