@@ -124,19 +124,22 @@ impl<'a, T: Task> EnqueueBatch<'a, T> {
         let payloads = self.0.payloads()?;
         let mut ids = Vec::with_capacity(payloads.len());
         for chunk in payloads.chunks(BATCH_CHUNK) {
-            ids.extend(
-                db::send_batch(
-                    self.0.app.db().on(&mut *conn),
-                    T::QUEUE,
-                    T::NAME,
-                    chunk,
-                    self.0.delay,
-                    self.0.priority,
-                )
-                .await?,
-            );
+            ids.extend(self.send(self.0.app.db().on(&mut *conn), chunk).await?);
         }
         Ok(ids)
+    }
+
+    /// One `cairn.send_batch` call of at most [`BATCH_CHUNK`] payloads.
+    async fn send(&self, db: impl PgExecutor<'_>, payloads: &[String]) -> Result<Vec<i64>> {
+        db::send_batch(
+            db,
+            T::QUEUE,
+            T::NAME,
+            payloads,
+            self.0.delay,
+            self.0.priority,
+        )
+        .await
     }
 }
 
@@ -153,15 +156,7 @@ impl<'a, T: Task + Sync> IntoFuture for EnqueueBatch<'a, T> {
                 // One statement is all-or-nothing by itself: no BEGIN and
                 // COMMIT round trips around it.
                 let payloads = self.0.payloads()?;
-                return db::send_batch(
-                    self.0.app.db(),
-                    T::QUEUE,
-                    T::NAME,
-                    &payloads,
-                    self.0.delay,
-                    self.0.priority,
-                )
-                .await;
+                return self.send(self.0.app.db(), &payloads).await;
             }
             let mut tx = self
                 .0
