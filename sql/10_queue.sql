@@ -792,7 +792,7 @@ begin
           -- its lease (greatest ignores NULL).
           select count(*) filter (where greatest(j.visible_at, j.leased_until) <= v_now) as ready,
                  count(*) filter (where j.visible_at > v_now
-                                    and not coalesce(j.leased_until > v_now, false)) as delayed,
+                                    and (j.leased_until is null or j.leased_until <= v_now)) as delayed,
                  count(*) filter (where j.leased_until > v_now) as in_flight,
                  min(greatest(j.visible_at, j.leased_until))
                      filter (where greatest(j.visible_at, j.leased_until) <= v_now) as oldest_ready
