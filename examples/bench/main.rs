@@ -107,23 +107,38 @@ async fn reference(pool: &PgPool, n: usize) -> Result<(f64, Duration), BoxError>
 
 /// Autovacuum keeps the hot tables' pages reusable; where the server has it
 /// off (this project's test machine does), a soak runs `vacuum` (a VACUUM
-/// ANALYZE statement) every 10 s in its place. Returns that task, or `None`
-/// when autovacuum is on. Abort the task when the soak ends.
-async fn autovacuum_stand_in(
-    pool: &PgPool,
-    vacuum: &'static str,
-) -> Result<Option<tokio::task::JoinHandle<()>>, sqlx::Error> {
+/// ANALYZE statement) every 10 s in its place, until the returned stand-in
+/// is dropped.
+async fn autovacuum_stand_in(pool: &PgPool, vacuum: &'static str) -> Result<StandIn, sqlx::Error> {
     let autovacuum: String = sqlx::query_scalar("show autovacuum")
         .fetch_one(pool)
         .await?;
-    Ok((autovacuum == "off").then(|| {
+    Ok(StandIn((autovacuum == "off").then(|| {
         let pool = pool.clone();
         tokio::spawn(async move {
             while pool.execute(vacuum).await.is_ok() {
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
         })
-    }))
+    })))
+}
+
+/// The vacuuming task standing in for autovacuum, if any; it stops when
+/// this is dropped, however the soak ends.
+struct StandIn(Option<tokio::task::JoinHandle<()>>);
+
+impl StandIn {
+    fn running(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
 }
 
 fn secs(start: Instant) -> f64 {

@@ -376,7 +376,7 @@ async fn soak(cairn: &Cairn, concurrency: usize) -> Result<(), BoxError> {
     let stand_in = autovacuum_stand_in(pool, VACUUM_JOBS).await?;
     println!(
         "soak: 3 minutes at full speed; cairn.jobs with its indexes{}:",
-        if stand_in.is_some() {
+        if stand_in.running() {
             " (autovacuum is off on this server: VACUUM ANALYZE every 10 s in its place)"
         } else {
             ""
@@ -407,9 +407,7 @@ async fn soak(cairn: &Cairn, concurrency: usize) -> Result<(), BoxError> {
     }
     let rate = sent as f64 / secs(start);
     worker.stop().await?;
-    if let Some(task) = stand_in {
-        task.abort();
-    }
+    drop(stand_in);
     let half = samples.len() / 2;
     let peak = |s: &[f64]| s.iter().copied().fold(0.0, f64::max);
     println!(

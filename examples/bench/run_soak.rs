@@ -42,7 +42,7 @@ pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
         KEEP.as_secs()
     );
     let stand_in = autovacuum_stand_in(&pool, VACUUM).await?;
-    if stand_in.is_some() {
+    if stand_in.running() {
         println!(
             "(autovacuum is off on this server: VACUUM ANALYZE of these tables every 10 s in its place)"
         );
@@ -98,9 +98,7 @@ pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
     }
     let rate = started as f64 / secs(start);
     worker.stop().await?;
-    if let Some(task) = stand_in {
-        task.abort();
-    }
+    drop(stand_in);
     let failed: i64 = sqlx::query_scalar(
         "select count(*) from cairn.runs where status not in ('completed', 'pending', 'running')",
     )
