@@ -62,18 +62,15 @@ async fn an_idle_tick_reads_no_schedule_that_is_not_due(pool: PgPool) {
     let mut conn = common::planned_on_empty(&pool, "vacuum analyze cairn.schedules", tick).await;
     // Written straight into the table (create_schedule is slow in bulk),
     // from another connection whose statistics are sent before counting.
-    let mut other = pool.acquire().await.unwrap();
-    sqlx::query(
+    common::written_apart(
+        &pool,
         "insert into cairn.schedules (name, cron, timezone, queue, task, input, missed, overlap,
                                       next_fire, created_at, updated_at)
          select 's' || g, '@yearly', 'UTC', 'chores', 'sweep', '{}', 'coalesce', 'allow',
                 now() + interval '300 days', now(), now()
            from generate_series(1, 5000) g",
     )
-    .execute(&mut *other)
-    .await
-    .unwrap();
-    common::fresh_stats(&mut other).await;
+    .await;
     let before = common::rows_read(&mut conn, &["schedules"]).await;
     for _ in 0..10 {
         let fired: i32 = sqlx::query_scalar(tick)

@@ -902,18 +902,15 @@ async fn listing_dead_letters_reads_only_those(pool: PgPool) {
         "select * from cairn.list_dead()",
     )
     .await;
-    let mut other = pool.acquire().await.unwrap();
-    sqlx::query(
+    common::written_apart(
+        &pool,
         "insert into cairn.archive (id, queue, task, payload, priority, attempts, enqueued_at,
                                     archived_at, outcome)
          select g, 'q', 'q', '{}', 0, 1, now(), now(),
                 case when g % 4000 = 0 then 'dead' else 'completed' end
            from generate_series(1, 20000) g",
     )
-    .execute(&mut *other)
-    .await
-    .unwrap();
-    common::fresh_stats(&mut other).await;
+    .await;
     let before = common::rows_read(&mut conn, &["archive"]).await;
     let dead: Vec<i64> = sqlx::query_scalar("select id from cairn.list_dead()")
         .fetch_all(&mut *conn)

@@ -271,6 +271,14 @@ pub async fn planned_on_empty(
     conn
 }
 
+/// Runs `sql` on a connection of its own and sends that connection's
+/// statistics, so what it read cannot land inside a later count.
+pub async fn written_apart(pool: &PgPool, sql: &'static str) {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    fresh_stats(&mut conn).await;
+}
+
 /// Writes a history from a connection of its own: `runs` completed root
 /// runs of three completed steps each, finished `days_ago`. Its statistics
 /// are sent before it returns, so they cannot land inside a later count.
