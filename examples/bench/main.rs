@@ -123,6 +123,14 @@ async fn autovacuum_stand_in(pool: &PgPool, vacuum: &'static str) -> Result<Stan
     })))
 }
 
+/// The largest of the first half of `samples`, and of the second: a size
+/// that stops growing has the second no larger than the first.
+fn peaks_by_half(samples: &[f64]) -> (f64, f64) {
+    let (first, second) = samples.split_at(samples.len() / 2);
+    let peak = |s: &[f64]| s.iter().copied().fold(0.0, f64::max);
+    (peak(first), peak(second))
+}
+
 /// The vacuuming task standing in for autovacuum, if any; it stops when
 /// this is dropped, however the soak ends.
 struct StandIn(Option<tokio::task::JoinHandle<()>>);

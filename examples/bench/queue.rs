@@ -12,7 +12,7 @@ use sqlx::{Executor, PgPool};
 use tokio::sync::{Notify, mpsc};
 
 use super::peer::Pgmq;
-use super::{BoxError, Running, autovacuum_stand_in, ms, redact, reference, secs};
+use super::{BoxError, Running, autovacuum_stand_in, ms, peaks_by_half, redact, reference, secs};
 
 #[derive(Serialize, Deserialize)]
 struct Noop {
@@ -408,13 +408,10 @@ async fn soak(cairn: &Cairn, concurrency: usize) -> Result<(), BoxError> {
     let rate = sent as f64 / secs(start);
     worker.stop().await?;
     drop(stand_in);
-    let half = samples.len() / 2;
-    let peak = |s: &[f64]| s.iter().copied().fold(0.0, f64::max);
+    let (first, second) = peaks_by_half(&samples);
     println!(
-        "{:<46} {rate:>9.0} /s   largest size, second half {:.1} MiB vs first half {:.1} MiB",
+        "{:<46} {rate:>9.0} /s   largest size, second half {second:.1} MiB vs first half {first:.1} MiB",
         format!("soak of {sent}"),
-        peak(&samples[half..]),
-        peak(&samples[..half])
     );
     Ok(())
 }

@@ -9,7 +9,7 @@ use cairn::Retention;
 use sqlx::PgPool;
 
 use super::workflow::workflow_app;
-use super::{BoxError, Running, autovacuum_stand_in, redact, secs};
+use super::{BoxError, Running, autovacuum_stand_in, peaks_by_half, redact, secs};
 
 /// How long the soak produces: three minutes, ten with `--long`.
 const FOR: Duration = Duration::from_secs(180);
@@ -107,13 +107,10 @@ pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
     if failed > 0 {
         return Err(format!("{failed} runs did not complete").into());
     }
-    let half = samples.len() / 2;
-    let peak = |s: &[f64]| s.iter().copied().fold(0.0, f64::max);
+    let (first, second) = peaks_by_half(&samples);
     println!(
-        "{:<40} {rate:>7.0} runs/s   largest size, second half {:.1} MiB vs first half {:.1} MiB",
+        "{:<40} {rate:>7.0} runs/s   largest size, second half {second:.1} MiB vs first half {first:.1} MiB",
         format!("run soak of {started}"),
-        peak(&samples[half..]),
-        peak(&samples[..half])
     );
     app.pool().close().await;
     Ok(())
