@@ -314,6 +314,7 @@ language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 set enable_sort = off
 set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_now   timestamptz := cairn.now();
