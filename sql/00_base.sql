@@ -224,6 +224,35 @@ begin
     end if;
 end $$;
 
+-- A batch of a worker's run calls (begin_steps, load_runs, complete_runs):
+-- (run, job, lease) triples as three parallel arrays, at most 1,000.
+-- Returns how many.
+create or replace function cairn.check_calls(run_ids uuid[], job_ids bigint[], leases bigint[])
+returns integer
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if run_ids is null or job_ids is null or leases is null
+       or array_position(run_ids, null) is not null or array_position(job_ids, null) is not null
+       or array_position(leases, null) is not null then
+        raise exception 'cairn: run ids, job ids and leases must not be NULL (nor hold NULLs)'
+            using errcode = 'null_value_not_allowed';
+    end if;
+    if pg_catalog.cardinality(job_ids) <> pg_catalog.cardinality(run_ids)
+       or pg_catalog.cardinality(leases) <> pg_catalog.cardinality(run_ids) then
+        raise exception 'cairn: % run ids, % job ids and % leases; they must line up',
+            pg_catalog.cardinality(run_ids), pg_catalog.cardinality(job_ids),
+            pg_catalog.cardinality(leases)
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if pg_catalog.cardinality(run_ids) > 1000 then
+        raise exception 'cairn: at most 1000 calls in a batch, got %', pg_catalog.cardinality(run_ids)
+            using errcode = 'invalid_parameter_value';
+    end if;
+    return pg_catalog.cardinality(run_ids);
+end $$;
+
 -- Fenced calls name (id, lease) pairs as two parallel arrays.
 create or replace function cairn.check_pairs(ids bigint[], leases bigint[])
 returns void

@@ -17,6 +17,22 @@
 -- false). Outcomes in `done` that conflict with what another writer
 -- recorded raise CA001: the worker must replay. Lock order: see
 -- 20_run_engine.sql.
+--
+-- Batches. The three calls every run makes, load_run, begin_step and
+-- complete_run, also come as load_runs, begin_steps and complete_runs: the
+-- same calls for several runs (parallel arrays, the n-th element of each
+-- one call) in one transaction, so the runs a worker executes at once share
+-- one round trip, one commit and one WAL flush. Each call is answered as it
+-- would be alone, in rows tagged with its position n. A batch never waits
+-- for a run's lock: it takes each run's row with SKIP LOCKED, and answers
+-- 'busy' for a run that another transaction holds (a cancel, a signal, a
+-- child's end) and for what needs more than the run's own row (a child run's
+-- completion locks its ancestors first); the worker makes those calls alone,
+-- and they wait as they always did. So a batch keeps rank 1 of the lock
+-- order by never waiting there, whatever order its runs come in; the jobs
+-- it locks (complete_runs deletes them) it locks in the order given, and
+-- the worker sends them in id order (rank 2). A conflict (CA001) rolls back
+-- the whole batch: the worker then makes its calls alone, to learn which.
 
 create or replace function cairn.register_workflow(workflow text, queue text)
 returns void
@@ -59,67 +75,118 @@ set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_now    timestamptz := cairn.now();
-    v_run    cairn.runs;
-    v_job    record;
-    v_reason text;
+    v_run cairn.runs;
 begin
     if run_id is null or job_id is null or lease is null then
         perform cairn.check_held(run_id, job_id, lease);
     end if;
     select * into v_run from cairn.runs r where r.id = load_run.run_id for no key update;
-    select j.lease, j.run_id, j.leased_until into v_job from cairn.jobs j where j.id = load_run.job_id;
-    if not found or v_job.lease is distinct from load_run.lease
-       or v_job.leased_until is null or v_job.leased_until <= v_now then
+    return query select * from cairn.load_held(run_id, v_run, job_id, lease, cairn.now());
+end $$;
+comment on function cairn.load_run(uuid, bigint, bigint) is
+    'Worker: begin an execution of a run: its input, the database time and its checkpoints.';
+
+-- load_run for several runs at once (see "Batches" above): the rows of each
+-- call tagged with its position n, or a single 'busy' row (in `refused`)
+-- for a run another transaction holds locked. Locks: each run FOR NO KEY
+-- UPDATE SKIP LOCKED, then, for a job it refuses, that job.
+create or replace function cairn.load_runs(run_ids uuid[], job_ids bigint[], leases bigint[])
+returns table (n integer, refused text, workflow text, input jsonb, db_now timestamptz,
+               created_at timestamptz, traceparent text, key text, seq integer, kind text,
+               status text, output jsonb, error text, attempts integer, wake_at timestamptz,
+               fingerprint text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_now timestamptz := cairn.now();
+    v_n   integer := cairn.check_calls(run_ids, job_ids, leases);
+    v_run cairn.runs;
+begin
+    for i in 1 .. v_n loop
+        select * into v_run from cairn.runs r where r.id = run_ids[i] for no key update skip locked;
+        if not found and exists (select from cairn.runs r where r.id = run_ids[i]) then
+            return query select i, 'busy', null::text, null::jsonb, null::timestamptz,
+                                null::timestamptz, null::text, null::text, null::integer,
+                                null::text, null::text, null::jsonb, null::text, null::integer,
+                                null::timestamptz, null::text;
+            continue;
+        end if;
+        return query select i, l.* from cairn.load_held(run_ids[i], v_run, job_ids[i], leases[i], v_now) l;
+    end loop;
+end $$;
+comment on function cairn.load_runs(uuid[], bigint[], bigint[]) is
+    'Worker: load_run for several runs in one transaction; rows tagged with each call''s position, ''busy'' in refused for a run locked elsewhere (call load_run for it).';
+
+-- Internal: load_run once the run's row is locked FOR NO KEY UPDATE
+-- (`locked`; NULLs if there is no such run).
+create or replace function cairn.load_held(run_id uuid, locked cairn.runs, job_id bigint,
+                                           lease bigint, at timestamptz)
+returns table (refused text, workflow text, input jsonb, db_now timestamptz,
+               created_at timestamptz, traceparent text, key text, seq integer, kind text,
+               status text, output jsonb, error text, attempts integer, wake_at timestamptz,
+               fingerprint text)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_job    record;
+    v_reason text;
+begin
+    select j.lease, j.run_id, j.leased_until into v_job from cairn.jobs j where j.id = load_held.job_id;
+    if not found or v_job.lease is distinct from load_held.lease
+       or v_job.leased_until is null or v_job.leased_until <= at then
         return;
     end if;
-    if v_job.run_id is distinct from load_run.run_id or v_run.id is null then
+    if v_job.run_id is distinct from load_held.run_id or locked.id is null then
         v_reason := format('job %s is not the job of run %s: a run''s job is made by the run engine only',
                            job_id, run_id);
-    elsif v_run.job_id is distinct from load_run.job_id then
+    elsif locked.job_id is distinct from load_held.job_id then
         v_reason := format('job %s no longer drives run %s', job_id, run_id);
-    elsif v_run.status in ('completed', 'failed', 'cancelled') then
-        v_reason := format('run %s is already %s', run_id, v_run.status);
+    elsif locked.status in ('completed', 'failed', 'cancelled') then
+        v_reason := format('run %s is already %s', run_id, locked.status);
     end if;
     if v_reason is not null then
         -- Not the run's job: dead-letter it alone (the run is not its to move).
         with d as (
-            delete from cairn.jobs j where j.id = load_run.job_id and j.lease = load_run.lease
+            delete from cairn.jobs j where j.id = load_held.job_id and j.lease = load_held.lease
             returning j.*
         )
         insert into cairn.archive (id, queue, task, payload, priority, attempts, enqueued_at,
                                    archived_at, outcome, last_error, run_id, parent_run, parent_step)
-        select d.id, q.name, d.task, d.payload, d.priority, d.attempts, d.enqueued_at, v_now,
+        select d.id, q.name, d.task, d.payload, d.priority, d.attempts, d.enqueued_at, at,
                'dead', v_reason, d.run_id, d.parent_run, d.parent_step
           from d join cairn.queues q on q.id = d.queue_id;
-        return query select v_reason, null::text, null::jsonb, v_now, null::timestamptz, null::text,
+        return query select v_reason, null::text, null::jsonb, at, null::timestamptz, null::text,
                             null::text, null::integer, null::text, null::text, null::jsonb,
                             null::text, null::integer, null::timestamptz, null::text;
         return;
     end if;
-    if v_run.status in ('sleeping', 'waiting', 'running') then
+    if locked.status in ('sleeping', 'waiting', 'running') then
         -- Resumed after a wait, or after an execution that never reported
         -- back (its worker was lost).
         insert into cairn.run_events (run_id, at, event, detail)
-        values (load_run.run_id, v_now, 'resumed', jsonb_build_object('from', v_run.status));
+        values (load_held.run_id, at, 'resumed', jsonb_build_object('from', locked.status));
     end if;
     update cairn.runs r
-       set status = 'running', started_at = coalesce(r.started_at, v_now), updated_at = v_now,
+       set status = 'running', started_at = coalesce(r.started_at, at), updated_at = at,
            wake_pending = false
-     where r.id = load_run.run_id;
+     where r.id = load_held.run_id;
     return query
-    select null::text, v_run.workflow, v_run.input, v_now, v_run.created_at, v_run.traceparent,
+    select null::text, locked.workflow, locked.input, at, locked.created_at, locked.traceparent,
            null::text, null::integer, null::text, null::text, null::jsonb, null::text,
            null::integer, null::timestamptz, null::text;
     return query
     select null::text, null::text, null::jsonb, null::timestamptz, null::timestamptz, null::text,
            s.key, s.seq, s.kind, s.status, s.output, s.error, s.attempts, s.wake_at, s.fingerprint
       from cairn.steps s
-     where s.run_id = load_run.run_id
+     where s.run_id = load_held.run_id
      order by s.seq;
 end $$;
-comment on function cairn.load_run(uuid, bigint, bigint) is
-    'Worker: begin an execution of a run: its input, the database time and its checkpoints.';
 
 -- Begin an attempt of the inline step `key`, after writing the outbox.
 -- Returns (outcome, attempt, output, error): 'started' with the attempt's
@@ -144,9 +211,7 @@ set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_now     timestamptz := cairn.now();
-    v_step    record;
-    v_problem text;
+    v_now timestamptz := cairn.now();
 begin
     if run_id is null or job_id is null or lease is null then
         perform cairn.check_held(run_id, job_id, lease);
@@ -161,8 +226,93 @@ begin
                                    and j.leased_until > v_now) then
         return;
     end if;
+    return query
+    select b.outcome, b.attempt, b.output, b.error
+      from cairn.begin_held(run_id, done, key, seq, fingerprint, input, v_now) b;
+end $$;
+comment on function cairn.begin_step(uuid, bigint, bigint, jsonb, text, integer, text, jsonb) is
+    'Worker: record the outbox, then begin an attempt of an inline step (or learn its recorded outcome).';
+
+-- begin_step for several runs at once, in one transaction: the n-th element
+-- of each array is one call. A worker sends the begins its executions make
+-- at the same moment together, so they share one round trip, one commit and
+-- one flush (see "Batches" above). Returns a row per call that began or
+-- learned its outcome, tagged with its position n; none for a call whose
+-- lease no longer holds; 'busy' for a call whose run another transaction
+-- holds locked. Locks: each run FOR SHARE SKIP LOCKED.
+create or replace function cairn.begin_steps(
+    run_ids      uuid[],
+    job_ids      bigint[],
+    leases       bigint[],
+    dones        jsonb[],
+    keys         text[],
+    seqs         integer[],
+    fingerprints text[],
+    inputs       jsonb[])
+returns table (n integer, outcome text, attempt integer, output jsonb, error text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_now timestamptz := cairn.now();
+    v_n   integer := cairn.check_calls(run_ids, job_ids, leases);
+begin
+    if dones is null or array_position(dones, null) is not null
+       or keys is null or array_position(keys, null) is not null
+       or seqs is null or array_position(seqs, null) is not null
+       or fingerprints is null or inputs is null or array_position(inputs, null) is not null then
+        raise exception 'cairn: outboxes, keys, positions and inputs must not be NULL (nor hold NULLs)'
+            using errcode = 'null_value_not_allowed';
+    end if;
+    if cardinality(dones) <> v_n or cardinality(keys) <> v_n or cardinality(seqs) <> v_n
+       or cardinality(fingerprints) <> v_n or cardinality(inputs) <> v_n then
+        raise exception 'cairn: the arrays of begin_steps must all have % elements, one per call', v_n
+            using errcode = 'invalid_parameter_value';
+    end if;
+    for i in 1 .. v_n loop
+        perform from cairn.runs r
+         where r.id = run_ids[i] and r.job_id = job_ids[i]
+           for share skip locked;
+        if not found then
+            if exists (select from cairn.runs r where r.id = run_ids[i] and r.job_id = job_ids[i]) then
+                return query select i, 'busy'::text, null::integer, null::jsonb, null::text;
+            end if;
+        elsif exists (select from cairn.jobs j
+                       where j.id = job_ids[i] and j.lease = leases[i] and j.leased_until > v_now) then
+            return query
+            select i, b.outcome, b.attempt, b.output, b.error
+              from cairn.begin_held(run_ids[i], dones[i], keys[i], seqs[i], fingerprints[i],
+                                    inputs[i], v_now) b;
+        end if;
+    end loop;
+end $$;
+comment on function cairn.begin_steps(uuid[], bigint[], bigint[], jsonb[], text[], integer[], text[], jsonb[]) is
+    'Worker: begin_step for several runs in one transaction; rows tagged with each call''s position, ''busy'' for a run locked elsewhere (call begin_step for it).';
+
+-- Internal: begin_step once its run is held FOR SHARE and its lease checked:
+-- write the outbox, then record the attempt (or return the recorded outcome).
+create or replace function cairn.begin_held(
+    run_id      uuid,
+    done        jsonb,
+    key         text,
+    seq         integer,
+    fingerprint text,
+    input       jsonb,
+    at          timestamptz)
+returns table (outcome text, attempt integer, output jsonb, error text)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_step    record;
+    v_problem text;
+begin
     if done <> '[]' then
-        perform cairn.record_outcomes(run_id, done, v_now);
+        perform cairn.record_outcomes(run_id, done, at);
     end if;
     -- The first attempt, the common case: one insert.
     if pg_column_size(input) > 1048576 then
@@ -170,11 +320,11 @@ begin
     end if;
     insert into cairn.steps (run_id, key, seq, kind, status, input, fingerprint, attempts,
                              started_at, error, finished_at)
-    values (begin_step.run_id, begin_step.key, begin_step.seq, 'step',
+    values (begin_held.run_id, begin_held.key, begin_held.seq, 'step',
             case when v_problem is null then 'running' else 'failed' end,
-            case when v_problem is null then begin_step.input end,
-            begin_step.fingerprint, 1, v_now, v_problem,
-            case when v_problem is not null then v_now end)
+            case when v_problem is null then begin_held.input end,
+            begin_held.fingerprint, 1, at, v_problem,
+            case when v_problem is not null then at end)
     on conflict on constraint steps_pkey do nothing;
     if found then
         if v_problem is null then
@@ -182,17 +332,17 @@ begin
             return;
         end if;
         insert into cairn.run_events (run_id, at, ended_at, event, step, attempt, outcome, error)
-        values (begin_step.run_id, v_now, v_now, 'attempt', begin_step.key, 1, 'failed', v_problem);
+        values (begin_held.run_id, at, at, 'attempt', begin_held.key, 1, 'failed', v_problem);
         return query select 'failed', 1, null::jsonb, v_problem;
         return;
     end if;
     -- Recorded before: a retry, a replay after a crash, or another writer.
     select s.status, s.attempts, s.started_at, s.output, s.error, s.fingerprint into v_step
       from cairn.steps s
-     where s.run_id = begin_step.run_id and s.key = begin_step.key
+     where s.run_id = begin_held.run_id and s.key = begin_held.key
        for update;
     -- Checkpoints recorded before fingerprints existed (NULL) are trusted.
-    if v_step.fingerprint <> begin_step.fingerprint then
+    if v_step.fingerprint <> begin_held.fingerprint then
         return query select 'mismatch', v_step.attempts, null::jsonb, null::text;
         return;
     end if;
@@ -203,17 +353,15 @@ begin
     if v_step.status = 'running' then
         -- The attempt that began it never ended: its worker was lost.
         insert into cairn.run_events (run_id, at, event, step, attempt, outcome, error)
-        values (begin_step.run_id, v_step.started_at, 'attempt', begin_step.key, v_step.attempts,
+        values (begin_held.run_id, v_step.started_at, 'attempt', begin_held.key, v_step.attempts,
                 'lost', 'cut short: the worker running it was lost');
     end if;
     update cairn.steps s
-       set status = 'running', attempts = s.attempts + 1, started_at = v_now,
+       set status = 'running', attempts = s.attempts + 1, started_at = at,
            finished_at = null, error = null, wake_at = null
-     where s.run_id = begin_step.run_id and s.key = begin_step.key;
+     where s.run_id = begin_held.run_id and s.key = begin_held.key;
     return query select 'started', v_step.attempts + 1, null::jsonb, null::text;
 end $$;
-comment on function cairn.begin_step(uuid, bigint, bigint, jsonb, text, integer, text, jsonb) is
-    'Worker: record the outbox, then begin an attempt of an inline step (or learn its recorded outcome).';
 
 -- Write the outbox when no other call is about to carry it. True if written;
 -- false if the lease no longer holds.
@@ -616,9 +764,7 @@ set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_now     timestamptz := cairn.now();
-    v_problem text := case when output is null or pg_column_size(output) > 1048576
-                           then cairn.json_problem(coalesce(output, 'null')) end;
+    v_now timestamptz := cairn.now();
 begin
     if run_id is null or job_id is null or lease is null then
         perform cairn.check_held(run_id, job_id, lease);
@@ -626,8 +772,88 @@ begin
     if cairn.hold_run(run_id, job_id, lease, 'family', v_now) is null then
         return null;
     end if;
-    if complete_run.done <> '[]' then
-        perform cairn.record_outcomes(run_id, complete_run.done, v_now);
+    return cairn.complete_held(run_id, job_id, lease, done, output, v_now);
+end $$;
+comment on function cairn.complete_run(uuid, bigint, bigint, jsonb, jsonb) is
+    'Worker: record the outbox and complete the run with its output.';
+
+-- complete_run for several runs at once (see "Batches" above): a row per
+-- call that completed or failed its run, tagged with its position n; none
+-- for a call whose lease no longer holds; 'busy' for a run another
+-- transaction holds locked, or a child run (its parent must be locked
+-- first: call complete_run for it). Locks: each root run FOR NO KEY UPDATE
+-- SKIP LOCKED, then its job; the jobs in the order given, so the worker
+-- sends them in id order.
+create or replace function cairn.complete_runs(
+    run_ids uuid[],
+    job_ids bigint[],
+    leases  bigint[],
+    dones   jsonb[],
+    outputs jsonb[])
+returns table (n integer, status text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_now timestamptz := cairn.now();
+    v_n   integer := cairn.check_calls(run_ids, job_ids, leases);
+begin
+    if dones is null or array_position(dones, null) is not null or outputs is null then
+        raise exception 'cairn: outboxes and outputs must not be NULL (nor hold NULLs)'
+            using errcode = 'null_value_not_allowed';
+    end if;
+    if cardinality(dones) <> v_n or cardinality(outputs) <> v_n then
+        raise exception 'cairn: the arrays of complete_runs must all have % elements, one per call', v_n
+            using errcode = 'invalid_parameter_value';
+    end if;
+    for i in 1 .. v_n loop
+        -- parent_run never changes: read without a lock.
+        if exists (select from cairn.runs r where r.id = run_ids[i] and r.parent_run is not null) then
+            return query select i, 'busy'::text;
+            continue;
+        end if;
+        perform from cairn.runs r
+         where r.id = run_ids[i] and r.job_id = job_ids[i]
+           for no key update skip locked;
+        if not found then
+            if exists (select from cairn.runs r where r.id = run_ids[i] and r.job_id = job_ids[i]) then
+                return query select i, 'busy'::text;
+            end if;
+        elsif exists (select from cairn.jobs j
+                       where j.id = job_ids[i] and j.lease = leases[i] and j.run_id = run_ids[i]
+                         and j.leased_until > v_now) then
+            return query
+            select i, cairn.complete_held(run_ids[i], job_ids[i], leases[i], dones[i], outputs[i], v_now);
+        end if;
+    end loop;
+end $$;
+comment on function cairn.complete_runs(uuid[], bigint[], bigint[], jsonb[], jsonb[]) is
+    'Worker: complete_run for several root runs in one transaction; rows tagged with each call''s position, ''busy'' for a run locked elsewhere or a child run (call complete_run for it).';
+
+-- Internal: complete_run once the run is held (hold_run, 'family'): write
+-- the outbox, then end the run with its output and delete its job; or fail
+-- it if the output breaks the JSON limits. Returns 'completed' or 'failed'.
+create or replace function cairn.complete_held(
+    run_id uuid,
+    job_id bigint,
+    lease  bigint,
+    done   jsonb,
+    output jsonb,
+    at     timestamptz)
+returns text
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_problem text := case when output is null or pg_column_size(output) > 1048576
+                           then cairn.json_problem(coalesce(output, 'null')) end;
+begin
+    if done <> '[]' then
+        perform cairn.record_outcomes(run_id, done, at);
     end if;
     if v_problem is not null then
         perform cairn.finish_run(run_id, 'failed', null, 'the run''s output ' || v_problem);
@@ -636,11 +862,9 @@ begin
         return 'failed';
     end if;
     perform cairn.finish_run(run_id, 'completed', coalesce(output, 'null'), null);
-    delete from cairn.jobs j where j.id = complete_run.job_id;
+    delete from cairn.jobs j where j.id = complete_held.job_id;
     return 'completed';
 end $$;
-comment on function cairn.complete_run(uuid, bigint, bigint, jsonb, jsonb) is
-    'Worker: record the outbox and complete the run with its output.';
 
 -- The run failed: it ends with `error` and its job is dead-lettered, so
 -- cairn.retry_run (or cairn.requeue of that job) can revive it. Locks as

@@ -543,24 +543,18 @@ struct LoadedRow {
     fingerprint: Option<String>,
 }
 
-/// `None` when the lease no longer holds the run's job.
-pub(crate) async fn load_run(db: &Db, at: RunLease) -> Result<Option<LoadedRun>> {
-    let rows: Vec<LoadedRow> = sqlx::query_as(
-        "select set_config('synchronous_commit', 'off', true) as async_commit, refused, \
-                input::text as input, db_now, created_at, traceparent, key, seq, status, \
-                output::text as output, error, wake_at, fingerprint \
-           from cairn.load_run($1, $2, $3)",
-    )
-    .bind(at.run)
-    .bind(at.job)
-    .bind(at.lease)
-    .fetch_all(db)
-    .await
-    .db("loading a run")?;
-    let mut rows = rows.into_iter();
-    let Some(run) = rows.next() else {
-        return Ok(None);
+/// The columns of `cairn.load_run` (and of `load_runs`, after `n`).
+macro_rules! loaded_columns {
+    () => {
+        "refused, input::text as input, db_now, created_at, traceparent, key, seq, status, \
+         output::text as output, error, wake_at, fingerprint"
     };
+}
+
+/// A run from its rows: the run's, then one per checkpoint.
+fn loaded(rows: impl IntoIterator<Item = LoadedRow>) -> Option<LoadedRun> {
+    let mut rows = rows.into_iter();
+    let run = rows.next()?;
     let steps = rows
         .filter_map(|r| {
             Some(RecordedStep {
@@ -574,14 +568,70 @@ pub(crate) async fn load_run(db: &Db, at: RunLease) -> Result<Option<LoadedRun>>
             })
         })
         .collect();
-    Ok(Some(LoadedRun {
+    Some(LoadedRun {
         refused: run.refused,
         input: run.input.unwrap_or_else(|| "null".into()),
         db_now: run.db_now.unwrap_or_else(Utc::now),
         created_at: run.created_at.unwrap_or_else(Utc::now),
         traceparent: run.traceparent,
         steps,
-    }))
+    })
+}
+
+/// `None` when the lease no longer holds the run's job.
+pub(crate) async fn load_run(db: &Db, at: RunLease) -> Result<Option<LoadedRun>> {
+    let rows: Vec<LoadedRow> = sqlx::query_as(concat!(
+        "select set_config('synchronous_commit', 'off', true) as async_commit, ",
+        loaded_columns!(),
+        " from cairn.load_run($1, $2, $3)"
+    ))
+    .bind(at.run)
+    .bind(at.job)
+    .bind(at.lease)
+    .fetch_all(db)
+    .await
+    .db("loading a run")?;
+    Ok(loaded(rows))
+}
+
+/// Several `load_run` calls in one `cairn.load_runs` call: an answer per
+/// call, in order.
+pub(crate) async fn load_runs(db: &Db, calls: &[RunLease]) -> Result<Vec<Batched<LoadedRun>>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        n: i32,
+        #[sqlx(flatten)]
+        run: LoadedRow,
+    }
+    let rows: Vec<Row> = sqlx::query_as(concat!(
+        "select set_config('synchronous_commit', 'off', true) as async_commit, n, ",
+        loaded_columns!(),
+        " from cairn.load_runs($1, $2, $3)"
+    ))
+    .bind(calls.iter().map(|c| c.run).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.job).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.lease).collect::<Vec<_>>())
+    .fetch_all(db)
+    .await
+    .db("loading runs")?;
+    // The rows of one call are consecutive, the run's first.
+    let mut by_call: Vec<(i32, Vec<LoadedRow>)> = Vec::new();
+    for row in rows {
+        match by_call.last_mut() {
+            Some((n, rows)) if *n == row.n => rows.push(row.run),
+            _ => by_call.push((row.n, vec![row.run])),
+        }
+    }
+    Ok(answers(
+        calls.len(),
+        by_call.into_iter().map(|(n, rows)| {
+            let answer = match rows.first().and_then(|r| r.refused.as_deref()) {
+                Some("busy") => Batched::Busy,
+                _ => Batched::Done(loaded(rows)),
+            };
+            (n, answer)
+        }),
+    ))
 }
 
 /// What `cairn.begin_step` answered.
@@ -599,54 +649,134 @@ pub(crate) enum Begun {
     Mismatch,
 }
 
-/// Writes `done`, then begins an attempt of step `key`. `None` when the
-/// lease was lost. Without outcomes to write (`durable` false) the commit
-/// does not wait for the WAL flush: losing a begun attempt in a crash of the
-/// database only loses the count of that attempt.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn begin_step(
-    db: &Db,
-    at: RunLease,
-    done: &str,
-    durable: bool,
-    key: &str,
-    seq: i32,
-    fingerprint: Option<&str>,
-    input: &str,
-) -> Result<Option<Begun>> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        outcome: String,
-        attempt: Option<i32>,
-        output: Option<String>,
-        error: Option<String>,
+/// One `cairn.begin_step` call: write `done`, then begin an attempt of step
+/// `key`. Without outcomes to write (`durable` false) the commit need not
+/// wait for the WAL flush: losing a begun attempt in a crash of the database
+/// only loses the count of that attempt.
+#[derive(Debug)]
+pub(crate) struct BeginCall {
+    pub at: RunLease,
+    pub done: String,
+    pub durable: bool,
+    pub key: String,
+    pub seq: i32,
+    pub fingerprint: Option<String>,
+    pub input: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct BegunRow {
+    outcome: String,
+    attempt: Option<i32>,
+    output: Option<String>,
+    error: Option<String>,
+}
+
+impl BegunRow {
+    fn begun(self) -> Begun {
+        match self.outcome.as_str() {
+            "started" => Begun::Started(self.attempt.unwrap_or(1)),
+            "mismatch" => Begun::Mismatch,
+            other => Begun::Recorded {
+                status: StepStatus::parse(other).unwrap_or(StepStatus::Failed),
+                output: self.output,
+                error: self.error,
+            },
+        }
     }
-    let row: Option<Row> = sqlx::query_as(
+}
+
+/// One call of `cairn.begin_step`. `None` when the lease was lost.
+pub(crate) async fn begin_step(db: &Db, call: &BeginCall) -> Result<Option<Begun>> {
+    let row: Option<BegunRow> = sqlx::query_as(
         "select outcome, attempt, output::text, error \
            from cairn.begin_step($1, $2, $3, $4::jsonb, $5, $6, $7, $8::jsonb) \
           where $9 or set_config('synchronous_commit', 'off', true) is not null",
     )
-    .bind(at.run)
-    .bind(at.job)
-    .bind(at.lease)
-    .bind(done)
-    .bind(key)
-    .bind(seq)
-    .bind(fingerprint)
-    .bind(input)
-    .bind(durable)
+    .bind(call.at.run)
+    .bind(call.at.job)
+    .bind(call.at.lease)
+    .bind(&call.done)
+    .bind(&call.key)
+    .bind(call.seq)
+    .bind(call.fingerprint.as_deref())
+    .bind(&call.input)
+    .bind(call.durable)
     .fetch_optional(db)
     .await
     .db("beginning a step")?;
-    Ok(row.map(|r| match r.outcome.as_str() {
-        "started" => Begun::Started(r.attempt.unwrap_or(1)),
-        "mismatch" => Begun::Mismatch,
-        other => Begun::Recorded {
-            status: StepStatus::parse(other).unwrap_or(StepStatus::Failed),
-            output: r.output,
-            error: r.error,
-        },
-    }))
+    Ok(row.map(BegunRow::begun))
+}
+
+/// What one call of a batch (`begin_steps`, `load_runs`, `complete_runs`)
+/// answered.
+#[derive(Debug)]
+pub(crate) enum Batched<T> {
+    /// What the call alone would have answered (`None`: the lease was lost).
+    Done(Option<T>),
+    /// The batch could not make it (another transaction held the run
+    /// locked, or a child run): make this call alone.
+    Busy,
+}
+
+/// One answer per call of a batch, from its rows tagged with positions
+/// from 1: the calls without a row lost their lease.
+fn answers<T>(n: usize, rows: impl IntoIterator<Item = (i32, Batched<T>)>) -> Vec<Batched<T>> {
+    let mut answers: Vec<Batched<T>> = (0..n).map(|_| Batched::Done(None)).collect();
+    for (at, answer) in rows {
+        if let Some(slot) = usize::try_from(at - 1)
+            .ok()
+            .and_then(|i| answers.get_mut(i))
+        {
+            *slot = answer;
+        }
+    }
+    answers
+}
+
+/// Several `begin_step` calls in one `cairn.begin_steps` call (one round
+/// trip, one transaction): an answer per call, in order. The commit waits
+/// for the WAL flush if any call carries outcomes.
+pub(crate) async fn begin_steps(db: &Db, calls: &[BeginCall]) -> Result<Vec<Batched<Begun>>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        n: i32,
+        #[sqlx(flatten)]
+        begun: BegunRow,
+    }
+    let durable = calls.iter().any(|c| c.durable);
+    let rows: Vec<Row> = sqlx::query_as(
+        "select n, outcome, attempt, output::text, error \
+           from cairn.begin_steps($1, $2, $3, $4::jsonb[], $5, $6, $7, $8::jsonb[]) \
+          where $9 or set_config('synchronous_commit', 'off', true) is not null",
+    )
+    .bind(calls.iter().map(|c| c.at.run).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.at.job).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.at.lease).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.done.as_str()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.key.as_str()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.seq).collect::<Vec<_>>())
+    .bind(
+        calls
+            .iter()
+            .map(|c| c.fingerprint.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(calls.iter().map(|c| c.input.as_str()).collect::<Vec<_>>())
+    .bind(durable)
+    .fetch_all(db)
+    .await
+    .db("beginning steps")?;
+    Ok(answers(
+        calls.len(),
+        rows.into_iter().map(|r| {
+            let answer = match r.begun.outcome.as_str() {
+                "busy" => Batched::Busy,
+                _ => Batched::Done(Some(r.begun.begun())),
+            };
+            (r.n, answer)
+        }),
+    ))
 }
 
 /// Writes `done`; false when the lease was lost.
@@ -816,25 +946,56 @@ pub(crate) async fn suspend_run(
         .db("suspending a run")
 }
 
+/// One `cairn.complete_run` call: write `done`, then end the run with
+/// `output`.
+#[derive(Debug)]
+pub(crate) struct CompleteCall {
+    pub at: RunLease,
+    pub done: String,
+    pub output: String,
+}
+
 /// `Some(true)` completed, `Some(false)` failed (its output broke the JSON
 /// limits), `None` when the lease was lost.
-pub(crate) async fn complete_run(
-    db: &Db,
-    at: RunLease,
-    done: &str,
-    output: &str,
-) -> Result<Option<bool>> {
+pub(crate) async fn complete_run(db: &Db, call: &CompleteCall) -> Result<Option<bool>> {
     let status: Option<String> =
         sqlx::query_scalar("select cairn.complete_run($1, $2, $3, $4::jsonb, $5::jsonb)")
-            .bind(at.run)
-            .bind(at.job)
-            .bind(at.lease)
-            .bind(done)
-            .bind(output)
+            .bind(call.at.run)
+            .bind(call.at.job)
+            .bind(call.at.lease)
+            .bind(&call.done)
+            .bind(&call.output)
             .fetch_one(db)
             .await
             .db("completing a run")?;
     Ok(status.map(|s| s == "completed"))
+}
+
+/// Several `complete_run` calls in one `cairn.complete_runs` call: an
+/// answer per call, in order. Their jobs are locked in the order given:
+/// send them in id order.
+pub(crate) async fn complete_runs(db: &Db, calls: &[CompleteCall]) -> Result<Vec<Batched<bool>>> {
+    let rows: Vec<(i32, String)> = sqlx::query_as(
+        "select n, status from cairn.complete_runs($1, $2, $3, $4::jsonb[], $5::jsonb[])",
+    )
+    .bind(calls.iter().map(|c| c.at.run).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.at.job).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.at.lease).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.done.as_str()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.output.as_str()).collect::<Vec<_>>())
+    .fetch_all(db)
+    .await
+    .db("completing runs")?;
+    Ok(answers(
+        calls.len(),
+        rows.into_iter().map(|(n, status)| {
+            let answer = match status.as_str() {
+                "busy" => Batched::Busy,
+                s => Batched::Done(Some(s == "completed")),
+            };
+            (n, answer)
+        }),
+    ))
 }
 
 pub(crate) async fn fail_run(db: &Db, at: RunLease, done: &str, error: &str) -> Result<bool> {

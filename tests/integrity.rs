@@ -426,6 +426,21 @@ async fn worker_calls_are_fenced_on_the_runs_own_job(pool: PgPool) {
             "select cairn.record_steps($1, $2, $3, '[]')::text",
             "record_steps",
         ),
+        (
+            "select count(*)::text from cairn.load_runs(array[$1], array[$2], array[$3])",
+            "load_runs",
+        ),
+        (
+            "select count(*)::text from cairn.begin_steps(array[$1], array[$2], array[$3],
+                                                          array['[]']::jsonb[], '{x#1}', '{0}',
+                                                          '{null}', array['1']::jsonb[])",
+            "begin_steps",
+        ),
+        (
+            "select count(*)::text from cairn.complete_runs(array[$1], array[$2], array[$3],
+                                                            array['[]']::jsonb[], array['1']::jsonb[])",
+            "complete_runs",
+        ),
     ] {
         let out: Option<String> = sqlx::query_scalar(call)
             .bind(run)
@@ -1476,6 +1491,9 @@ async fn nulls_get_22004_and_unknown_runs_42704_everywhere(pool: PgPool) {
         "select cairn.record_steps(gen_random_uuid(), 1, null, '[]')",
         "select cairn.complete_run(null, 1, 1, '[]', '1')",
         "select cairn.fail_run(null, 1, 1, '[]', 'x')",
+        "select * from cairn.load_runs(array[gen_random_uuid()], null, '{1}')",
+        "select * from cairn.begin_steps(array[gen_random_uuid()], '{1}', '{1}', array['[]']::jsonb[], '{k}', '{null}', '{null}', '{1}')",
+        "select * from cairn.complete_runs(array[gen_random_uuid()], '{1}', '{null}', array['[]']::jsonb[], '{1}')",
     ];
     for sql in nulls {
         let err = sqlx::query(sql).execute(&pool).await.expect_err(sql);

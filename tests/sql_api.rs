@@ -811,13 +811,80 @@ async fn drive_code(conn: &mut sqlx::PgConnection) {
         .unwrap();
 }
 
+/// Two runs of `code3` at once, as a worker drives them in batches:
+/// claim, load_runs, three begin_steps calls, complete_runs.
+async fn drive_code_batched(conn: &mut sqlx::PgConnection) {
+    sqlx::query("select cairn.start_workflow('code3', '1') from generate_series(1, 2)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let held: Vec<(i64, i64, cairn::Uuid)> = sqlx::query_as(
+        "select id, lease, run_id from cairn.claim('workflows', 30, 2, '{code3}') order by id",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(held.len(), 2);
+    let jobs: Vec<i64> = held.iter().map(|h| h.0).collect();
+    let leases: Vec<i64> = held.iter().map(|h| h.1).collect();
+    let runs: Vec<cairn::Uuid> = held.iter().map(|h| h.2).collect();
+    sqlx::query("select count(*) from cairn.load_runs($1, $2, $3)")
+        .bind(&runs)
+        .bind(&jobs)
+        .bind(&leases)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let done = |key: &str, seq: i32| {
+        format!(
+            r#"[{{"key":"{key}","seq":{seq},"kind":"step","attempt":1,"status":"completed","output":{seq}}}]"#
+        )
+    };
+    for (seq, key, before) in [
+        (1, "one", "[]".to_owned()),
+        (2, "two", done("one", 1)),
+        (3, "three", done("two", 2)),
+    ] {
+        let started: i64 = sqlx::query_scalar(
+            "select count(*) from cairn.begin_steps($1, $2, $3, array[$4, $4]::jsonb[],
+                                                    array[$5, $5], array[$6, $6],
+                                                    array[null, null]::text[], array['1', '1']::jsonb[])
+              where outcome = 'started'",
+        )
+        .bind(&runs)
+        .bind(&jobs)
+        .bind(&leases)
+        .bind(before)
+        .bind(key)
+        .bind(seq)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(started, 2);
+    }
+    let completed: i64 = sqlx::query_scalar(
+        "select count(*) from cairn.complete_runs($1, $2, $3, array[$4, $4]::jsonb[],
+                                                  array['3', '3']::jsonb[])
+          where status = 'completed'",
+    )
+    .bind(&runs)
+    .bind(&jobs)
+    .bind(&leases)
+    .bind(done("three", 3))
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(completed, 2);
+}
+
 /// The runs and steps tables are planned empty too: a worker's connection
 /// opened on a new database plans the engine's statements then and keeps
 /// those plans. Planned so, every step read every step ever recorded (a
 /// sequential scan) and a worker slowed down as the history grew (to half
-/// its rate within a minute of pgbench). Flow steps and code-first steps
-/// after 20,000 finished runs were added must read a bounded number of rows
-/// per step, with plans made while the tables were empty.
+/// its rate within a minute of pgbench). Flow steps and code-first steps,
+/// alone and in batches, after 20,000 finished runs were added must read a
+/// bounded number of rows per step, with plans made while the tables were
+/// empty.
 #[sqlx::test(migrations = false)]
 async fn step_work_does_not_grow_with_the_history(pool: PgPool) {
     setup(&pool).await;
@@ -843,6 +910,7 @@ async fn step_work_does_not_grow_with_the_history(pool: PgPool) {
     for _ in 0..6 {
         drive_flow(&mut conn).await;
         drive_code(&mut conn).await;
+        drive_code_batched(&mut conn).await;
     }
     // The history, from another connection: 20,000 finished runs of three
     // steps each.
@@ -852,15 +920,17 @@ async fn step_work_does_not_grow_with_the_history(pool: PgPool) {
     for _ in 0..10 {
         drive_flow(&mut conn).await;
         drive_code(&mut conn).await;
+        drive_code_batched(&mut conn).await;
     }
-    let per_step = (common::rows_read(&mut conn, &tables).await - before) / 60;
+    // Ten times a flow run, a code-first run and two batched ones.
+    let per_step = (common::rows_read(&mut conn, &tables).await - before) / 120;
     let completed: i64 = sqlx::query_scalar(
         "select count(*) from cairn.runs where workflow in ('flow3', 'code3') and status = 'completed'",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(completed, 32);
+    assert_eq!(completed, 64);
     // A handful with good plans; a sequential scan reads 60,000.
     assert!(
         per_step < 40,
@@ -1126,4 +1196,210 @@ async fn operator_functions_refuse_bad_arguments(pool: PgPool) {
         common::scalar_i64(&pool, "select count(*) from cairn.workers").await,
         0
     );
+}
+
+/// The batched worker calls (`load_runs`, `begin_steps`, `complete_runs`)
+/// answer each call as it would be answered alone, tagged with its
+/// position; a lost lease gets no row, and a run another transaction holds
+/// is answered 'busy' at once instead of waited for.
+#[sqlx::test(migrations = false)]
+async fn batched_run_calls_answer_each_call_as_alone(pool: PgPool) {
+    setup(&pool).await;
+    sqlx::raw_sql(
+        "select cairn.create_queue('workflows');
+         select cairn.register_workflow('code3', 'workflows');
+         select cairn.start_workflow('code3', to_jsonb(g)) from generate_series(1, 3) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let held: Vec<(i64, i64, cairn::Uuid)> =
+        sqlx::query_as("select id, lease, run_id from cairn.claim('workflows', 30, 3) order by id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let jobs: Vec<i64> = held.iter().map(|h| h.0).collect();
+    let leases: Vec<i64> = held.iter().map(|h| h.1).collect();
+    let runs: Vec<cairn::Uuid> = held.iter().map(|h| h.2).collect();
+
+    // Loaded: one row per run (no checkpoints yet), with its input.
+    let loaded: Vec<(i32, Option<String>, Option<String>)> = sqlx::query_as(
+        "select n, refused, input::text from cairn.load_runs($1, $2, $3) order by n",
+    )
+    .bind(&runs)
+    .bind(&jobs)
+    .bind(&leases)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(loaded.len(), 3, "{loaded:?}");
+    for (n, refused, input) in &loaded {
+        assert_eq!(refused, &None);
+        let start: i64 =
+            sqlx::query_scalar("select (input::text)::bigint from cairn.runs where id = $1")
+                .bind(runs[usize::try_from(*n - 1).unwrap()])
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(input.as_deref(), Some(start.to_string().as_str()));
+    }
+
+    // Run 2 is held by another transaction (as a cancel would hold it); run
+    // 3's lease is stale.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("select from cairn.runs where id = $1 for no key update")
+        .bind(runs[1])
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let stale = vec![leases[0], leases[1], leases[2] + 1];
+    let begun: Vec<(i32, String, Option<i32>)> = tokio::time::timeout(
+        Duration::from_secs(5),
+        sqlx::query_as(
+            "select n, outcome, attempt
+               from cairn.begin_steps($1, $2, $3, array['[]', '[]', '[]']::jsonb[],
+                                      array['one', 'one', 'one'], array[1, 1, 1],
+                                      array[null, null, null]::text[], array['1', '1', '1']::jsonb[])
+              order by n",
+        )
+        .bind(&runs)
+        .bind(&jobs)
+        .bind(&stale)
+        .fetch_all(&pool),
+    )
+    .await
+    .expect("a batch never waits for a run held elsewhere")
+    .unwrap();
+    assert_eq!(
+        begun,
+        vec![(1, "started".into(), Some(1)), (2, "busy".into(), None)],
+        "run 3's lease is stale: no row"
+    );
+    // Alone, the busy call waits for the holder, then begins.
+    other.rollback().await.unwrap();
+    let alone: String = sqlx::query_scalar(
+        "select outcome from cairn.begin_step($1, $2, $3, '[]', 'one', 1, null, '1')",
+    )
+    .bind(runs[1])
+    .bind(jobs[1])
+    .bind(leases[1])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(alone, "started");
+
+    // The same begin again learns the recorded attempt as it would alone;
+    // an outcome carried in the outbox is written first.
+    let done =
+        r#"[{"key":"one","seq":1,"kind":"step","attempt":1,"status":"completed","output":7}]"#;
+    let again: Vec<(i32, String, i32)> = sqlx::query_as(
+        "select n, outcome, attempt from cairn.begin_steps($1, $2, $3, array[$4, '[]']::jsonb[],
+                                                 array['two', 'one'], array[2, 1],
+                                                 array[null, null]::text[], array['1', '1']::jsonb[])
+          order by n",
+    )
+    .bind(&runs[..2])
+    .bind(&jobs[..2])
+    .bind(&leases[..2])
+    .bind(done)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    // Run 2's step was begun and never ended: that attempt was lost, and
+    // this is the second.
+    assert_eq!(
+        again,
+        vec![(1, "started".into(), 1), (2, "started".into(), 2)]
+    );
+    let output: String = sqlx::query_scalar(
+        "select output::text from cairn.steps where run_id = $1 and key = 'one'",
+    )
+    .bind(runs[0])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(output, "7");
+
+    // Completed together; a stale lease completes nothing.
+    let done2 =
+        r#"[{"key":"two","seq":2,"kind":"step","attempt":1,"status":"completed","output":8}]"#;
+    let completed: Vec<(i32, String)> = sqlx::query_as(
+        "select n, status from cairn.complete_runs($1, $2, $3, array[$4, '[]', '[]']::jsonb[],
+                                                  array['\"a\"', '\"b\"', '\"c\"']::jsonb[])
+          order by n",
+    )
+    .bind(&runs)
+    .bind(&jobs)
+    .bind(&stale)
+    .bind(done2)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        completed,
+        vec![(1, "completed".into()), (2, "completed".into())]
+    );
+    let states: Vec<(String, Option<String>)> = sqlx::query_as(
+        "select r.status, r.output::text from unnest($1::uuid[]) with ordinality u(id, n)
+           join cairn.runs r on r.id = u.id order by u.n",
+    )
+    .bind(&runs)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        states,
+        vec![
+            ("completed".into(), Some("\"a\"".into())),
+            ("completed".into(), Some("\"b\"".into())),
+            ("running".into(), None),
+        ]
+    );
+    assert_eq!(
+        common::scalar_i64(&pool, "select count(*) from cairn.jobs").await,
+        1,
+        "the completed runs' jobs are gone; run 3 keeps its job"
+    );
+}
+
+/// A batch refuses bad arrays before anything is written: NULLs (22004),
+/// arrays that do not line up or more than 1,000 calls (22023).
+#[sqlx::test(migrations = false)]
+async fn batched_run_calls_refuse_bad_arrays(pool: PgPool) {
+    setup(&pool).await;
+    for (sql, state) in [
+        ("select * from cairn.load_runs(null, '{1}', '{1}')", "22004"),
+        ("select * from cairn.load_runs(array[gen_random_uuid()], '{1,2}', '{1}')", "22023"),
+        (
+            "select * from cairn.load_runs(array[null::uuid], '{1}', '{1}')",
+            "22004",
+        ),
+        (
+            "select * from cairn.load_runs(array_fill(gen_random_uuid(), array[1001]),
+                                           array_fill(1::bigint, array[1001]),
+                                           array_fill(1::bigint, array[1001]))",
+            "22023",
+        ),
+        (
+            "select * from cairn.begin_steps(array[gen_random_uuid()], '{1}', '{1}', null,
+                                             '{k}', '{1}', '{null}', '{1}')",
+            "22004",
+        ),
+        (
+            "select * from cairn.begin_steps(array[gen_random_uuid()], '{1}', '{1}', array['[]']::jsonb[],
+                                             '{k,l}', '{1}', '{null}', '{1}')",
+            "22023",
+        ),
+        (
+            "select * from cairn.complete_runs(array[gen_random_uuid()], '{1}', '{1}', array['[]']::jsonb[], null)",
+            "22004",
+        ),
+        (
+            "select * from cairn.complete_runs(array[gen_random_uuid()], '{1}', '{1}', array['[]']::jsonb[], '{}')",
+            "22023",
+        ),
+    ] {
+        let err = sqlx::query(sql).execute(&pool).await.expect_err(sql);
+        assert_eq!(common::sqlstate(&err).as_deref(), Some(state), "{sql}: {err}");
+    }
 }

@@ -925,3 +925,99 @@ async fn result_within_gives_up_without_touching_the_run(pool: PgPool) {
     assert_eq!(out, 4);
     handle.await.unwrap().unwrap();
 }
+
+/// Runs executing at once share their calls: a worker sends the step begins
+/// (and the loads and completions) its runs make at the same moment as one
+/// batch. 300 three-step runs at concurrency 64 all complete with the right
+/// output, in fewer round trips than they have steps (counted by Postgres).
+#[sqlx::test(migrations = false)]
+async fn runs_executing_at_once_share_their_calls(pool: PgPool) {
+    let database: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "alter database \"{database}\" set track_functions = 'pl'"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let register = |app: &App| {
+        app.workflow("three", |ctx: WorkflowContext, i: i64| async move {
+            let a: i64 = ctx.step("one", i, |i| async move { Ok(i + 1) }).await?;
+            let b: i64 = ctx.step("two", a, |i| async move { Ok(i + 1) }).await?;
+            Ok(ctx.step("three", b, |i| async move { Ok(i + 1) }).await?)
+        })
+        .unwrap();
+    };
+    let app = common::app(&pool).await;
+    register(&app);
+    app.register_workflows().await.unwrap();
+    let mut runs = Vec::new();
+    for i in 0..300_i64 {
+        runs.push((i, app.start("three", &i).await.unwrap()));
+    }
+    // The worker on connections of its own, closed afterwards so that
+    // their backends report their counts.
+    let worker_app = common::builder(&common::url_of(&pool))
+        .build()
+        .await
+        .unwrap();
+    register(&worker_app);
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(
+        worker_app
+            .worker()
+            .queues(["workflows"])
+            .concurrency(64)
+            .run_until(stop.clone().cancelled_owned()),
+    );
+    common::wait_for("300 runs to complete", Duration::from_secs(60), || async {
+        common::scalar_i64(
+            &pool,
+            "select count(*) from cairn.runs where status = 'completed'",
+        )
+        .await
+            == 300
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    worker_app.pool().close().await;
+    for (i, run) in runs {
+        let out: i64 = app.result(run).await.unwrap();
+        assert_eq!(out, i + 3);
+    }
+    // Behind a transaction pooler the server's backends outlive the pool:
+    // they report once idle, within about ten seconds.
+    let calls = |f: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query("select pg_stat_clear_snapshot()")
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query_scalar::<_, i64>(
+                "select coalesce(sum(calls), 0)::bigint from pg_stat_user_functions
+                  where schemaname = 'cairn' and funcname = $1",
+            )
+            .bind(f)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    common::wait_for(
+        "the worker's call counts",
+        Duration::from_secs(30),
+        || async {
+            calls("complete_runs").await + calls("complete_run").await > 0
+                && calls("begin_steps").await > 0
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let begins = calls("begin_steps").await + calls("begin_step").await;
+    assert!(begins < 900, "{begins} calls for 900 step begins");
+    assert!(calls("load_runs").await > 0, "the loads were batched");
+}

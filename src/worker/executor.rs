@@ -215,6 +215,7 @@ impl Worker {
         let cancel = CancellationToken::new();
         let execution = Execution {
             pool: self.pool.clone(),
+            calls: self.calls.clone(),
             workflow,
             name: reg.name.clone(),
             queue: queue.to_owned(),

@@ -349,6 +349,8 @@ impl Counters {
 
 struct Worker {
     pool: Db,
+    /// The begins of steps its runs make at once, sent together.
+    calls: crate::workflow::Calls,
     queues: Vec<QueuePlan>,
     /// The names of `queues`, and of the step handlers this worker has: what
     /// the ack of a flow step may take on.
@@ -370,6 +372,7 @@ impl Worker {
         let plugins = b.plugins.snapshot();
         let step_handlers = b.handlers.read().step_handlers();
         Self {
+            calls: crate::workflow::Calls::new(b.pool.clone()),
             pool: b.pool,
             queue_names: queues.iter().map(|q| q.name.clone()).collect(),
             step_handlers,

@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Calls;
 use super::checkpoint::{Outbox, Outcome, Recorded, fingerprint};
 use super::step::Step;
 use crate::db::{self, RunLease, Started};
@@ -101,6 +102,8 @@ struct State {
 
 pub(super) struct Inner {
     pub(super) pool: Db,
+    /// The worker's batched calls (a step's begin).
+    pub(super) calls: Calls,
     pub(super) at: RunLease,
     pub(super) workflow: String,
     loaded_at: (DateTime<Utc>, Instant),
@@ -167,6 +170,7 @@ pub(crate) struct Loaded {
 impl WorkflowContext {
     pub(crate) fn new(
         pool: Db,
+        calls: Calls,
         at: RunLease,
         loaded: Loaded,
         options: &super::WorkflowOptions,
@@ -186,6 +190,7 @@ impl WorkflowContext {
         Self {
             inner: Arc::new(Inner {
                 pool,
+                calls,
                 at,
                 workflow: loaded.workflow,
                 loaded_at: (loaded.db_now, Instant::now()),

@@ -2,6 +2,7 @@
 //! [context](context) a workflow function gets, its [steps](step), and the
 //! [replay](replay) that runs one execution of a run.
 
+mod batch;
 mod checkpoint;
 mod context;
 mod replay;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub(crate) use batch::Calls;
 pub use context::WorkflowContext;
 pub(crate) use replay::{Execution, Settled, execute};
 pub use step::Step;

@@ -20,11 +20,12 @@ use crate::pooler::Db;
 use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Calls;
 use super::checkpoint::Outbox;
 use super::context::{Halt, Loaded, WorkflowContext};
 use super::{WorkflowDef, WorkflowOptions};
 use crate::BoxFuture;
-use crate::db::{self, RunLease};
+use crate::db::{self, CompleteCall, RunLease};
 use crate::error::{HandlerError, panic_message};
 use crate::json;
 use crate::plugin::{Attempt, FailureInfo, Plugins, RunOutcome, WorkflowEvent};
@@ -47,6 +48,8 @@ pub(crate) enum Settled {
 /// What a worker needs to execute a run's job.
 pub(crate) struct Execution {
     pub pool: Db,
+    /// The worker's batched calls, shared by its executions.
+    pub calls: Calls,
     pub workflow: Arc<WorkflowDef>,
     pub name: String,
     pub queue: String,
@@ -58,7 +61,7 @@ pub(crate) struct Execution {
 /// Replays the run that the job drives, from its checkpoints, and writes
 /// back how this execution ended.
 pub(crate) async fn execute(x: Execution) -> Settled {
-    let loaded = match db::load_run(&x.pool, x.at).await {
+    let loaded = match x.calls.load_run(x.at).await {
         Ok(Some(l)) => l,
         Ok(None) => return Settled::Abandoned,
         Err(e) => {
@@ -141,6 +144,7 @@ async fn replay(x: Execution, loaded: db::LoadedRun) -> Settled {
     }
     let ctx = WorkflowContext::new(
         x.pool.clone(),
+        x.calls.clone(),
         at,
         Loaded {
             workflow: x.name.clone(),
@@ -205,7 +209,7 @@ async fn replay(x: Execution, loaded: db::LoadedRun) -> Settled {
                 Some(Halt::Suspend { .. }) | None => {}
             }
             match result {
-                Ok(Ok(output)) => complete(&x.pool, at, outbox, &output).await,
+                Ok(Ok(output)) => complete(&x.pool, &x.calls, at, outbox, output).await,
                 Ok(Err(e)) => fail(&x.pool, at, outbox, &e.to_string()).await,
                 Err(panic) => {
                     let m = format!("workflow panicked: {}", panic_message(panic));
@@ -256,12 +260,23 @@ async fn record_steps(ctx: &WorkflowContext) {
     }
 }
 
-async fn complete(pool: &Db, at: RunLease, outbox: &Outbox, output: &str) -> Settled {
-    if let Some(problem) = json::problem(output) {
+async fn complete(
+    pool: &Db,
+    calls: &Calls,
+    at: RunLease,
+    outbox: &Outbox,
+    output: String,
+) -> Settled {
+    if let Some(problem) = json::problem(&output) {
         return fail(pool, at, outbox, &format!("the run's output {problem}")).await;
     }
     let carried = outbox.carry().await;
-    match db::complete_run(pool, at, &carried.done, output).await {
+    let call = CompleteCall {
+        at,
+        done: carried.done.clone(),
+        output,
+    };
+    match calls.complete_run(call).await {
         Ok(Some(true)) => Settled::Completed,
         Ok(Some(false)) => Settled::Failed("the run's output broke the JSON limits".into()),
         Ok(None) => Settled::Abandoned,

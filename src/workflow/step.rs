@@ -21,7 +21,7 @@ use tracing::Instrument;
 use super::checkpoint::Outcome;
 use super::context::{Halt, Slot, WorkflowContext, preview};
 use crate::BoxFuture;
-use crate::db::{self, Begun};
+use crate::db::{BeginCall, Begun};
 use crate::error::{HandlerError, StepError, panic_message};
 use crate::json;
 use crate::plugin::{Attempt, FailureInfo, StepEvent};
@@ -144,16 +144,19 @@ impl<'c, I, F> Step<'c, I, F> {
             return std::future::pending().await;
         }
         let inner = &ctx.inner;
-        let (pool, at, key, fp, input_ref) = (
-            &inner.pool,
-            inner.at,
-            &slot.key,
-            slot.fingerprint.as_deref(),
-            &input,
-        );
+        let at = inner.at;
+        let call = |done, durable| BeginCall {
+            at,
+            done,
+            durable,
+            key: slot.key.clone(),
+            seq: slot.seq,
+            fingerprint: slot.fingerprint.clone(),
+            input: input.clone(),
+        };
         let begun = ctx
-            .call("beginning a step", |done, durable| async move {
-                db::begin_step(pool, at, &done, durable, key, slot.seq, fp, input_ref).await
+            .call("beginning a step", |done, durable| {
+                inner.calls.begin_step(call(done, durable))
             })
             .await;
         let attempt = match begun {
