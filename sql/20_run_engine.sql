@@ -517,6 +517,50 @@ end $$;
 -- must replay. An output above 1 MiB fails the step (the worker checks
 -- outputs before sending them; an error raised here would meet the worker
 -- again on every replay). One statement in the common case.
+-- Internal: record_outcomes for the calls of a batch at `positions` (of
+-- parallel arrays of runs and outboxes), runs already held. The common
+-- outbox, one completed step, is written for all of them in one statement;
+-- the rest go through record_outcomes one by one (and raise as it does).
+create or replace function cairn.record_batch_outcomes(run_ids uuid[], dones jsonb[],
+                                                       positions integer[], at timestamptz)
+returns void
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set enable_hashjoin = off
+set enable_mergejoin = off
+set plan_cache_mode = force_generic_plan
+as $$
+declare
+    v_written integer[];
+    i         integer;
+begin
+    with o as (
+        select u.n, x.ctid as row, u.done->0->'output' as output
+          from unnest(run_ids, dones) with ordinality as u(run, done, n)
+         cross join lateral (
+               select s.ctid from cairn.steps s
+                where s.run_id = u.run and s.key = u.done->0->>'key'
+                  and s.attempts = (u.done->0->>'attempt')::integer and s.status = 'running'
+                  for update of s) x
+         where u.n = any (positions) and jsonb_array_length(u.done) = 1
+           and u.done->0->>'kind' = 'step' and u.done->0->>'status' = 'completed'
+           and pg_column_size(u.done->0->'output') <= 1048576
+    ), w as (
+        update cairn.steps s
+           set status = 'completed', output = o.output, error = null,
+               finished_at = record_batch_outcomes.at, wake_at = null
+          from o
+         where s.ctid = o.row
+        returning o.n
+    )
+    select coalesce(array_agg(w.n), '{}') into v_written from w;
+    for i in select u.n from unnest(positions) as u(n)
+              where u.n <> all (v_written) and dones[u.n] <> '[]' loop
+        perform cairn.record_outcomes(run_ids[i], dones[i], at);
+    end loop;
+end $$;
+
 create or replace function cairn.record_outcomes(run_id uuid, done jsonb, at timestamptz)
 returns void
 language plpgsql volatile

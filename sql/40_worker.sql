@@ -23,16 +23,19 @@
 -- same calls for several runs (parallel arrays, the n-th element of each
 -- one call) in one transaction, so the runs a worker executes at once share
 -- one round trip, one commit and one WAL flush. Each call is answered as it
--- would be alone, in rows tagged with its position n. A batch never waits
--- for a run's lock: it takes each run's row with SKIP LOCKED, and answers
--- 'busy' for a run that another transaction holds (a cancel, a signal, a
--- child's end) and for what needs more than the run's own row (a child run's
--- completion locks its ancestors first); the worker makes those calls alone,
--- and they wait as they always did. So a batch keeps rank 1 of the lock
--- order by never waiting there, whatever order its runs come in; the jobs
--- it locks (complete_runs deletes them) it locks in the order given, and
--- the worker sends them in id order (rank 2). A conflict (CA001) rolls back
--- the whole batch: the worker then makes its calls alone, to learn which.
+-- would be alone, in rows tagged with its position n. The common case is
+-- done for all calls at once, a statement each (lock the runs, write the
+-- outboxes, insert the steps, end the runs); the rest one by one. A batch
+-- never waits for a run's lock: it takes the runs' rows with SKIP LOCKED,
+-- and answers 'busy' for a run that another transaction holds (a cancel, a
+-- signal, a child's end) and for what needs more than the run's own row (a
+-- child run's completion locks its ancestors first); the worker makes those
+-- calls alone, and they wait as they always did. So a batch keeps rank 1 of
+-- the lock order by never waiting there, whatever order its runs come in.
+-- The jobs it locks it locks in id order (complete_runs deletes them in one
+-- statement; a job load_runs refuses is taken in the order given, and the
+-- worker sends calls in job id order). A conflict (CA001) rolls back the
+-- whole batch: the worker then makes its calls alone, to learn which.
 
 create or replace function cairn.register_workflow(workflow text, queue text)
 returns void
@@ -98,22 +101,44 @@ returns table (n integer, refused text, workflow text, input jsonb, db_now times
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 set enable_seqscan = off
+set enable_hashjoin = off
+set enable_mergejoin = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_now timestamptz := cairn.now();
-    v_n   integer := cairn.check_calls(run_ids, job_ids, leases);
-    v_run cairn.runs;
+    v_now    timestamptz := cairn.now();
+    v_n      integer := cairn.check_calls(run_ids, job_ids, leases);
+    v_locked integer[];
+    v_plain  integer[];
+    v_run    cairn.runs;
+    i        integer;
 begin
-    for i in 1 .. v_n loop
-        select * into v_run from cairn.runs r where r.id = run_ids[i] for no key update skip locked;
-        if not found and exists (select from cairn.runs r where r.id = run_ids[i]) then
+    -- Every run FOR NO KEY UPDATE SKIP LOCKED, in one statement; plain: the
+    -- run's own job, leased to the caller, and the run not ended.
+    select coalesce(array_agg(u.n), '{}'),
+           coalesce(array_agg(u.n) filter (
+               where r.job_id = u.job and r.status not in ('completed', 'failed', 'cancelled')
+                 and exists (select from cairn.jobs j
+                              where j.id = u.job and j.lease = u.lease and j.run_id = u.run
+                                and j.leased_until > v_now)), '{}')
+      into v_locked, v_plain
+      from unnest(run_ids, job_ids, leases) with ordinality as u(run, job, lease, n)
+     cross join lateral (select r.job_id, r.status from cairn.runs r
+                          where r.id = u.run
+                            for no key update of r skip locked) r;
+    return query
+    select o.* from cairn.open_runs(run_ids, v_plain, v_now) o;
+    -- The rest one by one: busy, refused or lost.
+    for i in select u.n from generate_series(1, v_n) as u(n) where u.n <> all (v_plain) loop
+        if i <> all (v_locked) and exists (select from cairn.runs r where r.id = run_ids[i]) then
             return query select i, 'busy', null::text, null::jsonb, null::timestamptz,
                                 null::timestamptz, null::text, null::text, null::integer,
                                 null::text, null::text, null::jsonb, null::text, null::integer,
                                 null::timestamptz, null::text;
             continue;
         end if;
+        -- Locked by this transaction already, if it exists.
+        select * into v_run from cairn.runs r where r.id = run_ids[i];
         return query select i, l.* from cairn.load_held(run_ids[i], v_run, job_ids[i], leases[i], v_now) l;
     end loop;
 end $$;
@@ -166,26 +191,69 @@ begin
                             null::text, null::integer, null::timestamptz, null::text;
         return;
     end if;
-    if locked.status in ('sleeping', 'waiting', 'running') then
-        -- Resumed after a wait, or after an execution that never reported
-        -- back (its worker was lost).
-        insert into cairn.run_events (run_id, at, event, detail)
-        values (load_held.run_id, at, 'resumed', jsonb_build_object('from', locked.status));
+    return query
+    select o.refused, o.workflow, o.input, o.db_now, o.created_at, o.traceparent, o.key, o.seq,
+           o.kind, o.status, o.output, o.error, o.attempts, o.wake_at, o.fingerprint
+      from cairn.open_runs(array[run_id], '{1}', at) o;
+end $$;
+
+-- Internal: an execution of each run at `positions` (of `run_ids`) begins:
+-- runs that are held FOR NO KEY UPDATE, driven by the caller's job and not
+-- ended. Each becomes 'running' (a 'resumed' event when it was waiting,
+-- sleeping, or running in an execution that never reported back), and its
+-- rows are returned tagged with its position: the run's (workflow, input,
+-- the database time, created_at, traceparent), then a row per checkpoint.
+create or replace function cairn.open_runs(run_ids uuid[], positions integer[], at timestamptz)
+returns table (n integer, refused text, workflow text, input jsonb, db_now timestamptz,
+               created_at timestamptz, traceparent text, key text, seq integer, kind text,
+               status text, output jsonb, error text, attempts integer, wake_at timestamptz,
+               fingerprint text)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set enable_hashjoin = off
+set enable_mergejoin = off
+set plan_cache_mode = force_generic_plan
+as $$
+begin
+    if cardinality(positions) = 0 then
+        return;
     end if;
-    update cairn.runs r
-       set status = 'running', started_at = coalesce(r.started_at, at), updated_at = at,
-           wake_pending = false
-     where r.id = load_held.run_id;
+    -- Each lookup is a lateral subquery kept apart (offset 0), so that it
+    -- is a probe per position, whatever the statistics say: planned on
+    -- empty tables, a plain join read every run.
+    insert into cairn.run_events (run_id, at, event, detail)
+    select r.id, open_runs.at, 'resumed', jsonb_build_object('from', r.status)
+      from unnest(positions) as p(n)
+     cross join lateral (select r.id, r.status from cairn.runs r
+                          where r.id = run_ids[p.n] offset 0) r
+     where r.status in ('sleeping', 'waiting', 'running');
     return query
-    select null::text, locked.workflow, locked.input, at, locked.created_at, locked.traceparent,
-           null::text, null::integer, null::text, null::text, null::jsonb, null::text,
-           null::integer, null::timestamptz, null::text;
-    return query
-    select null::text, null::text, null::jsonb, null::timestamptz, null::timestamptz, null::text,
-           s.key, s.seq, s.kind, s.status, s.output, s.error, s.attempts, s.wake_at, s.fingerprint
-      from cairn.steps s
-     where s.run_id = load_held.run_id
-     order by s.seq;
+    with o as (
+        update cairn.runs r
+           set status = 'running', started_at = coalesce(r.started_at, open_runs.at),
+               updated_at = open_runs.at, wake_pending = false
+          from (select p.n, x.ctid
+                  from unnest(positions) as p(n)
+                 cross join lateral (select r.ctid from cairn.runs r
+                                      where r.id = run_ids[p.n] offset 0) x) t
+         where r.ctid = t.ctid
+        returning t.n, r.id, r.workflow, r.input, r.created_at, r.traceparent
+    )
+    select x.n::integer, null::text, x.workflow, x.input, x.db_now, x.created_at, x.traceparent,
+           x.key, x.seq, x.kind, x.status, x.output, x.error, x.attempts, x.wake_at, x.fingerprint
+      from (select o.n, -1 as seq_order, o.workflow, o.input, open_runs.at as db_now,
+                   o.created_at, o.traceparent, null::text as key, null::integer as seq,
+                   null::text as kind, null::text as status, null::jsonb as output,
+                   null::text as error, null::integer as attempts, null::timestamptz as wake_at,
+                   null::text as fingerprint
+              from o
+            union all
+            select o.n, s.seq, null, null, null, null, null, s.key, s.seq, s.kind, s.status,
+                   s.output, s.error, s.attempts, s.wake_at, s.fingerprint
+              from o cross join lateral (select s.* from cairn.steps s
+                                          where s.run_id = o.id offset 0) s) x
+     order by x.n, x.seq_order;
 end $$;
 
 -- Begin an attempt of the inline step `key`, after writing the outbox.
@@ -253,11 +321,20 @@ returns table (n integer, outcome text, attempt integer, output jsonb, error tex
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 set enable_seqscan = off
+set enable_hashjoin = off
+set enable_mergejoin = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_now timestamptz := cairn.now();
-    v_n   integer := cairn.check_calls(run_ids, job_ids, leases);
+    v_now    timestamptz := cairn.now();
+    v_n      integer := cairn.check_calls(run_ids, job_ids, leases);
+    v_locked   integer[];
+    v_held     integer[];
+    v_fresh    integer[];
+    v_new      integer[];
+    v_count    integer;
+    v_inserted text[];
+    i          integer;
 begin
     if dones is null or array_position(dones, null) is not null
        or keys is null or array_position(keys, null) is not null
@@ -271,21 +348,59 @@ begin
         raise exception 'cairn: the arrays of begin_steps must all have % elements, one per call', v_n
             using errcode = 'invalid_parameter_value';
     end if;
-    for i in 1 .. v_n loop
-        perform from cairn.runs r
-         where r.id = run_ids[i] and r.job_id = job_ids[i]
-           for share skip locked;
-        if not found then
-            if exists (select from cairn.runs r where r.id = run_ids[i] and r.job_id = job_ids[i]) then
-                return query select i, 'busy'::text, null::integer, null::jsonb, null::text;
-            end if;
-        elsif exists (select from cairn.jobs j
-                       where j.id = job_ids[i] and j.lease = leases[i] and j.leased_until > v_now) then
-            return query
-            select i, b.outcome, b.attempt, b.output, b.error
-              from cairn.begin_held(run_ids[i], dones[i], keys[i], seqs[i], fingerprints[i],
-                                    inputs[i], v_now) b;
-        end if;
+    -- Every run FOR SHARE SKIP LOCKED, and the leases, in one statement.
+    select coalesce(array_agg(u.n), '{}'),
+           coalesce(array_agg(u.n) filter (where exists (
+               select from cairn.jobs j
+                where j.id = u.job and j.lease = u.lease and j.leased_until > v_now)), '{}')
+      into v_locked, v_held
+      from unnest(run_ids, job_ids, leases) with ordinality as u(run, job, lease, n)
+     cross join lateral (select from cairn.runs r
+                          where r.id = u.run and r.job_id = u.job
+                            for share of r skip locked) r;
+    if cardinality(v_locked) < v_n then
+        -- Held elsewhere: busy. (A probe per position, kept apart.)
+        return query
+        select u.n::integer, 'busy'::text, null::integer, null::jsonb, null::text
+          from unnest(run_ids, job_ids) with ordinality as u(run, job, n)
+         cross join lateral (select from cairn.runs r
+                              where r.id = u.run and r.job_id = u.job offset 0) r
+         where u.n <> all (v_locked);
+    end if;
+    if cardinality(v_held) = 0 then
+        return;
+    end if;
+    perform cairn.record_batch_outcomes(run_ids, dones, v_held, v_now);
+    -- First attempts, the common case: one insert for all.
+    select coalesce(array_agg(u.n), '{}') into v_fresh
+      from unnest(v_held) as u(n)
+     where pg_column_size(inputs[u.n]) <= 1048576;
+    with i as (
+        insert into cairn.steps (run_id, key, seq, kind, status, input, fingerprint, attempts,
+                                 started_at)
+        select run_ids[f.n], keys[f.n], seqs[f.n], 'step', 'running', inputs[f.n],
+               fingerprints[f.n], 1, v_now
+          from unnest(v_fresh) as f(n)
+        on conflict on constraint steps_pkey do nothing
+        returning run_id, key
+    )
+    select count(*), array_agg(i.run_id::text || ' ' || i.key) into v_count, v_inserted from i;
+    if v_count = cardinality(v_fresh) then
+        v_new := v_fresh;
+    else
+        select coalesce(array_agg(f.n), '{}') into v_new
+          from unnest(v_fresh) as f(n)
+         where run_ids[f.n]::text || ' ' || keys[f.n] = any (v_inserted);
+    end if;
+    return query
+    select u.n, 'started'::text, 1, null::jsonb, null::text
+      from unnest(v_new) as u(n);
+    -- The rest one by one: a retry, a replay, an input too large.
+    for i in select u.n from unnest(v_held) as u(n) where u.n <> all (v_new) loop
+        return query
+        select i, b.outcome, b.attempt, b.output, b.error
+          from cairn.begin_held(run_ids[i], '[]', keys[i], seqs[i], fingerprints[i], inputs[i],
+                                v_now) b;
     end loop;
 end $$;
 comment on function cairn.begin_steps(uuid[], bigint[], bigint[], jsonb[], text[], integer[], text[], jsonb[]) is
@@ -764,7 +879,9 @@ set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_now timestamptz := cairn.now();
+    v_now     timestamptz := cairn.now();
+    v_problem text := case when output is null or pg_column_size(output) > 1048576
+                           then cairn.json_problem(coalesce(output, 'null')) end;
 begin
     if run_id is null or job_id is null or lease is null then
         perform cairn.check_held(run_id, job_id, lease);
@@ -772,18 +889,29 @@ begin
     if cairn.hold_run(run_id, job_id, lease, 'family', v_now) is null then
         return null;
     end if;
-    return cairn.complete_held(run_id, job_id, lease, done, output, v_now);
+    if complete_run.done <> '[]' then
+        perform cairn.record_outcomes(run_id, complete_run.done, v_now);
+    end if;
+    if v_problem is not null then
+        perform cairn.finish_run(run_id, 'failed', null, 'the run''s output ' || v_problem);
+        perform cairn.settle_jobs(array[job_id], array[lease], null, 'dead',
+                                  'the run''s output ' || v_problem, true);
+        return 'failed';
+    end if;
+    perform cairn.finish_run(run_id, 'completed', coalesce(output, 'null'), null);
+    delete from cairn.jobs j where j.id = complete_run.job_id;
+    return 'completed';
 end $$;
 comment on function cairn.complete_run(uuid, bigint, bigint, jsonb, jsonb) is
     'Worker: record the outbox and complete the run with its output.';
 
 -- complete_run for several runs at once (see "Batches" above): a row per
--- call that completed or failed its run, tagged with its position n; none
--- for a call whose lease no longer holds; 'busy' for a run another
--- transaction holds locked, or a child run (its parent must be locked
--- first: call complete_run for it). Locks: each root run FOR NO KEY UPDATE
--- SKIP LOCKED, then its job; the jobs in the order given, so the worker
--- sends them in id order.
+-- call that completed its run, tagged with its position n; none for a call
+-- whose lease no longer holds; 'busy' for a run another transaction holds
+-- locked, a child run (its ancestors must be locked first) and an output
+-- beyond the JSON limits (it fails the run): call complete_run for those.
+-- Locks: each root run FOR NO KEY UPDATE SKIP LOCKED, then the steps its
+-- outbox settles, then the jobs, all in one statement in id order.
 create or replace function cairn.complete_runs(
     run_ids uuid[],
     job_ids bigint[],
@@ -794,11 +922,17 @@ returns table (n integer, status text)
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 set enable_seqscan = off
+set enable_hashjoin = off
+set enable_mergejoin = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_now timestamptz := cairn.now();
-    v_n   integer := cairn.check_calls(run_ids, job_ids, leases);
+    v_now    timestamptz := cairn.now();
+    v_n      integer := cairn.check_calls(run_ids, job_ids, leases);
+    v_locked integer[];
+    v_held   integer[];
+    v_plain  integer[];
+    i        integer;
 begin
     if dones is null or array_position(dones, null) is not null or outputs is null then
         raise exception 'cairn: outboxes and outputs must not be NULL (nor hold NULLs)'
@@ -808,63 +942,50 @@ begin
         raise exception 'cairn: the arrays of complete_runs must all have % elements, one per call', v_n
             using errcode = 'invalid_parameter_value';
     end if;
-    for i in 1 .. v_n loop
-        -- parent_run never changes: read without a lock.
-        if exists (select from cairn.runs r where r.id = run_ids[i] and r.parent_run is not null) then
-            return query select i, 'busy'::text;
-            continue;
-        end if;
-        perform from cairn.runs r
-         where r.id = run_ids[i] and r.job_id = job_ids[i]
-           for no key update skip locked;
-        if not found then
-            if exists (select from cairn.runs r where r.id = run_ids[i] and r.job_id = job_ids[i]) then
-                return query select i, 'busy'::text;
-            end if;
-        elsif exists (select from cairn.jobs j
-                       where j.id = job_ids[i] and j.lease = leases[i] and j.run_id = run_ids[i]
-                         and j.leased_until > v_now) then
-            return query
-            select i, cairn.complete_held(run_ids[i], job_ids[i], leases[i], dones[i], outputs[i], v_now);
-        end if;
+    -- Every root run FOR NO KEY UPDATE SKIP LOCKED, and the leases, in one
+    -- statement. A child run is left alone: its ancestors come first.
+    select coalesce(array_agg(u.n), '{}'),
+           coalesce(array_agg(u.n) filter (where exists (
+               select from cairn.jobs j
+                where j.id = u.job and j.lease = u.lease and j.run_id = u.run
+                  and j.leased_until > v_now)), '{}')
+      into v_locked, v_held
+      from unnest(run_ids, job_ids, leases) with ordinality as u(run, job, lease, n)
+     cross join lateral (select from cairn.runs r
+                          where r.id = u.run and r.job_id = u.job and r.parent_run is null
+                            for no key update of r skip locked) r;
+    if cardinality(v_locked) < v_n then
+        -- Held elsewhere, or a child run: busy. (A probe per position, kept
+        -- apart.)
+        return query
+        select u.n::integer, 'busy'::text
+          from unnest(run_ids, job_ids) with ordinality as u(run, job, n)
+         cross join lateral (select from cairn.runs r
+                              where r.id = u.run and r.job_id = u.job offset 0) r
+         where u.n <> all (v_locked);
+    end if;
+    if cardinality(v_held) = 0 then
+        return;
+    end if;
+    -- An output beyond the JSON limits fails its run instead: that is for
+    -- complete_run alone.
+    select coalesce(array_agg(h.n), '{}') into v_plain
+      from unnest(v_held) as h(n)
+     where outputs[h.n] is not null and pg_column_size(outputs[h.n]) <= 1048576;
+    return query
+    select h.n, 'busy'::text from unnest(v_held) as h(n) where h.n <> all (v_plain);
+    perform cairn.record_batch_outcomes(run_ids, dones, v_plain, v_now);
+    for i in select p.n from unnest(v_plain) as p(n) loop
+        perform cairn.finish_run(run_ids[i], 'completed', outputs[i], null);
     end loop;
+    -- The jobs in id order (an index scan of the array, sorted).
+    delete from cairn.jobs j
+     where j.id = any (array(select job_ids[p.n] from unnest(v_plain) as p(n)));
+    return query select p.n, 'completed'::text from unnest(v_plain) as p(n);
 end $$;
 comment on function cairn.complete_runs(uuid[], bigint[], bigint[], jsonb[], jsonb[]) is
     'Worker: complete_run for several root runs in one transaction; rows tagged with each call''s position, ''busy'' for a run locked elsewhere or a child run (call complete_run for it).';
 
--- Internal: complete_run once the run is held (hold_run, 'family'): write
--- the outbox, then end the run with its output and delete its job; or fail
--- it if the output breaks the JSON limits. Returns 'completed' or 'failed'.
-create or replace function cairn.complete_held(
-    run_id uuid,
-    job_id bigint,
-    lease  bigint,
-    done   jsonb,
-    output jsonb,
-    at     timestamptz)
-returns text
-language plpgsql volatile
-set search_path = pg_catalog, pg_temp
-set enable_seqscan = off
-set plan_cache_mode = force_generic_plan
-as $$
-declare
-    v_problem text := case when output is null or pg_column_size(output) > 1048576
-                           then cairn.json_problem(coalesce(output, 'null')) end;
-begin
-    if done <> '[]' then
-        perform cairn.record_outcomes(run_id, done, at);
-    end if;
-    if v_problem is not null then
-        perform cairn.finish_run(run_id, 'failed', null, 'the run''s output ' || v_problem);
-        perform cairn.settle_jobs(array[job_id], array[lease], null, 'dead',
-                                  'the run''s output ' || v_problem, true);
-        return 'failed';
-    end if;
-    perform cairn.finish_run(run_id, 'completed', coalesce(output, 'null'), null);
-    delete from cairn.jobs j where j.id = complete_held.job_id;
-    return 'completed';
-end $$;
 
 -- The run failed: it ends with `error` and its job is dead-lettered, so
 -- cairn.retry_run (or cairn.requeue of that job) can revive it. Locks as

@@ -1360,6 +1360,28 @@ async fn batched_run_calls_answer_each_call_as_alone(pool: PgPool) {
         1,
         "the completed runs' jobs are gone; run 3 keeps its job"
     );
+
+    // Loading a run held elsewhere is busy too; a completed run's job is
+    // gone, so its call gets no row.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("select from cairn.runs where id = $1 for share")
+        .bind(runs[2])
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let reloaded: Vec<(i32, Option<String>)> = tokio::time::timeout(
+        Duration::from_secs(5),
+        sqlx::query_as("select n, refused from cairn.load_runs($1, $2, $3) order by n")
+            .bind(&runs)
+            .bind(&jobs)
+            .bind(&leases)
+            .fetch_all(&pool),
+    )
+    .await
+    .expect("a batch never waits for a run held elsewhere")
+    .unwrap();
+    assert_eq!(reloaded, vec![(3, Some("busy".into()))]);
+    other.rollback().await.unwrap();
 }
 
 /// A batch refuses bad arrays before anything is written: NULLs (22004),
