@@ -37,9 +37,10 @@ async fn worker_calls(pool: &PgPool) -> Result<i64, BoxError> {
     Ok(sqlx::query_scalar(
         "select coalesce(sum(calls), 0)::bigint from pg_stat_user_functions
           where schemaname = 'cairn'
-            and funcname in ('claim', 'load_run', 'begin_step', 'record_steps', 'sleep_step',
-                             'await_signal', 'start_child', 'start_task_step', 'suspend_run',
-                             'complete_run', 'fail_run', 'extend', 'ack')",
+            and funcname in ('claim', 'claim_from', 'load_run', 'load_runs', 'begin_step',
+                             'begin_steps', 'record_steps', 'sleep_step', 'await_signal',
+                             'start_child', 'start_task_step', 'suspend_run', 'complete_run',
+                             'complete_runs', 'fail_run', 'extend', 'ack')",
     )
     .fetch_one(pool)
     .await?)
@@ -186,17 +187,19 @@ pub async fn run(url: &str) -> Result<(), BoxError> {
         .execute(&pool)
         .await?;
     let n = 300;
-    let (_, _, zero_calls) = drain_runs(url, &app, "zero", n, 16).await?;
-    let (_, _, three_calls) = drain_runs(url, &app, "three", n, 16).await?;
+    for concurrency in [1, 16] {
+        let (_, _, zero_calls) = drain_runs(url, &app, "zero", n, concurrency).await?;
+        let (_, _, three_calls) = drain_runs(url, &app, "three", n, concurrency).await?;
+        println!(
+            "{:<48} {:>9.2}      ({:.2} per 3-step run, {:.2} per 0-step run, claims included)",
+            format!("round trips (SQL calls) per step, concurrency {concurrency}"),
+            (three_calls - zero_calls) as f64 / (3 * n) as f64,
+            three_calls as f64 / n as f64,
+            zero_calls as f64 / n as f64
+        );
+    }
     println!(
-        "{:<48} {:>9.2}      ({:.2} per 3-step run, {:.2} per 0-step run, claims included)",
-        "round trips (SQL calls) per step",
-        (three_calls - zero_calls) as f64 / (3 * n) as f64,
-        three_calls as f64 / n as f64,
-        zero_calls as f64 / n as f64
-    );
-    println!(
-        "(a step is one call of cairn.begin_step, which also records the previous step's outcome;\n a run adds its claim, load_run and complete_run)"
+        "(a step is one cairn.begin_step, which also records the previous step's outcome; a run adds\n its claim, load_run and complete_run; runs executing at once share one call of each kind)"
     );
     idle_tick(&app).await?;
     app.pool().close().await;

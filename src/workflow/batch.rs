@@ -133,7 +133,7 @@ where
     .await
 }
 
-type Send<C, T> = fn(Db, Vec<C>) -> BoxFuture<'static, Vec<Result<Option<T>>>>;
+type SendFn<C, T> = fn(Db, Vec<C>) -> BoxFuture<'static, Vec<Result<Option<T>>>>;
 
 /// Collects calls of one kind and sends them in batches with `send`, which
 /// answers each call in order.
@@ -151,7 +151,7 @@ impl<C, T> Clone for Batcher<C, T> {
 
 struct Shared<C, T> {
     db: Db,
-    send: Send<C, T>,
+    send: SendFn<C, T>,
     state: Mutex<State<C, T>>,
 }
 
@@ -165,10 +165,10 @@ struct State<C, T> {
 
 impl<C, T> Batcher<C, T>
 where
-    C: RunCall + std::marker::Send + 'static,
-    T: std::marker::Send + 'static,
+    C: RunCall + Send + 'static,
+    T: Send + 'static,
 {
-    fn new(db: Db, send: Send<C, T>) -> Self {
+    fn new(db: Db, send: SendFn<C, T>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 db,
@@ -181,26 +181,59 @@ where
         }
     }
 
-    /// Queues `call` and waits for its answer. Batches are sent by tasks of
-    /// their own, so a caller that stops waiting (its execution aborted)
-    /// never strands the other calls' answers.
+    /// Sends `call` with the others waiting, and waits for its answer. A
+    /// call that finds nothing waiting and a batch free to send goes at
+    /// once, from the caller's own task: a lone run pays no hand-over.
+    /// Batches of several calls are sent by tasks of their own, so a caller
+    /// that stops waiting (its execution aborted) never strands the other
+    /// calls' answers.
     async fn call(&self, call: C) -> Result<Option<T>> {
         let (reply, answer) = oneshot::channel();
-        let start = {
+        let alone = {
             let mut state = self.shared.lock();
-            state.waiting.push_back((call, reply));
-            let start = state.flushing < IN_FLIGHT;
-            if start {
+            if state.flushing < IN_FLIGHT && state.waiting.is_empty() {
                 state.flushing += 1;
+                Some(call)
+            } else {
+                state.waiting.push_back((call, reply));
+                if state.flushing < IN_FLIGHT {
+                    state.flushing += 1;
+                    tokio::spawn(flush(Arc::clone(&self.shared)));
+                }
+                None
             }
-            start
         };
-        if start {
-            tokio::spawn(flush(Arc::clone(&self.shared)));
+        if let Some(call) = alone {
+            // Hands the batch slot on when done, or if this is dropped.
+            let _slot = Slot(Arc::clone(&self.shared));
+            let mut answers = (self.shared.send)(self.shared.db.clone(), vec![call]).await;
+            return answers.pop().unwrap_or(Ok(None));
         }
         // No answer (the batch panicked): abandon this execution, as for a
         // lost lease; the run replays once its lease runs out.
         answer.await.unwrap_or(Ok(None))
+    }
+}
+
+/// A batch slot taken by a caller sending its call alone: given back when
+/// it is done (or dropped), or handed to a new sending task if calls came
+/// in meanwhile.
+struct Slot<C: RunCall + Send + 'static, T: Send + 'static>(Arc<Shared<C, T>>);
+
+impl<C: RunCall + Send + 'static, T: Send + 'static> Drop for Slot<C, T> {
+    fn drop(&mut self) {
+        let waiting = {
+            let mut state = self.0.lock();
+            let waiting = !state.waiting.is_empty();
+            if !waiting {
+                state.flushing -= 1;
+            }
+            waiting
+        };
+        // Dropped as the runtime shuts down: nothing is left to answer.
+        if let (true, Ok(runtime)) = (waiting, tokio::runtime::Handle::try_current()) {
+            runtime.spawn(flush(Arc::clone(&self.0)));
+        }
     }
 }
 
