@@ -334,7 +334,8 @@ end $$;
 -- and the parent's job in id order (rank 2), records the end, and settles
 -- the parent's step. The run's job is the caller's to delete or archive.
 -- A failed run keeps job_id: its dead job is how retry_run and requeue
--- find it.
+-- find it. complete_runs (40_worker.sql) does the 'completed' case of root
+-- runs for a batch in one statement: keep the two alike.
 create or replace function cairn.finish_run(
     run_id uuid,
     status text,

@@ -932,7 +932,6 @@ declare
     v_locked integer[];
     v_held   integer[];
     v_plain  integer[];
-    i        integer;
 begin
     if dones is null or array_position(dones, null) is not null or outputs is null then
         raise exception 'cairn: outboxes and outputs must not be NULL (nor hold NULLs)'
@@ -975,9 +974,16 @@ begin
     return query
     select h.n, 'busy'::text from unnest(v_held) as h(n) where h.n <> all (v_plain);
     perform cairn.record_batch_outcomes(run_ids, dones, v_plain, v_now);
-    for i in select p.n from unnest(v_plain) as p(n) loop
-        perform cairn.finish_run(run_ids[i], 'completed', outputs[i], null);
-    end loop;
+    -- finish_run(.., 'completed', ..) of root runs, for all of them: they
+    -- end with their output, and notify (trigger runs_ended).
+    update cairn.runs r
+       set status = 'completed', output = outputs[t.n], error = null, wake_at = null,
+           wake_pending = false, finished_at = v_now, updated_at = v_now, job_id = null
+      from (select p.n, x.ctid
+              from unnest(v_plain) as p(n)
+             cross join lateral (select r.ctid from cairn.runs r
+                                  where r.id = run_ids[p.n] offset 0) x) t
+     where r.ctid = t.ctid;
     -- The jobs in id order (an index scan of the array, sorted).
     delete from cairn.jobs j
      where j.id = any (array(select job_ids[p.n] from unnest(v_plain) as p(n)));
