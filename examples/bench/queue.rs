@@ -165,7 +165,11 @@ pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
             one += cairn_round().await?;
         }
     }
-    compare("enqueue one by one (3,000)", 3_000.0 / one, 3_000.0 / one_pgmq);
+    compare(
+        "enqueue one by one (3,000)",
+        3_000.0 / one,
+        3_000.0 / one_pgmq,
+    );
     let batch: Vec<Noop> = (0..1_000).map(|n| Noop { n }).collect();
     let (mut batched, mut batched_pgmq) = (0.0, 0.0);
     for round in 0..10 {
