@@ -3,28 +3,27 @@
 //! them instead of one each. Three kinds are batched, the three every run
 //! makes: `load_run` (an execution begins), `begin_step`, `complete_run`.
 //!
-//! A call waits in a queue while batches of its kind are in flight, and goes
+//! A call waits in a queue while a batch of its kind is in flight, and goes
 //! with the next one; with nothing in flight it goes at once, so a lone run
 //! waits for no one. Each call learns its own answer, and only once its
 //! batch has committed: the outbox's barrier holds as it does for a call of
-//! its own. The SQL side never waits for a run's lock in a batch: a run
-//! another transaction holds (a cancel, a signal) is answered "busy", and
-//! that call is made alone, which waits as it always did. A batch that fails
-//! as a whole (an outcome that conflicts with the record raises, and rolls
-//! back every call in it) is made again call by call, so each call gets the
-//! answer or the error it would have had alone.
+//! its own. A batch never waits for a run's lock: a run another transaction
+//! holds (a cancel, a signal) is answered "busy", and that call is made
+//! alone, apart from the batches, where it waits as it always did without
+//! holding up the other runs' calls. A batch that fails as a whole (an
+//! outcome that conflicts with the record raises, and rolls back every call
+//! in it) is made again call by call, so each call gets the answer or the
+//! error it would have had alone.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
-use futures_util::future::join_all;
 use tokio::sync::oneshot;
 
 use crate::BoxFuture;
-use crate::db::{self, BeginCall, Begun, CompleteCall, LoadedRun, RunLease};
+use crate::db::{self, Batched, BeginCall, Begun, CompleteCall, LoadedRun, RunLease};
 use crate::error::Result;
 use crate::pooler::Db;
 
@@ -48,19 +47,9 @@ pub(crate) struct Calls {
 impl Calls {
     pub(crate) fn new(db: Db) -> Self {
         Self {
-            load: Batcher::new(db.clone(), |db, calls| {
-                Box::pin(async move {
-                    send(&db, &calls, db::load_runs, |db, at| db::load_run(db, *at)).await
-                })
-            }),
-            begin: Batcher::new(db.clone(), |db, calls| {
-                Box::pin(async move { send(&db, &calls, db::begin_steps, db::begin_step).await })
-            }),
-            complete: Batcher::new(db, |db, calls| {
-                Box::pin(
-                    async move { send(&db, &calls, db::complete_runs, db::complete_run).await },
-                )
-            }),
+            load: Batcher::new(db.clone(), load_batch, load_alone),
+            begin: Batcher::new(db.clone(), begin_batch, begin_alone),
+            complete: Batcher::new(db, complete_batch, complete_alone),
         }
     }
 
@@ -79,6 +68,30 @@ impl Calls {
     pub(crate) async fn complete_run(&self, call: CompleteCall) -> Result<Option<bool>> {
         self.complete.call(call).await
     }
+}
+
+fn load_batch<'a>(db: &'a Db, calls: &'a [RunLease]) -> Answers<'a, LoadedRun> {
+    Box::pin(db::load_runs(db, calls))
+}
+
+fn load_alone(db: Db, call: RunLease) -> AloneCall<LoadedRun> {
+    Box::pin(async move { db::load_run(&db, call).await })
+}
+
+fn begin_batch<'a>(db: &'a Db, calls: &'a [BeginCall]) -> Answers<'a, Begun> {
+    Box::pin(db::begin_steps(db, calls))
+}
+
+fn begin_alone(db: Db, call: BeginCall) -> AloneCall<Begun> {
+    Box::pin(async move { db::begin_step(&db, &call).await })
+}
+
+fn complete_batch<'a>(db: &'a Db, calls: &'a [CompleteCall]) -> Answers<'a, bool> {
+    Box::pin(db::complete_runs(db, calls))
+}
+
+fn complete_alone(db: Db, call: CompleteCall) -> AloneCall<bool> {
+    Box::pin(async move { db::complete_run(&db, &call).await })
 }
 
 /// A call that names the run, job and lease it is made for.
@@ -104,41 +117,14 @@ impl RunCall for CompleteCall {
     }
 }
 
-/// Sends `calls`: one call of `batch` (`alone` for a single call); alone, the
-/// calls it answered busy; every call alone if the batch failed.
-async fn send<'a, C: Sync, T, B, BF, A, AF>(
-    db: &'a Db,
-    calls: &'a [C],
-    batch: B,
-    alone: A,
-) -> Vec<Result<Option<T>>>
-where
-    B: FnOnce(&'a Db, &'a [C]) -> BF,
-    BF: Future<Output = Result<Vec<db::Batched<T>>>>,
-    A: Fn(&'a Db, &'a C) -> AF,
-    AF: Future<Output = Result<Option<T>>>,
-{
-    if let [call] = calls {
-        return vec![alone(db, call).await];
-    }
-    let answers = match batch(db, calls).await {
-        Ok(answers) => answers,
-        Err(_) => calls.iter().map(|_| db::Batched::Busy).collect(),
-    };
-    let alone = &alone;
-    join_all(calls.iter().zip(answers).map(|(call, answer)| async move {
-        match answer {
-            db::Batched::Done(done) => Ok(done),
-            db::Batched::Busy => alone(db, call).await,
-        }
-    }))
-    .await
-}
+/// What a batch answered, a `Batched` per call.
+type Answers<'a, T> = BoxFuture<'a, Result<Vec<Batched<T>>>>;
+/// What a call made alone answered.
+type AloneCall<T> = BoxFuture<'static, Result<Option<T>>>;
 
-type SendFn<C, T> = fn(Db, Vec<C>) -> BoxFuture<'static, Vec<Result<Option<T>>>>;
-
-/// Collects calls of one kind and sends them in batches with `send`, which
-/// answers each call in order.
+/// Collects calls of one kind and sends them in batches (`batch`, which
+/// never waits for a lock of the lock order's first rank); a call the batch
+/// answers busy is made `alone`, apart, so that its wait holds up no other.
 struct Batcher<C, T> {
     shared: Arc<Shared<C, T>>,
 }
@@ -153,7 +139,8 @@ impl<C, T> Clone for Batcher<C, T> {
 
 struct Shared<C, T> {
     db: Db,
-    send: SendFn<C, T>,
+    batch: for<'a> fn(&'a Db, &'a [C]) -> Answers<'a, T>,
+    alone: fn(Db, C) -> AloneCall<T>,
     state: Mutex<State<C, T>>,
 }
 
@@ -161,20 +148,25 @@ type Reply<T> = oneshot::Sender<Result<Option<T>>>;
 
 struct State<C, T> {
     waiting: VecDeque<(C, Reply<T>)>,
-    /// Tasks sending batches; each goes on until no call is waiting.
+    /// Batches being sent, and calls made alone (at most `IN_FLIGHT`).
     flushing: usize,
 }
 
 impl<C, T> Batcher<C, T>
 where
-    C: RunCall + Send + 'static,
+    C: RunCall + Send + Sync + 'static,
     T: Send + 'static,
 {
-    fn new(db: Db, send: SendFn<C, T>) -> Self {
+    fn new(
+        db: Db,
+        batch: for<'a> fn(&'a Db, &'a [C]) -> Answers<'a, T>,
+        alone: fn(Db, C) -> AloneCall<T>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 db,
-                send,
+                batch,
+                alone,
                 state: Mutex::new(State {
                     waiting: VecDeque::new(),
                     flushing: 0,
@@ -184,11 +176,11 @@ where
     }
 
     /// Sends `call` with the others waiting, and waits for its answer. A
-    /// call that finds nothing waiting and a batch free to send goes at
-    /// once, from the caller's own task: a lone run pays no hand-over.
-    /// Batches of several calls are sent by tasks of their own, so a caller
-    /// that stops waiting (its execution aborted) never strands the other
-    /// calls' answers.
+    /// call that finds nothing waiting and no batch in flight is made alone
+    /// at once, from the caller's own task: a lone run pays no hand-over.
+    /// Batches are sent by tasks of their own, so a caller that stops
+    /// waiting (its execution aborted) never strands the other calls'
+    /// answers.
     async fn call(&self, call: C) -> Result<Option<T>> {
         let (reply, answer) = oneshot::channel();
         let alone = {
@@ -205,24 +197,27 @@ where
                 None
             }
         };
-        if let Some(call) = alone {
-            // Hands the batch slot on when done, or if this is dropped.
-            let _slot = Slot(Arc::clone(&self.shared));
-            let mut answers = (self.shared.send)(self.shared.db.clone(), vec![call]).await;
-            return answers.pop().unwrap_or(Ok(None));
-        }
-        // No answer (the batch panicked): abandon this execution, as for a
-        // lost lease; the run replays once its lease runs out.
-        answer.await.unwrap_or(Ok(None))
+        let Some(call) = alone else {
+            // No answer (the batch panicked): abandon this execution, as
+            // for a lost lease; the run replays once its lease runs out.
+            return answer.await.unwrap_or(Ok(None));
+        };
+        // A call alone is cheaper than a batch of one (10 % of a run at
+        // concurrency 1). Its batch slot is handed on when it is done (or
+        // dropped); should it wait for a run's lock meanwhile, the next
+        // batch waits that long: the engine holds a run's row for
+        // milliseconds (a cancel for 50 ms at most).
+        let _slot = Slot(Arc::clone(&self.shared));
+        (self.shared.alone)(self.shared.db.clone(), call).await
     }
 }
 
-/// A batch slot taken by a caller sending its call alone: given back when
-/// it is done (or dropped), or handed to a new sending task if calls came
-/// in meanwhile.
-struct Slot<C: RunCall + Send + 'static, T: Send + 'static>(Arc<Shared<C, T>>);
+/// The batch slot of a caller making its call alone: given back when it is
+/// done (or dropped), or handed to a new sending task if calls came in
+/// meanwhile.
+struct Slot<C: RunCall + Send + Sync + 'static, T: Send + 'static>(Arc<Shared<C, T>>);
 
-impl<C: RunCall + Send + 'static, T: Send + 'static> Drop for Slot<C, T> {
+impl<C: RunCall + Send + Sync + 'static, T: Send + 'static> Drop for Slot<C, T> {
     fn drop(&mut self) {
         let waiting = {
             let mut state = self.0.lock();
@@ -249,8 +244,14 @@ impl<C, T> Shared<C, T> {
 
 /// Sends batches until no call is waiting. A batch goes in job id order:
 /// the SQL side locks the jobs in the order given (rank 2 of the lock order
-/// is by id).
-async fn flush<C: RunCall, T>(shared: Arc<Shared<C, T>>) {
+/// is by id). Answers go out as soon as the batch has committed; a call it
+/// answered busy, or every call of a batch that failed as a whole, is made
+/// alone in a task of its own.
+async fn flush<C, T>(shared: Arc<Shared<C, T>>)
+where
+    C: RunCall + Send + Sync + 'static,
+    T: Send + 'static,
+{
     loop {
         let mut batch: Vec<_> = {
             let mut state = shared.lock();
@@ -263,10 +264,23 @@ async fn flush<C: RunCall, T>(shared: Arc<Shared<C, T>>) {
         };
         batch.sort_by_key(|(call, _)| call.held().job);
         let (calls, replies): (Vec<C>, Vec<_>) = batch.into_iter().unzip();
-        let send = AssertUnwindSafe((shared.send)(shared.db.clone(), calls));
-        let answers = send.catch_unwind().await.unwrap_or_default();
-        for (reply, answer) in replies.into_iter().zip(answers) {
-            let _ = reply.send(answer);
+        let sent = AssertUnwindSafe((shared.batch)(&shared.db, &calls));
+        let answers = match sent.catch_unwind().await {
+            Ok(Ok(answers)) if answers.len() == calls.len() => answers,
+            _ => calls.iter().map(|_| Batched::Busy).collect(),
+        };
+        for ((call, reply), answer) in calls.into_iter().zip(replies).zip(answers) {
+            match answer {
+                Batched::Done(done) => {
+                    let _ = reply.send(Ok(done));
+                }
+                Batched::Busy => {
+                    let alone = (shared.alone)(shared.db.clone(), call);
+                    tokio::spawn(async move {
+                        let _ = reply.send(alone.await);
+                    });
+                }
+            }
         }
     }
 }
