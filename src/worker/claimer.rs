@@ -20,9 +20,20 @@ use crate::db::{self, QueuePosition};
 pub(super) const CLAIMERS: usize = 2;
 
 /// How often a claim starts from the head of a queue instead of where the
-/// last one stopped (see `cairn.claim_from`): at most how long a job
-/// committed behind that position waits.
+/// last one stopped (see `cairn.claim_from`): about how long a job committed
+/// behind that position waits.
 const FROM_HEAD_EVERY: Duration = Duration::from_secs(1);
+
+/// A claim from the head walks every index entry at the head of the queue:
+/// while a long transaction holds vacuum back, the dead entries of every job
+/// acknowledged since (hundreds of milliseconds of walking, two minutes
+/// into a held snapshot at full speed). So the next one waits at least this
+/// many times as long as the last one took: claims from the head spend at
+/// most a twentieth of a claim loop's time...
+const FROM_HEAD_SPACING: u32 = 20;
+
+/// ... but come at least this often, whatever they cost.
+const FROM_HEAD_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
 
 /// How far before its last position a claim resumes. A job's visibility
 /// time is its transaction's start (`now()`), so a job whose transaction
@@ -39,22 +50,29 @@ const RESUME_MARGIN: chrono::TimeDelta = chrono::TimeDelta::milliseconds(50);
 #[derive(Default)]
 pub(super) struct Cursor {
     at: Option<QueuePosition>,
-    from_head: Option<Instant>,
+    /// When the next claim starts from the head (`None`: the next claim).
+    next_from_head: Option<Instant>,
 }
 
 impl Cursor {
-    /// Where the next claim starts: `None` (the head) once a second.
-    fn start(&mut self) -> Option<QueuePosition> {
-        let resume = self.at.map(|(priority, at)| (priority, at - RESUME_MARGIN));
-        let now = Instant::now();
-        if self
-            .from_head
-            .is_none_or(|t| now.duration_since(t) >= FROM_HEAD_EVERY)
-        {
-            self.from_head = Some(now);
+    /// Where a claim made at `now` starts: `None` (the head) about once a
+    /// second, less often while claims from the head are slow.
+    fn start(&mut self, now: Instant) -> Option<QueuePosition> {
+        if self.next_from_head.is_none_or(|t| now >= t) {
+            // No other claim loop starts from the head until this claim
+            // has said how long it took.
+            self.next_from_head = Some(now + FROM_HEAD_AT_LEAST_EVERY);
             return None;
         }
-        resume
+        self.at.map(|(priority, at)| (priority, at - RESUME_MARGIN))
+    }
+
+    /// A claim from the head, started at `started`, took `took` (whether it
+    /// succeeded or not): the next one comes a second later, or
+    /// [`FROM_HEAD_SPACING`] times `took` later if that is longer.
+    fn from_head_took(&mut self, started: Instant, took: Duration) {
+        let wait = (took * FROM_HEAD_SPACING).clamp(FROM_HEAD_EVERY, FROM_HEAD_AT_LEAST_EVERY);
+        self.next_from_head = Some(started + wait);
     }
 
     /// A claim stopped at `to`: resume there, never behind where another
@@ -102,8 +120,9 @@ impl Worker {
                 }
                 let plan = &self.queues[(next_queue + i) % self.queues.len()];
                 self.counters.claims.fetch_add(1, Ordering::Relaxed);
-                let from = plan.cursor().start();
-                match db::claim(
+                let started = Instant::now();
+                let from = plan.cursor().start(started);
+                let claim = db::claim(
                     &self.pool,
                     &plan.name,
                     self.lease,
@@ -111,8 +130,11 @@ impl Worker {
                     &plan.tasks,
                     from,
                 )
-                .await
-                {
+                .await;
+                if from.is_none() {
+                    plan.cursor().from_head_took(started, started.elapsed());
+                }
+                match claim {
                     Ok((jobs, next)) => {
                         plan.cursor().advance(next);
                         claimed += jobs.len();
@@ -150,4 +172,43 @@ impl Worker {
 /// `d` ± 20 %, so idle workers do not poll in lockstep.
 fn jittered(d: Duration) -> Duration {
     d.mul_f64(rand::random_range(0.8..=1.2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn position() -> QueuePosition {
+        (0, chrono::Utc::now())
+    }
+
+    #[test]
+    fn claims_resume_and_start_from_the_head_about_once_a_second() {
+        let t0 = Instant::now();
+        let mut cursor = Cursor::default();
+        assert_eq!(cursor.start(t0), None, "the first claim starts at the head");
+        cursor.advance(Some(position()));
+        cursor.from_head_took(t0, Duration::from_millis(2));
+        let resumed = cursor.start(t0 + Duration::from_millis(500));
+        assert!(resumed.is_some(), "within the second, claims resume");
+        assert_eq!(cursor.start(t0 + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn a_slow_claim_from_the_head_puts_the_next_one_off() {
+        let t0 = Instant::now();
+        let mut cursor = Cursor::default();
+        assert_eq!(cursor.start(t0), None);
+        cursor.advance(Some(position()));
+        // Another claim loop, while that claim is still walking the head.
+        assert!(cursor.start(t0 + Duration::from_secs(2)).is_some());
+        cursor.from_head_took(t0, Duration::from_millis(400));
+        // 20 x 400 ms.
+        assert!(cursor.start(t0 + Duration::from_millis(7_900)).is_some());
+        assert_eq!(cursor.start(t0 + Duration::from_secs(8)), None);
+        // However slow, at least every 30 s.
+        cursor.from_head_took(t0 + Duration::from_secs(8), Duration::from_secs(10));
+        assert!(cursor.start(t0 + Duration::from_secs(37)).is_some());
+        assert_eq!(cursor.start(t0 + Duration::from_secs(38)), None);
+    }
 }
