@@ -70,7 +70,7 @@ impl Cursor {
     /// A claim from the head, started at `started`, took `took` (whether it
     /// succeeded or not): the next one comes a second later, or
     /// [`FROM_HEAD_SPACING`] times `took` later if that is longer.
-    fn from_head_took(&mut self, started: Instant, took: Duration) {
+    fn head_claim_took(&mut self, started: Instant, took: Duration) {
         let wait = (took * FROM_HEAD_SPACING).clamp(FROM_HEAD_EVERY, FROM_HEAD_AT_LEAST_EVERY);
         self.next_from_head = Some(started + wait);
     }
@@ -132,7 +132,7 @@ impl Worker {
                 )
                 .await;
                 if from.is_none() {
-                    plan.cursor().from_head_took(started, started.elapsed());
+                    plan.cursor().head_claim_took(started, started.elapsed());
                 }
                 match claim {
                     Ok((jobs, next)) => {
@@ -188,7 +188,7 @@ mod tests {
         let mut cursor = Cursor::default();
         assert_eq!(cursor.start(t0), None, "the first claim starts at the head");
         cursor.advance(Some(position()));
-        cursor.from_head_took(t0, Duration::from_millis(2));
+        cursor.head_claim_took(t0, Duration::from_millis(2));
         let resumed = cursor.start(t0 + Duration::from_millis(500));
         assert!(resumed.is_some(), "within the second, claims resume");
         assert_eq!(cursor.start(t0 + Duration::from_secs(1)), None);
@@ -202,12 +202,12 @@ mod tests {
         cursor.advance(Some(position()));
         // Another claim loop, while that claim is still walking the head.
         assert!(cursor.start(t0 + Duration::from_secs(2)).is_some());
-        cursor.from_head_took(t0, Duration::from_millis(400));
+        cursor.head_claim_took(t0, Duration::from_millis(400));
         // 20 x 400 ms.
         assert!(cursor.start(t0 + Duration::from_millis(7_900)).is_some());
         assert_eq!(cursor.start(t0 + Duration::from_secs(8)), None);
         // However slow, at least every 30 s.
-        cursor.from_head_took(t0 + Duration::from_secs(8), Duration::from_secs(10));
+        cursor.head_claim_took(t0 + Duration::from_secs(8), Duration::from_secs(10));
         assert!(cursor.start(t0 + Duration::from_secs(37)).is_some());
         assert_eq!(cursor.start(t0 + Duration::from_secs(38)), None);
     }
