@@ -158,6 +158,27 @@ impl Cairn {
     }
 }
 
+/// The seconds each engine took over `rounds` rounds, in rounds that
+/// alternate which engine goes first, so that neither gets the machine's
+/// quieter moments.
+async fn alternate(
+    rounds: usize,
+    cairn: impl AsyncFn() -> Result<f64, BoxError>,
+    pgmq: impl AsyncFn() -> Result<f64, BoxError>,
+) -> Result<(f64, f64), BoxError> {
+    let (mut c, mut p) = (0.0, 0.0);
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            c += cairn().await?;
+            p += pgmq().await?;
+        } else {
+            p += pgmq().await?;
+            c += cairn().await?;
+        }
+    }
+    Ok((c, p))
+}
+
 /// One drain figure: cairn, pgmq and the ratio.
 fn compare(label: &str, cairn: f64, pgmq: f64) {
     println!(
@@ -182,48 +203,37 @@ pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
         ms(ref_p50)
     );
 
-    // Enqueue, one by one and batched: in rounds that alternate which
-    // engine goes first, so that neither gets the machine's quieter moments.
-    let (mut one, mut one_pgmq) = (0.0, 0.0);
-    for round in 0..6 {
-        let cairn_round = async || -> Result<f64, BoxError> {
+    // Enqueue, one by one and batched, in alternating rounds.
+    let (one, one_pgmq) = alternate(
+        6,
+        async || {
             let start = Instant::now();
             for i in 0..500 {
                 cairn.app.enqueue(&Noop { n: i }).await?;
             }
             Ok(secs(start))
-        };
-        if round % 2 == 0 {
-            one += cairn_round().await?;
-            one_pgmq += pgmq.send_one_by_one(500).await?;
-        } else {
-            one_pgmq += pgmq.send_one_by_one(500).await?;
-            one += cairn_round().await?;
-        }
-    }
+        },
+        async || pgmq.send_one_by_one(500).await,
+    )
+    .await?;
     compare(
         "enqueue one by one (3,000)",
         3_000.0 / one,
         3_000.0 / one_pgmq,
     );
     let batch: Vec<Noop> = (0..1_000).map(|n| Noop { n }).collect();
-    let (mut batched, mut batched_pgmq) = (0.0, 0.0);
-    for round in 0..10 {
-        let cairn_round = async || -> Result<f64, BoxError> {
+    let (batched, batched_pgmq) = alternate(
+        10,
+        async || {
             let start = Instant::now();
             for _ in 0..10 {
                 cairn.app.enqueue_batch(&batch).await?;
             }
             Ok(secs(start))
-        };
-        if round % 2 == 0 {
-            batched += cairn_round().await?;
-            batched_pgmq += pgmq.send_batched(10_000).await?;
-        } else {
-            batched_pgmq += pgmq.send_batched(10_000).await?;
-            batched += cairn_round().await?;
-        }
-    }
+        },
+        async || pgmq.send_batched(10_000).await,
+    )
+    .await?;
     compare(
         "enqueue batched, 1,000 per call (100,000)",
         100_000.0 / batched,
