@@ -198,8 +198,9 @@ where
             }
         };
         let Some(call) = alone else {
-            // No answer (the batch panicked): abandon this execution, as
-            // for a lost lease; the run replays once its lease runs out.
+            // No answer (the task making it alone panicked): abandon this
+            // execution, as for a lost lease; the run replays once its
+            // lease runs out.
             return answer.await.unwrap_or(Ok(None));
         };
         // A call alone is cheaper than a batch of one (10 % of a run at
