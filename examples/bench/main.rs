@@ -9,6 +9,7 @@
 //! cargo run --release --example bench -- scale
 //! cargo run --release --example bench -- soak
 //! cargo run --release --example bench -- held
+//! cargo run --release --example bench -- enqueue
 //! cargo run --release --example bench -- run-soak [--long]
 //! ```
 //!
@@ -19,7 +20,8 @@
 //! `--long` adds the cases that take minutes: a 1,000,000-job backlog, a
 //! drain while another transaction holds its snapshot for two minutes, and
 //! the soak (1,000,000 jobs at full speed, table sizes sampled); `soak` and
-//! `held` run the last two alone. `scale` drains with 1, 2 and 4 worker processes.
+//! `held` run the last two alone, `enqueue` the enqueue figures (five times
+//! as many rounds). `scale` drains with 1, 2 and 4 worker processes.
 //! `run-soak` runs workflows for three minutes (ten with `--long`) under a
 //! 10-second retention window and samples the size of every table a run
 //! writes.
@@ -69,9 +71,10 @@ async fn main() -> Result<(), BoxError> {
         "scale" => scale::run(&url).await,
         "soak" => queue::run_soak(&url).await,
         "held" => queue::run_held(&url).await,
+        "enqueue" => queue::run_enqueue(&url).await,
         "run-soak" => run_soak::run(&url, long).await,
         other => Err(format!(
-            "unknown benchmark {other:?}; try: queue, workflow, flow, otel, scale, soak, held, run-soak"
+            "unknown benchmark {other:?}; try: queue, enqueue, workflow, flow, otel, scale, soak, held, run-soak"
         )
         .into()),
     };

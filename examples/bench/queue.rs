@@ -203,42 +203,7 @@ pub async fn run(url: &str, long: bool) -> Result<(), BoxError> {
         ms(ref_p50)
     );
 
-    // Enqueue, one by one and batched, in alternating rounds.
-    let (one, one_pgmq) = alternate(
-        6,
-        async || {
-            let start = Instant::now();
-            for i in 0..500 {
-                cairn.app.enqueue(&Noop { n: i }).await?;
-            }
-            Ok(secs(start))
-        },
-        async || pgmq.send_one_by_one(500).await,
-    )
-    .await?;
-    compare(
-        "enqueue one by one (3,000)",
-        3_000.0 / one,
-        3_000.0 / one_pgmq,
-    );
-    let batch: Vec<Noop> = (0..1_000).map(|n| Noop { n }).collect();
-    let (batched, batched_pgmq) = alternate(
-        10,
-        async || {
-            let start = Instant::now();
-            for _ in 0..10 {
-                cairn.app.enqueue_batch(&batch).await?;
-            }
-            Ok(secs(start))
-        },
-        async || pgmq.send_batched(10_000).await,
-    )
-    .await?;
-    compare(
-        "enqueue batched, 1,000 per call (100,000)",
-        100_000.0 / batched,
-        100_000.0 / batched_pgmq,
-    );
+    enqueue(&cairn, &pgmq, 1).await?;
     cairn.app.purge_queue("bench").await?;
     pgmq.purge().await?;
 
@@ -418,6 +383,74 @@ pub async fn run_held(url: &str) -> Result<(), BoxError> {
     held_snapshot(&cairn, &pgmq, &pool, 1024, (4, 500)).await?;
     cairn.app.pool().close().await;
     Ok(())
+}
+
+/// The enqueue figures alone (`bench -- enqueue`), five times as many
+/// rounds as in `bench -- queue`.
+pub async fn run_enqueue(url: &str) -> Result<(), BoxError> {
+    let cairn = Cairn::install(url).await?;
+    let pgmq = Pgmq::install(url).await?;
+    println!("cairn and pgmq enqueue (PostgreSQL at {})", redact(url));
+    enqueue(&cairn, &pgmq, 5).await?;
+    cairn.app.pool().close().await;
+    Ok(())
+}
+
+/// Enqueue rates, one by one and batched, in alternating rounds: `scale`
+/// times 3,000 single sends and 100,000 batched ones per engine.
+async fn enqueue(cairn: &Cairn, pgmq: &Pgmq, scale: usize) -> Result<(), BoxError> {
+    let (one, one_pgmq) = alternate(
+        6 * scale,
+        async || {
+            let start = Instant::now();
+            for i in 0..500 {
+                cairn.app.enqueue(&Noop { n: i }).await?;
+            }
+            Ok(secs(start))
+        },
+        async || pgmq.send_one_by_one(500).await,
+    )
+    .await?;
+    compare(
+        &format!("enqueue one by one ({})", thousands(3_000 * scale)),
+        (3_000 * scale) as f64 / one,
+        (3_000 * scale) as f64 / one_pgmq,
+    );
+    let batch: Vec<Noop> = (0..1_000).map(|n| Noop { n }).collect();
+    let (batched, batched_pgmq) = alternate(
+        10 * scale,
+        async || {
+            let start = Instant::now();
+            for _ in 0..10 {
+                cairn.app.enqueue_batch(&batch).await?;
+            }
+            Ok(secs(start))
+        },
+        async || pgmq.send_batched(10_000).await,
+    )
+    .await?;
+    compare(
+        &format!(
+            "enqueue batched, 1,000 per call ({})",
+            thousands(100_000 * scale)
+        ),
+        (100_000 * scale) as f64 / batched,
+        (100_000 * scale) as f64 / batched_pgmq,
+    );
+    Ok(())
+}
+
+/// `n` with a comma every three digits, as the figures' labels write it.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
 }
 
 /// The soak alone (`bench -- soak`), at concurrency 1,024.
