@@ -109,13 +109,15 @@ pub(crate) async fn send_batch(
     delay: Duration,
     priority: i16,
 ) -> Result<Vec<i64>> {
-    sqlx::query_scalar("select cairn.send_batch($1, $2::jsonb[], $3, $4, $5)")
+    // The ids as one array, in the order the function returns them: one
+    // row on the wire instead of one per job.
+    sqlx::query_scalar("select array(select cairn.send_batch($1, $2::jsonb[], $3, $4, $5))")
         .bind(queue)
         .bind(payloads)
         .bind(secs(delay))
         .bind(i32::from(priority))
         .bind(task)
-        .fetch_all(db)
+        .fetch_one(db)
         .await
         .db("enqueueing a batch of jobs")
 }

@@ -108,6 +108,19 @@ async fn typed_jobs_from_rust_sql_transactions_and_batches(pool: PgPool) {
         ids.windows(2).all(|w| w[0] < w[1]),
         "ids come back in order"
     );
+    let sent: Vec<i64> = sqlx::query_scalar(
+        "select (j.payload->>'n')::bigint from unnest($1::bigint[]) with ordinality as u(id, i) \
+           join cairn.jobs j on j.id = u.id order by u.i",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        sent,
+        (4..=8).collect::<Vec<_>>(),
+        "the n-th id is the n-th job's"
+    );
 
     let worker = start(app.worker().queues(["count"]).concurrency(4));
     common::wait_for("8 effects", Duration::from_secs(10), || async {
